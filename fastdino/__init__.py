@@ -1,0 +1,1 @@
+"""fastdino: throughput-first self-supervised ViT pretraining (DINO)."""

@@ -1,0 +1,25 @@
+"""fastdino: a throughput-first DINO trainer. See README.md."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="fastdino",
+    version="0.1.0",
+    description="Throughput-first self-supervised ViT pretraining (DINO) with Triton kernels",
+    python_requires=">=3.10",
+    packages=find_packages(include=["fastdino", "fastdino.*", "kernels", "kernels.*"]),
+    install_requires=[
+        "torch>=2.5",
+        "torchvision>=0.20",
+        "numpy",
+        "pillow",
+        "pyyaml",
+        "tqdm",
+    ],
+    extras_require={
+        "dev": ["pytest", "ruff"],
+        "tensorboard": ["tensorboard"],
+        "gpu": ["nvidia-ml-py"],
+    },
+    entry_points={"console_scripts": ["fastdino=fastdino.cli:main"]},
+)
