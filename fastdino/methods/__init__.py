@@ -1,0 +1,1 @@
+"""Self-supervised methods behind one interface (`base.Method`): DINO now, SiT later."""

@@ -1,0 +1,1 @@
+"""Networks: ViT backbones (registry), attention kernels, the DINO head. No training logic here."""

@@ -1,0 +1,119 @@
+"""Command line: `fastdino train | demo | knn`. Bad input ends with one clear line, not a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from fastdino.config import ConfigError, load_config
+from fastdino.data.files import DataError
+from fastdino.engine.checkpoint import CheckpointError
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError, ImportError)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from fastdino.engine.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg)
+    print(f"trained {result.steps_done} iterations; last loss {result.last_loss:.4f}; "
+          f"checkpoint {result.output_dir / 'last.pt'}")
+    if result.skipped_images:
+        print(f"skipped {result.skipped_images} unreadable images (their paths are in the log above)")
+    _print_knn(result)
+    return 0
+
+
+def _print_knn(result) -> None:
+    if result.knn_init is not None:
+        print(f"k-NN top-1, random-init teacher: {result.knn_init:.2f}%")
+    if result.knn_trained is not None:
+        print(f"k-NN top-1, trained teacher:     {result.knn_trained:.2f}%")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from fastdino.data.demo import make_demo_dataset
+    from fastdino.engine.trainer import train
+
+    cfg = load_config(CONFIG_DIR / "demo.yaml", args.overrides)
+    data_dir = Path(cfg.data.path)
+    print(f"demo data set: {make_demo_dataset(data_dir)}")
+    result = train(cfg)
+    print(f"trained {result.steps_done} iterations in {result.output_dir}; last loss {result.last_loss:.4f}")
+    _print_knn(result)
+    return 0
+
+
+def _knn(args: argparse.Namespace) -> int:
+    from fastdino.config import config_from_dict
+    from fastdino.engine.checkpoint import load_checkpoint
+    from fastdino.engine.trainer import resolve_device
+    from fastdino.eval.knn import knn_evaluate
+    from fastdino.methods.dino import DINO
+
+    state = load_checkpoint(args.checkpoint)
+    cfg = config_from_dict(state["config"])
+    device = resolve_device(args.device)
+    method = DINO(cfg, device)
+    try:
+        method.teacher.load_state_dict(state["teacher"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {args.checkpoint}: teacher weights do not load ({exc})") from exc
+    cfg.eval.knn_k, cfg.eval.knn_temperature = args.k, args.temperature
+    backbone = method.feature_backbone().to(device)
+    top1 = knn_evaluate(backbone, args.train, args.val, args.image_size or cfg.data.global_size, cfg.eval, device,
+                        args.num_workers)
+    print(f"k-NN top-1 (k={args.k}, T={args.temperature}): {top1:.2f}%")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastdino", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="pretrain with DINO: fastdino train CONFIG.yaml [section.key=value ...]")
+    p.add_argument("config", help="YAML config (only what differs from the defaults)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("demo", help="generate the embedded demo data set, pretrain on it, print k-NN before/after")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides of configs/demo.yaml")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("knn", help="weighted k-NN top-1 of a checkpoint's teacher backbone")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--train", required=True, help="labelled folder (class sub-folders): the memory bank")
+    p.add_argument("--val", required=True, help="labelled folder with the same classes: the queries")
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--image-size", type=int, default=0, help="eval crop size; 0 = the checkpoint's global crop")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--num-workers", type=int, default=4)
+    p.set_defaults(func=_knn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_float32_matmul_precision("high")
+    from fastdino.engine.trainer import NonFiniteLossError
+
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        print(f"fastdino: error: {exc}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as exc:
+        print(f"fastdino: training stopped: {exc}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""Typed training configuration: dataclass sections, YAML files, `a.b=value` overrides.
+
+Every key is type-checked and every section validates itself in `__post_init__`, so an unknown key or a
+bad value is refused (naming the key, suggesting the nearest valid one) before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names the key."""
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not one of {choices}")
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    arch: str = "vit_small"
+    """Backbone from the registry: vit_tiny | vit_small | vit_base."""
+    patch_size: int = 16
+    img_size: int = 224
+    """Crop size the position embeddings are stored for; other sizes are interpolated."""
+    depth: int = 0
+    """Number of blocks; 0 keeps the architecture's 12."""
+    drop_path_rate: float = 0.1
+    """Stochastic depth in the student only (SPEC: 0.1)."""
+    attention: str = "sdpa"
+    """sdpa | xformers | math."""
+
+    def __post_init__(self):
+        from fastdino.models.attention import ATTENTION_IMPLS
+        from fastdino.models.vit import model_names
+
+        _choice("model.arch", self.arch, model_names())
+        _choice("model.attention", self.attention, ATTENTION_IMPLS)
+        _positive("model.patch_size", self.patch_size)
+        _positive("model.depth", self.depth, allow_zero=True)
+        if self.img_size % self.patch_size:
+            raise ConfigError(f"model.img_size={self.img_size} is not a multiple of model.patch_size={self.patch_size}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ConfigError(f"model.drop_path_rate={self.drop_path_rate} must be in [0, 1)")
+
+
+@dataclass(kw_only=True)
+class DinoConfig:
+    out_dim: int = 65536
+    """K, the number of prototypes of the head's last layer."""
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    norm_last_layer: bool = True
+    """Fix the weight-norm gain of the last layer at 1 (more stable)."""
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    """Final teacher temperature (0.04-0.07)."""
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 0
+    center_momentum: float = 0.9
+    momentum_teacher: float = 0.996
+    """Start of the cosine teacher-momentum schedule (ends at 1)."""
+    freeze_last_layer_epochs: int = 1
+
+    def __post_init__(self):
+        for key in ("out_dim", "hidden_dim", "bottleneck_dim", "student_temp", "teacher_temp", "warmup_teacher_temp"):
+            _positive(f"dino.{key}", getattr(self, key))
+        _positive("dino.warmup_teacher_temp_epochs", self.warmup_teacher_temp_epochs, allow_zero=True)
+        _positive("dino.freeze_last_layer_epochs", self.freeze_last_layer_epochs, allow_zero=True)
+        for key in ("center_momentum", "momentum_teacher"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"dino.{key}={getattr(self, key)} must be in [0, 1]")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    path: str = ""
+    """Folder of images (class sub-folders optional); `demo` generates the embedded demo set."""
+    global_size: int = 224
+    local_size: int = 96
+    local_crops_number: int = 10
+    global_crops_scale: tuple[float, float] = (0.4, 1.0)
+    local_crops_scale: tuple[float, float] = (0.05, 0.4)
+    batch_size: int = 64
+    """Per process; the global batch is batch_size * world size."""
+    num_workers: int = 8
+
+    def __post_init__(self):
+        _positive("data.global_size", self.global_size)
+        _positive("data.local_size", self.local_size)
+        _positive("data.batch_size", self.batch_size)
+        _positive("data.local_crops_number", self.local_crops_number, allow_zero=True)
+        _positive("data.num_workers", self.num_workers, allow_zero=True)
+        for key in ("global_crops_scale", "local_crops_scale"):
+            lo, hi = getattr(self, key)
+            if not 0.0 < lo <= hi <= 1.0:
+                raise ConfigError(f"data.{key}={[lo, hi]} must satisfy 0 < low <= high <= 1")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 0.0005
+    """Peak learning rate per 256 images of global batch (linear scaling rule)."""
+    min_lr: float = 1e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0
+    """Per-parameter gradient-norm clip as the official code; 0 disables."""
+    fused: bool = True
+    """torch's fused AdamW kernel where the device supports it."""
+
+    def __post_init__(self):
+        _positive("optim.lr", self.lr)
+        for key in ("min_lr", "warmup_epochs", "weight_decay", "weight_decay_end", "clip_grad"):
+            _positive(f"optim.{key}", getattr(self, key), allow_zero=True)
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    impl: str = "auto"
+    """auto (Triton kernel on CUDA, PyTorch reference elsewhere) | triton | torch."""
+
+    def __post_init__(self):
+        from fastdino.losses.dino import LOSS_IMPLS
+
+        _choice("loss.impl", self.impl, LOSS_IMPLS)
+
+
+@dataclass(kw_only=True)
+class EmaConfig:
+    impl: str = "auto"
+    """auto (Triton kernel on CUDA, torch._foreach elsewhere) | triton | foreach."""
+
+    def __post_init__(self):
+        _choice("ema.impl", self.impl, ("auto", "triton", "foreach"))
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    epochs: int = 100
+    max_steps: int = 0
+    """Stop after this many iterations (schedules still span `epochs`); 0 runs every epoch."""
+    output_dir: str = "runs/dino"
+    resume: str = "auto"
+    """auto (continue from output_dir/last.pt if present) | none | a checkpoint path."""
+    seed: int = 0
+    device: str = "auto"
+    """auto | cpu | cuda."""
+    precision: str = "auto"
+    """auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (with a GradScaler)."""
+    log_every: int = 20
+    ckpt_every: int = 500
+    """Iterations between checkpoints (one is also written at each epoch end)."""
+    knn_eval: bool = True
+    """After training, k-NN top-1 of the random-init and trained teacher (needs labelled data.path/train, /val)."""
+
+    def __post_init__(self):
+        _positive("train.epochs", self.epochs)
+        _positive("train.max_steps", self.max_steps, allow_zero=True)
+        _positive("train.log_every", self.log_every)
+        _positive("train.ckpt_every", self.ckpt_every)
+        _choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        _choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    batch_size: int = 128
+
+    def __post_init__(self):
+        _positive("eval.knn_k", self.knn_k)
+        _positive("eval.knn_temperature", self.knn_temperature)
+        _positive("eval.batch_size", self.batch_size)
+
+
+@dataclass(kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dino: DinoConfig = field(default_factory=DinoConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; ints widen to floats, lists become tuples."""
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    elif origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                continue
+    else:
+        raise TypeError(f"unsupported annotation {tp} for {key}")
+    name = getattr(tp, "__name__", str(tp))
+    raise ConfigError(f"{key}={value!r} has the wrong type: expected {name}")
+
+
+def _unknown(key: str, valid: list[str]) -> ConfigError:
+    near = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _build(cls: type, values: dict, prefix: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in values.items():
+        if name not in fields:
+            raise _unknown(prefix + str(name), [prefix + f for f in fields])
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(prefix + name, value, tp)
+    return cls(**kwargs)
+
+
+def _all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    keys = []
+    for f, tp in typing.get_type_hints(cls).items():
+        keys += _all_keys(tp, f"{prefix}{f}.") if dataclasses.is_dataclass(tp) else [prefix + f]
+    return keys
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`a.b=value` strings to a nested dict; values are parsed as YAML scalars/lists."""
+    nested: dict = {}
+    valid = _all_keys()
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        if key not in valid:
+            raise _unknown(key, valid)
+        node = nested
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(raw) if raw else ""
+    return nested
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """YAML file (only what differs from the defaults) plus overrides -> a validated Config."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+    values = _merge(values, parse_overrides(list(overrides)))
+    try:
+        return _build(Config, values, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Plain nested dict (tuples as lists) for YAML dumps and checkpoints."""
+
+    def plain(v):
+        return [plain(x) for x in v] if isinstance(v, (tuple, list)) else v
+
+    return {
+        f.name: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, f.name)).items()}
+        for f in dataclasses.fields(cfg)
+    }
+
+
+def config_from_dict(values: dict) -> Config:
+    return _build(Config, values, "")

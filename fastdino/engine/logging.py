@@ -1,0 +1,70 @@
+"""What a run reports: a tqdm progress bar, a JSONL file of metrics, TensorBoard when installed."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+log = logging.getLogger("fastdino")
+
+
+def _plain(v):
+    return v.item() if isinstance(v, torch.Tensor) else v
+
+
+class RunLogger:
+    """Reads device values (one host sync) only every `log_every` steps, never in between."""
+
+    def __init__(self, output_dir: Path, total_steps: int, start_step: int, images_per_step: int, enabled: bool):
+        self.enabled = enabled
+        self.images_per_step = images_per_step
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, disable=not enabled)
+        self.jsonl = open(output_dir / "metrics.jsonl", "a") if enabled else None
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(output_dir / "tb"))
+            except ImportError:
+                log.info("tensorboard is not installed: metrics go to metrics.jsonl only")
+        self._last_time = time.perf_counter()
+        self._last_step = start_step
+
+    def step(self, step: int, metrics: dict) -> dict:
+        """Log `metrics` (device tensors or numbers) at iteration `step`; returns them as floats."""
+        now = time.perf_counter()
+        n = step + 1 - self._last_step
+        values = {k: _plain(v) for k, v in metrics.items()}
+        values["img_per_s"] = n * self.images_per_step / max(now - self._last_time, 1e-9)
+        self._last_time, self._last_step = now, step + 1
+        if self.enabled:
+            self.bar.update(n)
+            self.bar.set_postfix(
+                loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}", mom=f"{values['momentum']:.5f}",
+                img_s=f"{values['img_per_s']:.1f}",
+            )
+            self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+            self.jsonl.flush()
+            if self.tb is not None:
+                for k, v in values.items():
+                    if isinstance(v, (int, float)):
+                        self.tb.add_scalar(f"train/{k}", v, step)
+        return values
+
+    def write(self, message: str) -> None:
+        """A line above the bar (tqdm.write keeps the bar intact)."""
+        if self.enabled:
+            tqdm.write(message)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.jsonl.close()
+            if self.tb is not None:
+                self.tb.close()

@@ -1,0 +1,42 @@
+"""The interface between a self-supervised method and the method-agnostic engine.
+
+A method owns its networks, its loss and any state of its own (DINO's center); the engine owns the
+optimizer, the schedules it reads from the method, mixed precision, EMA, checkpoints and logging.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+class Method(nn.Module):
+    """student: trained by the optimizer (the engine may wrap it in DDP); teacher: its EMA copy."""
+
+    student: nn.Module
+    teacher: nn.Module
+
+    def data_transform(self) -> Callable:
+        """The view transform the method wants: image -> list of views."""
+        raise NotImplementedError
+
+    def forward(self, views: list[torch.Tensor], epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """Loss of one batch of views, and detached statistics to log (device tensors: no host sync)."""
+        raise NotImplementedError
+
+    def teacher_momentum(self, step: int, total_steps: int) -> float:
+        raise NotImplementedError
+
+    def before_optimizer_step(self, epoch: int) -> None:
+        """Adjust gradients after clipping (e.g. DINO's frozen last layer). Default: nothing."""
+
+    def feature_backbone(self) -> nn.Module:
+        """The network whose output is evaluated by k-NN (DINO: the teacher's backbone)."""
+        raise NotImplementedError
+
+    def student_module(self) -> nn.Module:
+        """The student without any DDP wrapper (for checkpoints and EMA)."""
+        student = self.student
+        return student.module if hasattr(student, "module") else student

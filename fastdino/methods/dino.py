@@ -1,0 +1,100 @@
+"""DINO: self-distillation with no labels (Caron et al. 2021, Alg. 1 and Sec. 3.1).
+
+Student and teacher are a ViT backbone plus the DINO head. Every crop goes through the student, the two
+global crops through the teacher; crops of one resolution share one backbone call. After the loss,
+the center takes the batch mean of the teacher logits.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from fastdino.config import Config
+from fastdino.data.multicrop import multicrop_transform
+from fastdino.engine.schedules import cosine_schedule, teacher_temp_schedule
+from fastdino.losses.dino import TeacherCenter, dino_loss, resolve_loss_impl
+from fastdino.methods.base import Method
+from fastdino.models.heads import DINOHead
+from fastdino.models.vit import build_backbone
+
+
+class MultiCropNetwork(nn.Module):
+    """Backbone + head over a list of crops; names (`backbone.*`, `head.*`) follow the official wrapper."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """views: crops, consecutive ones of equal size batched together -> (n_views*B, K)."""
+        features, start = [], 0
+        while start < len(views):
+            end = start + 1
+            while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+                end += 1
+            features.append(self.backbone(torch.cat(views[start:end])))  # (n*B, D)
+            start = end
+        return self.head(torch.cat(features))
+
+
+class DINO(Method):
+    def __init__(self, cfg: Config, device: torch.device):
+        super().__init__()
+        self.cfg = cfg
+        m = cfg.model
+        arch_kwargs = {"img_size": m.img_size, "patch_size": m.patch_size, "attention": m.attention}
+        if m.depth:
+            arch_kwargs["depth"] = m.depth
+        d = cfg.dino
+
+        def head(dim: int) -> DINOHead:
+            return DINOHead(dim, d.out_dim, d.hidden_dim, d.bottleneck_dim, d.norm_last_layer)
+
+        backbone = build_backbone(m.arch, drop_path_rate=m.drop_path_rate, **arch_kwargs)
+        self.student = MultiCropNetwork(backbone, head(backbone.embed_dim))
+        teacher_backbone = build_backbone(m.arch, drop_path_rate=0.0, **arch_kwargs)
+        self.teacher = MultiCropNetwork(teacher_backbone, head(teacher_backbone.embed_dim))
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.teacher.requires_grad_(False)
+        self.center = TeacherCenter(d.out_dim, d.center_momentum)
+        self.loss_impl = resolve_loss_impl(cfg.loss.impl, device)
+
+    def data_transform(self) -> Callable:
+        d = self.cfg.data
+        return multicrop_transform(
+            global_size=d.global_size,
+            local_size=d.local_size,
+            n_local=d.local_crops_number,
+            global_scale=d.global_crops_scale,
+            local_scale=d.local_crops_scale,
+        )
+
+    def forward(self, views: list[torch.Tensor], epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        d = self.cfg.dino
+        teacher_temp = teacher_temp_schedule(epoch, d.warmup_teacher_temp, d.teacher_temp, d.warmup_teacher_temp_epochs)
+        with torch.no_grad():
+            teacher_logits = self.teacher(views[:2])  # (2B, K)
+        student_logits = self.student(views)  # (n_crops*B, K)
+        loss, teacher_sum = dino_loss(
+            student_logits, teacher_logits, self.center.center, d.student_temp, teacher_temp, impl=self.loss_impl
+        )
+        self.center.update(teacher_sum, teacher_logits.shape[0])
+        return loss, {"teacher_temp": teacher_temp}
+
+    def teacher_momentum(self, step: int, total_steps: int) -> float:
+        return cosine_schedule(step, total_steps, self.cfg.dino.momentum_teacher, 1.0)
+
+    def before_optimizer_step(self, epoch: int) -> None:
+        """Freeze the last head layer during the first epochs (official: cancel its gradients)."""
+        if epoch >= self.cfg.dino.freeze_last_layer_epochs:
+            return
+        for name, p in self.student_module().named_parameters():
+            if "last_layer" in name:
+                p.grad = None
+
+    def feature_backbone(self) -> nn.Module:
+        return self.teacher.backbone

@@ -1,0 +1,103 @@
+"""ViT backbone and DINO head: shapes, position-embedding interpolation, attention paths, official names."""
+
+import pytest
+import torch
+
+from fastdino.models.attention import Attention, attention_math, check_attention_impl
+from fastdino.models.heads import DINOHead
+from fastdino.models.vit import VisionTransformer, build_backbone, vit_small, vit_tiny
+
+
+@pytest.mark.parametrize("patch", [16, 8])
+@pytest.mark.parametrize("size", [224, 96])
+def test_output_shapes(patch, size):
+    model = vit_tiny(patch_size=patch, depth=2).eval()
+    out = model(torch.randn(2, 3, size, size))
+    assert out.shape == (2, 192)
+    tokens = model.prepare_tokens(torch.randn(1, 3, size, size))
+    assert tokens.shape == (1, (size // patch) ** 2 + 1, 192)
+
+
+def test_position_embedding_interpolation_is_bicubic_and_identity_at_native_size():
+    model = vit_tiny(patch_size=16, depth=1)
+    assert model.interpolate_pos_encoding(196, 224, 224) is model.pos_embed
+    pos = model.interpolate_pos_encoding(36, 96, 96)
+    assert pos.shape == (1, 37, 192)
+    assert torch.equal(pos[:, 0], model.pos_embed[:, 0])  # class token position untouched
+    grid = model.pos_embed[:, 1:].reshape(1, 14, 14, 192).permute(0, 3, 1, 2)
+    ref = torch.nn.functional.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(pos[:, 1:], ref.permute(0, 2, 3, 1).reshape(1, 36, 192))
+    # non-square crops get their own grid
+    assert model.prepare_tokens(torch.randn(1, 3, 96, 160)).shape == (1, 6 * 10 + 1, 192)
+
+
+def test_sdpa_equals_math_path():
+    torch.manual_seed(0)
+    math_model = vit_tiny(patch_size=16, depth=2, attention="math").eval()
+    sdpa_model = vit_tiny(patch_size=16, depth=2, attention="sdpa").eval()
+    sdpa_model.load_state_dict(math_model.state_dict())
+    x = torch.randn(3, 3, 96, 96)
+    torch.testing.assert_close(sdpa_model(x), math_model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_math_against_float64_definition():
+    q, k, v = (torch.randn(2, 3, 5, 4, dtype=torch.float64) for _ in range(3))
+    out, attn = attention_math(q, k, v)
+    scores = torch.einsum("bhnd,bhmd->bhnm", q, k) / 2.0
+    torch.testing.assert_close(attn, scores.softmax(-1))
+    torch.testing.assert_close(out, scores.softmax(-1) @ v)
+    attention = Attention(8, 2, impl="math")
+    _, weights = attention(torch.randn(1, 5, 8), return_attention=True)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(1, 2, 5))
+
+
+def test_last_self_attention_and_intermediate_tokens():
+    model = vit_tiny(patch_size=16, depth=3).eval()
+    x = torch.randn(2, 3, 64, 64)
+    assert model.get_last_selfattention(x).shape == (2, 3, 17, 17)
+    tokens = model.get_intermediate_class_tokens(x, 2)
+    assert len(tokens) == 2 and torch.allclose(tokens[-1], model(x), atol=1e-6)
+
+
+def test_bad_attention_impl_and_missing_xformers():
+    with pytest.raises(ValueError, match="model.attention"):
+        check_attention_impl("flash")
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="xformers"):
+            vit_tiny(attention="xformers")
+
+
+def test_drop_path_only_in_training():
+    model = vit_tiny(patch_size=16, depth=2, drop_path_rate=0.5)
+    x = torch.randn(4, 3, 32, 32)
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    model.train()
+    assert not torch.equal(model(x), model(x))
+
+
+def test_official_parameter_names_and_sizes():
+    names = set(vit_small(patch_size=16).state_dict())
+    for name in ["cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.11.attn.qkv.bias",
+                 "blocks.0.attn.proj.weight", "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.bias",
+                 "blocks.0.norm1.weight", "blocks.0.norm2.bias", "norm.weight"]:
+        assert name in names
+    assert sum(p.numel() for p in vit_small(patch_size=16).parameters()) == 21_665_664  # 21.7M as published
+    assert build_backbone("vit_base").embed_dim == 768
+    with pytest.raises(ValueError, match="model.arch"):
+        build_backbone("vit_giant")
+    assert isinstance(vit_tiny(), VisionTransformer) and vit_tiny().blocks[0].norm1.eps == 1e-6
+
+
+def test_dino_head_normalised_last_layer():
+    head = DINOHead(192, 100, hidden_dim=64, bottleneck_dim=16)
+    gain = head.last_layer.parametrizations.weight.original0
+    assert not gain.requires_grad and torch.all(gain == 1)
+    assert head.last_layer.bias is None
+    w = head.last_layer.weight  # the effective weight: rows of unit norm with g = 1
+    torch.testing.assert_close(w.norm(dim=1), torch.ones(100))
+    out = head(torch.randn(5, 192))
+    assert out.shape == (5, 100) and out.abs().max() <= 1.0 + 1e-5  # cosine similarities
+    assert DINOHead(8, 4, 16, 8, norm_last_layer=False).last_layer.parametrizations.weight.original0.requires_grad
