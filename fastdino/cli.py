@@ -26,8 +26,15 @@ def _train(args: argparse.Namespace) -> int:
           f"checkpoint {result.output_dir / 'last.pt'}")
     if result.skipped_images:
         print(f"skipped {result.skipped_images} unreadable images (their paths are in the log above)")
+    _print_health(result)
     _print_knn(result)
     return 0
+
+
+def _print_health(result) -> None:
+    from fastdino.engine.health import summary_line
+
+    print(summary_line(result.health))
 
 
 def _print_knn(result) -> None:
@@ -46,6 +53,7 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"demo data set: {make_demo_dataset(data_dir)}")
     result = train(cfg)
     print(f"trained {result.steps_done} iterations in {result.output_dir}; last loss {result.last_loss:.4f}")
+    _print_health(result)
     _print_knn(result)
     return 0
 
@@ -103,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_float32_matmul_precision("high")
+    from fastdino.engine.health import TrainingHealthError
     from fastdino.engine.trainer import NonFiniteLossError
 
     try:
@@ -113,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as exc:
         print(f"fastdino: training stopped: {exc}", file=sys.stderr)
         return 3
+    except TrainingHealthError as exc:
+        print(f"fastdino: training stopped: {exc}", file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":

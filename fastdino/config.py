@@ -73,6 +73,8 @@ class DinoConfig:
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: int = 0
     center_momentum: float = 0.9
+    """Momentum m of the center update; 1.0 keeps the center at 0 forever (no centering: an ablation that
+    collapses to one dimension, SPEC: Centering)."""
     momentum_teacher: float = 0.996
     """Start of the cosine teacher-momentum schedule (ends at 1)."""
     freeze_last_layer_epochs: int = 1
@@ -192,6 +194,45 @@ class EvalConfig:
 
 
 @dataclass(kw_only=True)
+class HealthConfig:
+    """Collapse and divergence watch (engine/health.py); signals are computed only on log steps."""
+
+    enabled: bool = True
+    """Compute the health signals on log steps, log them and watch them."""
+    on_collapse: str = "warn"
+    """warn (log a warning, go on) | stop (raise before the unhealthy state is checkpointed; last.pt stays)."""
+    warn_every: int = 500
+    """Iterations between repeated warnings of one kind while it holds."""
+    patience: int = 2
+    """Consecutive log steps a condition must hold before it is reported (one noisy step is not a collapse)."""
+    grace_steps: int = 0
+    """Iterations from the start of training during which collapse is not reported (divergence always is)."""
+    uniform_entropy_ratio: float = 0.98
+    """Collapse to uniform: mean teacher entropy above this fraction of log K."""
+    one_dim_entropy_ratio: float = 0.1
+    """Collapse to one dimension: entropy of the batch-mean teacher distribution below this fraction of log K."""
+    feature_std_ratio: float = 0.05
+    """Feature collapse: std of the L2-normalised features across the batch below this multiple of 1/sqrt(D)."""
+    divergence_factor: float = 100.0
+    """Divergence: loss or gradient norm above this multiple of its median over recent healthy log steps."""
+    min_loss_scale: float = 1.0
+    """Divergence under fp16: the GradScaler's scale fell below this (the step overflows again and again)."""
+
+    def __post_init__(self):
+        _choice("health.on_collapse", self.on_collapse, ("warn", "stop"))
+        _positive("health.warn_every", self.warn_every)
+        _positive("health.patience", self.patience)
+        _positive("health.grace_steps", self.grace_steps, allow_zero=True)
+        for key in ("uniform_entropy_ratio", "one_dim_entropy_ratio"):
+            if not 0.0 < getattr(self, key) < 1.0:
+                raise ConfigError(f"health.{key}={getattr(self, key)} must be in (0, 1)")
+        _positive("health.feature_std_ratio", self.feature_std_ratio, allow_zero=True)
+        if self.divergence_factor <= 1.0:
+            raise ConfigError(f"health.divergence_factor={self.divergence_factor} must be > 1")
+        _positive("health.min_loss_scale", self.min_loss_scale, allow_zero=True)
+
+
+@dataclass(kw_only=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     dino: DinoConfig = field(default_factory=DinoConfig)
@@ -201,6 +242,7 @@ class Config:
     ema: EmaConfig = field(default_factory=EmaConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:

@@ -18,6 +18,7 @@ from fastdino.data.loader import build_loader, steps_per_epoch
 from fastdino.engine.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fastdino.engine.distributed import DistInfo, init_distributed, wrap_ddp
 from fastdino.engine.ema import TeacherEMA
+from fastdino.engine.health import HealthMonitor, TrainingHealthError, agree, loss_scale
 from fastdino.engine.logging import RunLogger
 from fastdino.engine.optim import build_optimizer, clip_gradients_per_param, set_schedules
 from fastdino.engine.schedules import cosine_schedule
@@ -45,6 +46,8 @@ class TrainResult:
     knn_trained: float | None = None
     skipped_images: int = 0
     history: list[dict] = field(default_factory=list)
+    health: dict | None = None
+    """HealthMonitor.summary() (also in output_dir/health.json); None when health.enabled is false."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -172,7 +175,8 @@ class Trainer:
         return path
 
     # -- one iteration -------------------------------------------------------------------------------
-    def train_step(self, views: list[torch.Tensor], epoch: int) -> dict:
+    def train_step(self, views: list[torch.Tensor], epoch: int, with_signals: bool = False) -> dict:
+        """One iteration; `with_signals` (log steps only) adds the method's health signals and the loss scale."""
         cfg, step, method = self.cfg, self.step, self.method
         # schedules (closed forms of the iteration: exact on resume)
         warmup = cfg.optim.warmup_epochs * self.steps_per_epoch
@@ -188,6 +192,7 @@ class Trainer:
             torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
             if self.precision != "fp32" else nullcontext()
         )
+        method.with_signals = with_signals
         with autocast:
             loss, stats = method(views, epoch)
         # host sync, once per step: a non-finite loss must stop training before it reaches the weights
@@ -210,10 +215,23 @@ class Trainer:
         # optimizer step
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if with_signals and (scale := loss_scale(self.scaler)) is not None:
+            stats["loss_scale"] = scale  # fp16 only: the scale the next step uses (a device scalar)
 
         # EMA teacher update
         self.ema.update(momentum)
         return {"loss": loss.detach(), "lr": lr, "wd": wd, "momentum": momentum, "grad_norm": grad_norm, **stats}
+
+    def _stop_unhealthy(self, monitor: HealthMonitor, saved_step: int | None) -> None:
+        """health.on_collapse=stop: write health.json and raise before the unhealthy state is checkpointed."""
+        monitor.stopped_at = self.step - 1
+        if self.dist.is_main:
+            monitor.write(self.output_dir / "health.json")
+        kept = (f"{self.output_dir / 'last.pt'} (after {saved_step} iterations) is the last healthy checkpoint"
+                if saved_step is not None else "no checkpoint was written")
+        found = " ".join(monitor.message(k, self.step - 1, d) for k, d in monitor.holding.items())
+        found = found or f"training health: another process saw collapse or divergence at iteration {self.step - 1}."
+        raise TrainingHealthError(f"{found} Stopped (health.on_collapse=stop); {kept}.")
 
     # -- the loop ------------------------------------------------------------------------------------
     def knn(self) -> float | None:
@@ -234,6 +252,9 @@ class Trainer:
             result.knn_init = self.knn()
         images_per_step = cfg.data.batch_size * self.dist.world_size
         logger = RunLogger(self.output_dir, self.stop_step, self.step, images_per_step, self.dist.is_main)
+        watch = cfg.health.enabled
+        monitor = HealthMonitor(cfg.health, verbose=self.dist.is_main) if watch else None
+        saved_step = self.step if resume_path(cfg) == self.output_dir / "last.pt" else None  # what last.pt holds
         try:
             while self.step < self.stop_step:
                 epoch = self.step // self.steps_per_epoch
@@ -245,19 +266,32 @@ class Trainer:
                 )
                 for views, _labels, n_skipped in loader:
                     self.skipped_images += n_skipped
-                    metrics = self.train_step(views, epoch)
+                    last_of_epoch = (self.step + 1) % self.steps_per_epoch == 0
+                    log_now = (self.step + 1) % cfg.train.log_every == 0 or self.step + 1 == self.stop_step
+                    log_now = log_now or last_of_epoch
+                    metrics = self.train_step(views, epoch, with_signals=watch and log_now)
                     self.step += 1
-                    last_of_epoch = self.step % self.steps_per_epoch == 0
-                    if self.step % cfg.train.log_every == 0 or self.step == self.stop_step or last_of_epoch:
+                    if log_now:
                         metrics.update(epoch=epoch, skipped_images=self.skipped_images)
                         result.history.append({"step": self.step - 1, **logger.step(self.step - 1, metrics)})
                         result.last_loss = result.history[-1]["loss"]
-                    if self.step % cfg.train.ckpt_every == 0 or self.step == self.stop_step or last_of_epoch:
+                        if monitor is not None:
+                            monitor.observe(self.step - 1, result.history[-1])
+                            if cfg.health.on_collapse == "stop" and agree(monitor.should_stop, self.device):
+                                self._stop_unhealthy(monitor, saved_step)
+                    # stop mode never checkpoints a state a health condition holds on (last.pt stays good)
+                    keep = monitor is None or cfg.health.on_collapse == "warn" or monitor.healthy
+                    if keep and (self.step % cfg.train.ckpt_every == 0 or self.step == self.stop_step or last_of_epoch):
                         self.save()
+                        saved_step = self.step
                     if self.step >= self.stop_step:
                         break
         finally:
             logger.close()
+        if monitor is not None:
+            result.health = monitor.summary()
+            if self.dist.is_main:
+                monitor.write(self.output_dir / "health.json")
         if self.skipped_images:
             log.warning("%d unreadable images were skipped (see the warnings above for their paths)",
                         self.skipped_images)

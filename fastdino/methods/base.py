@@ -17,13 +17,17 @@ class Method(nn.Module):
 
     student: nn.Module
     teacher: nn.Module
+    with_signals: bool = False
+    """Set by the engine on log steps only: `forward` then adds the method's health signals (device scalars
+    named as in engine/health.py, e.g. `teacher_entropy_ratio`, `feature_std_ratio`) to its stats."""
 
     def data_transform(self) -> Callable:
         """The view transform the method wants: image -> list of views."""
         raise NotImplementedError
 
     def forward(self, views: list[torch.Tensor], epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
-        """Loss of one batch of views, and detached statistics to log (device tensors: no host sync)."""
+        """Loss of one batch of views, and detached statistics to log (device tensors: no host sync); with
+        `self.with_signals`, the health signals too."""
         raise NotImplementedError
 
     def teacher_momentum(self, step: int, total_steps: int) -> float:

@@ -10,10 +10,12 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastdino.config import Config
 from fastdino.data.multicrop import multicrop_transform
+from fastdino.engine.health import distribution_signals, feature_spread
 from fastdino.engine.schedules import cosine_schedule, teacher_temp_schedule
 from fastdino.losses.dino import TeacherCenter, dino_loss, resolve_loss_impl
 from fastdino.methods.base import Method
@@ -29,8 +31,11 @@ class MultiCropNetwork(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
-        """views: crops, consecutive ones of equal size batched together -> (n_views*B, K)."""
+    def forward(
+        self, views: list[torch.Tensor], return_features: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """views: crops, consecutive ones of equal size batched together -> (n_views*B, K), and the backbone
+        features (n_views*B, D) too when `return_features`."""
         features, start = [], 0
         while start < len(views):
             end = start + 1
@@ -38,7 +43,9 @@ class MultiCropNetwork(nn.Module):
                 end += 1
             features.append(self.backbone(torch.cat(views[start:end])))  # (n*B, D)
             start = end
-        return self.head(torch.cat(features))
+        features = torch.cat(features)  # (n_views*B, D)
+        logits = self.head(features)  # (n_views*B, K)
+        return (logits, features) if return_features else logits
 
 
 class DINO(Method):
@@ -77,13 +84,42 @@ class DINO(Method):
         d = self.cfg.dino
         teacher_temp = teacher_temp_schedule(epoch, d.warmup_teacher_temp, d.teacher_temp, d.warmup_teacher_temp_epochs)
         with torch.no_grad():
-            teacher_logits = self.teacher(views[:2])  # (2B, K)
+            if self.with_signals:
+                teacher_logits, teacher_features = self.teacher(views[:2], return_features=True)  # (2B, K), (2B, D)
+            else:
+                teacher_logits = self.teacher(views[:2])  # (2B, K)
         student_logits = self.student(views)  # (n_crops*B, K)
         loss, teacher_sum = dino_loss(
             student_logits, teacher_logits, self.center.center, d.student_temp, teacher_temp, impl=self.loss_impl
         )
+        stats = {"teacher_temp": teacher_temp}
+        if self.with_signals:  # log steps only; before the center update: the center this loss used
+            stats.update(self.health_signals(loss, teacher_logits, teacher_features, teacher_temp))
         self.center.update(teacher_sum, teacher_logits.shape[0])
-        return loss, {"teacher_temp": teacher_temp}
+        return loss, stats
+
+    @torch.no_grad()
+    def health_signals(
+        self, loss: torch.Tensor, teacher_logits: torch.Tensor, teacher_features: torch.Tensor, teacher_temp: float
+    ) -> dict[str, torch.Tensor]:
+        """Collapse signals of one step (engine/health.py), fp32 device scalars; one extra pass over the teacher
+        logits. KL(P_t || P_s) averaged over the loss's (t, v) pairs equals the loss minus the mean teacher
+        entropy, because every teacher view has the same number of partners: no pass over the student."""
+        with torch.autocast(teacher_logits.device.type, enabled=False):
+            center = self.center.center.float()
+            log_p_t = F.log_softmax((teacher_logits.float() - center) / teacher_temp, dim=-1)  # (2B, K)
+            ent = distribution_signals(log_p_t)
+            spread = feature_spread(teacher_features)  # the teacher's class token: what k-NN evaluates
+            return {
+                "teacher_entropy": ent["entropy"],
+                "teacher_entropy_ratio": ent["entropy_ratio"],
+                "teacher_mean_entropy": ent["mean_entropy"],
+                "teacher_mean_entropy_ratio": ent["mean_entropy_ratio"],
+                "kl_student_teacher": loss.detach().float() - ent["entropy"],
+                "feature_std": spread["std"],
+                "feature_std_ratio": spread["std_ratio"],
+                "center_norm": torch.linalg.vector_norm(center),
+            }
 
     def teacher_momentum(self, step: int, total_steps: int) -> float:
         return cosine_schedule(step, total_steps, self.cfg.dino.momentum_teacher, 1.0)
