@@ -138,7 +138,7 @@ def _to_bf16_rtne(x):
     bits = x.to(tl.uint32, bitcast=True)
     bits = bits + 0x7FFF + ((bits >> 16) & 1)
     rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    is_number = x == x  # noqa: PLR0124 (False only for NaN)
+    is_number = x == x
     return tl.where(is_number, rounded, x.to(tl.bfloat16))  # a NaN keeps its top mantissa bits through the cast
 
 

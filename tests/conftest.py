@@ -8,7 +8,7 @@ if not torch.cuda.is_available():
     # Must be set before any kernel module is imported: triton.jit reads it when decorating.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
 
 def pytest_collection_modifyitems(config, items):

@@ -17,14 +17,13 @@ from fastdino.engine.health import (
     KINDS,
     HealthMonitor,
     TrainingHealthError,
-    distribution_signals,
-    feature_spread,
     loss_scale,
     summary_line,
 )
 from fastdino.engine.logging import RunLogger
 from fastdino.engine.trainer import Trainer, train
 from fastdino.losses.dino import dino_loss_ref
+from fastdino.losses.signals import distribution_signals, feature_spread
 from fastdino.methods.dino import DINO
 
 TINY = [
@@ -242,10 +241,10 @@ def _empty_yaml(tmp_path):
 
 
 def test_uniform_collapse_is_caught(demo_root, tmp_path):
-    """Centering without sharpening (teacher as soft as the student's 0.1, x2) drifts to uniform."""
-    result = train(tiny_cfg(demo_root, tmp_path / "run", *FAST, "dino.teacher_temp=0.2", "train.max_steps=30"))
+    """Centering without sharpening (teacher 4x softer than the student's 0.1) drifts to uniform."""
+    result = train(tiny_cfg(demo_root, tmp_path / "run", *FAST, "dino.teacher_temp=0.4", "train.max_steps=30"))
     start = result.history[0]["teacher_entropy_ratio"]
-    assert start < 0.8  # not uniform at the start: the collapse happens during training
+    assert start < 0.95  # not uniform at the start: the collapse happens during training
     assert _findings(result)["collapse_uniform"]["first_step"] <= 25
     assert "collapse_one_dim" not in _findings(result) and "divergence" not in _findings(result)
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fastdino.engine.schedules import cosine_schedule, teacher_temp_schedule
+from fastdino.schedules import cosine_schedule, teacher_temp_schedule
 
 
 def official_cosine(base, final, epochs, niter, warmup_epochs=0, start_warmup=0.0):

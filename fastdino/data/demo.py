@@ -25,7 +25,8 @@ DEMO_CLASSES = ("circle", "cross", "ring", "square", "star", "triangle")
 SPLITS = ("train", "val")
 MANIFEST = "demo_manifest.json"
 JPEG_QUALITY = 90
-_VERSION = 1  # bump when the drawing changes, so old folders are regenerated
+BACKGROUND_CONTRAST = 60.0  # largest per-channel offset of a texture colour from the base colour
+_VERSION = 2  # bump when the drawing changes, so old folders are regenerated
 _SUPERSAMPLE = 4  # draw the mask at 4x and box-filter it down: anti-aliased edges
 # Circumradius factors that give every shape about the area of a square (2 r^2) of the drawn radius.
 _AREA_SCALE = {"circle": 0.80, "cross": 0.99, "ring": 0.95, "square": 1.0, "star": 1.23, "triangle": 1.24}
@@ -73,12 +74,17 @@ def _shape_mask(name: str, size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _background(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A (size, size, 3) float textured background in [0, 255] and its palette (colours to avoid)."""
-    palette = rng.uniform(0, 255, size=(2, 3))
+    """A (size, size, 3) float textured background in [0, 255] and its palette (colours to avoid).
+
+    Texture colours stay within BACKGROUND_CONTRAST of a base colour: textured enough that raw pixels
+    classify poorly, soft enough that a small ViT learns the shapes in a few CPU minutes.
+    """
+    base = rng.uniform(0, 255, size=3)
+    palette = np.stack([base, np.clip(base + rng.uniform(-1, 1, size=3) * BACKGROUND_CONTRAST, 0, 255)])
     kind = rng.integers(4)
     if kind == 2:  # colour blobs: a coarse grid of random colours, bicubic-upsampled
         cells = int(rng.integers(2, 6))
-        grid = rng.uniform(0, 255, size=(cells, cells, 3))
+        grid = np.clip(base + rng.uniform(-1, 1, size=(cells, cells, 3)) * BACKGROUND_CONTRAST, 0, 255)
         img = Image.fromarray(grid.astype(np.uint8)).resize((size, size), Image.Resampling.BICUBIC)
         return np.asarray(img, dtype=np.float32), grid.reshape(-1, 3)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size

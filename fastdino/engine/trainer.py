@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from fastdino.config import Config, config_to_dict
-from fastdino.data.files import ImageIndex, ImageFileDataset, index_image_folder
+from fastdino.data.files import ImageFileDataset, ImageIndex, index_image_folder
 from fastdino.data.loader import build_loader, steps_per_epoch
 from fastdino.engine.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fastdino.engine.distributed import DistInfo, init_distributed, wrap_ddp
@@ -21,10 +21,10 @@ from fastdino.engine.ema import TeacherEMA
 from fastdino.engine.health import HealthMonitor, TrainingHealthError, agree, loss_scale
 from fastdino.engine.logging import RunLogger
 from fastdino.engine.optim import build_optimizer, clip_gradients_per_param, set_schedules
-from fastdino.engine.schedules import cosine_schedule
 from fastdino.eval.knn import knn_evaluate
 from fastdino.methods.base import Method
 from fastdino.methods.dino import DINO
+from fastdino.schedules import cosine_schedule
 
 log = logging.getLogger("fastdino")
 

@@ -6,7 +6,7 @@ optimizer, the schedules it reads from the method, mixed precision, EMA, checkpo
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -7,7 +7,7 @@ the center takes the batch mean of the teacher logits.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -15,12 +15,12 @@ from torch import nn
 
 from fastdino.config import Config
 from fastdino.data.multicrop import multicrop_transform
-from fastdino.engine.health import distribution_signals, feature_spread
-from fastdino.engine.schedules import cosine_schedule, teacher_temp_schedule
 from fastdino.losses.dino import TeacherCenter, dino_loss, resolve_loss_impl
+from fastdino.losses.signals import distribution_signals, feature_spread
 from fastdino.methods.base import Method
 from fastdino.models.heads import DINOHead
 from fastdino.models.vit import build_backbone
+from fastdino.schedules import cosine_schedule, teacher_temp_schedule
 
 
 class MultiCropNetwork(nn.Module):

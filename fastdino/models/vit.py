@@ -8,17 +8,17 @@ embeddings interpolated bicubically to any crop size. Parameter names follow the
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from fastdino.models.attention import Attention
 
-_REGISTRY: dict[str, Callable[..., "VisionTransformer"]] = {}
+_REGISTRY: dict[str, Callable[..., VisionTransformer]] = {}
 
 
-def register_model(fn: Callable[..., "VisionTransformer"]) -> Callable[..., "VisionTransformer"]:
+def register_model(fn: Callable[..., VisionTransformer]) -> Callable[..., VisionTransformer]:
     _REGISTRY[fn.__name__] = fn
     return fn
 
@@ -27,7 +27,7 @@ def model_names() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
 
 
-def build_backbone(arch: str, **kwargs) -> "VisionTransformer":
+def build_backbone(arch: str, **kwargs) -> VisionTransformer:
     if arch not in _REGISTRY:
         raise ValueError(f"model.arch must be one of {model_names()}, got {arch!r}")
     return _REGISTRY[arch](**kwargs)
