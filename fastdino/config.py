@@ -98,6 +98,10 @@ class DataConfig:
     local_crops_number: int = 10
     global_crops_scale: tuple[float, float] = (0.4, 1.0)
     local_crops_scale: tuple[float, float] = (0.05, 0.4)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    """Gaussian blur sigma range in output pixels (the paper's, for 224 px crops; scale it for tiny crops)."""
+    color_strength: float = 1.0
+    """Multiplies the paper's colour jitter (0.4, 0.4, 0.2, 0.1); hue is capped at 0.5."""
     batch_size: int = 64
     """Per process; the global batch is batch_size * world size."""
     num_workers: int = 8
@@ -108,10 +112,13 @@ class DataConfig:
         _positive("data.batch_size", self.batch_size)
         _positive("data.local_crops_number", self.local_crops_number, allow_zero=True)
         _positive("data.num_workers", self.num_workers, allow_zero=True)
+        _positive("data.color_strength", self.color_strength, allow_zero=True)
         for key in ("global_crops_scale", "local_crops_scale"):
             lo, hi = getattr(self, key)
             if not 0.0 < lo <= hi <= 1.0:
                 raise ConfigError(f"data.{key}={[lo, hi]} must satisfy 0 < low <= high <= 1")
+        if not 0.0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ConfigError(f"data.blur_sigma={list(self.blur_sigma)} must satisfy 0 < low <= high")
 
 
 @dataclass(kw_only=True)

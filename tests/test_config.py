@@ -34,6 +34,8 @@ def test_yaml_and_overrides(tmp_path):
         ("train.knn_eval=1", ["train.knn_eval", "bool"]),
         ("data.global_crops_scale=[0.5, 0.2]", ["data.global_crops_scale"]),
         ("data.global_crops_scale=0.5", ["data.global_crops_scale"]),
+        ("data.blur_sigma=[2.0, 0.1]", ["data.blur_sigma"]),
+        ("data.color_strength=-1", ["data.color_strength"]),
         ("dino.center_momentum=1.5", ["dino.center_momentum"]),
         ("model.img_size=100", ["model.img_size", "model.patch_size"]),
         ("noequals", ["noequals"]),

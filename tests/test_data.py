@@ -286,3 +286,22 @@ def test_demo_dataset_is_idempotent_and_regenerates_when_needed(tmp_path):
     grown = _tree(root)
     assert len(grown) == len(before) + len(DEMO_CLASSES)
     assert all(grown[name] == data for name, data in before.items())  # growing a count keeps the old images
+
+
+def test_colour_strength_and_blur_sigma_reach_every_crop():
+    from torchvision.transforms import v2
+
+    from fastdino.data.multicrop import RandomGaussianBlur
+
+    crops = multicrop_transform(32, 24, 2, color_strength=2.0, blur_sigma=(0.05, 0.4))
+    for pipeline in (crops.global1, crops.global2, crops.local):
+        jitters = [t for r in pipeline.transforms if isinstance(r, v2.RandomApply) for t in r.transforms
+                   if isinstance(t, v2.ColorJitter)]
+        blurs = [t for r in pipeline.transforms if isinstance(r, v2.RandomApply) for t in r.transforms
+                 if isinstance(t, RandomGaussianBlur)]
+        assert jitters[0].brightness == (0.2, 1.8) and jitters[0].hue == (-0.2, 0.2)
+        assert blurs[0].sigma == (0.05, 0.4)
+    with pytest.raises(ValueError, match="color_strength"):
+        multicrop_transform(32, 24, 2, color_strength=-1.0)
+    with pytest.raises(ValueError, match="blur_sigma"):
+        multicrop_transform(32, 24, 2, blur_sigma=(0.5, 0.1))

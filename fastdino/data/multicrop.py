@@ -45,18 +45,28 @@ def _to_normalized_tensor() -> list[v2.Transform]:
     ]
 
 
-def _crop_pipeline(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float = 0.0) -> v2.Compose:
+def _crop_pipeline(
+    size: int, scale: tuple[float, float], blur_p: float, blur_sigma: tuple[float, float], color_strength: float,
+    solarize_p: float = 0.0,
+) -> v2.Compose:
     """One crop's recipe, in the paper's order: crop, flip, jitter, grayscale, blur, solarise, normalise."""
     steps = [
         v2.RandomResizedCrop(size, scale=scale, interpolation=_BICUBIC, antialias=True),
         v2.RandomHorizontalFlip(p=0.5),
-        v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+        v2.RandomApply([_color_jitter(color_strength)], p=0.8),
         v2.RandomGrayscale(p=0.2),
-        v2.RandomApply([RandomGaussianBlur()], p=blur_p),
+        v2.RandomApply([RandomGaussianBlur(blur_sigma)], p=blur_p),
     ]
     if solarize_p:
         steps.append(v2.RandomSolarize(threshold=128, p=solarize_p))
     return v2.Compose([*steps, *_to_normalized_tensor()])
+
+
+def _color_jitter(strength: float) -> v2.ColorJitter:
+    """The paper's jitter (0.4, 0.4, 0.2, 0.1) times `strength` (SimCLR's colour strength s); hue capped at 0.5."""
+    return v2.ColorJitter(
+        brightness=0.4 * strength, contrast=0.4 * strength, saturation=0.2 * strength, hue=min(0.1 * strength, 0.5)
+    )
 
 
 def _check_scale(name: str, scale: tuple[float, float]) -> None:
@@ -77,15 +87,22 @@ class MultiCrop:
         n_local: int,
         global_scale: tuple[float, float],
         local_scale: tuple[float, float],
+        blur_sigma: tuple[float, float] = BLUR_SIGMA,
+        color_strength: float = 1.0,
     ) -> None:
+        if not 0.0 < blur_sigma[0] <= blur_sigma[1]:
+            raise ValueError(f"blur_sigma must satisfy 0 < low <= high, got {blur_sigma}")
+        if color_strength < 0:
+            raise ValueError(f"color_strength must be >= 0, got {color_strength}")
         if global_size < 1 or local_size < 1 or n_local < 0:
             raise ValueError(f"need sizes >= 1 and n_local >= 0, got {global_size}, {local_size}, {n_local}")
         _check_scale("global_scale", global_scale)
         _check_scale("local_scale", local_scale)
         self.global_size, self.local_size, self.n_local = global_size, local_size, n_local
-        self.global1 = _crop_pipeline(global_size, global_scale, blur_p=1.0)
-        self.global2 = _crop_pipeline(global_size, global_scale, blur_p=0.1, solarize_p=0.2)
-        self.local = _crop_pipeline(local_size, local_scale, blur_p=0.5)
+        common = {"blur_sigma": blur_sigma, "color_strength": color_strength}
+        self.global1 = _crop_pipeline(global_size, global_scale, blur_p=1.0, **common)
+        self.global2 = _crop_pipeline(global_size, global_scale, blur_p=0.1, solarize_p=0.2, **common)
+        self.local = _crop_pipeline(local_size, local_scale, blur_p=0.5, **common)
 
     def __call__(self, img: Image.Image) -> list[torch.Tensor]:
         return [self.global1(img), self.global2(img)] + [self.local(img) for _ in range(self.n_local)]
@@ -97,9 +114,18 @@ def multicrop_transform(
     n_local: int = 10,
     global_scale: tuple[float, float] = (0.4, 1.0),
     local_scale: tuple[float, float] = (0.05, 0.4),
+    blur_sigma: tuple[float, float] = BLUR_SIGMA,
+    color_strength: float = 1.0,
 ) -> MultiCrop:
-    """DINO's multi-crop; the paper widens global_scale to (0.14, 1.0) when n_local == 0: the caller decides."""
-    return MultiCrop(global_size, local_size, n_local, tuple(global_scale), tuple(local_scale))
+    """DINO's multi-crop; the paper widens global_scale to (0.14, 1.0) when n_local == 0: the caller decides.
+
+    blur_sigma is in pixels of the output crop; the paper's (0.1, 2.0) is meant for 224 px crops, so tiny
+    crops (the 32 px CPU demo) scale it down or the blur wipes out the image. color_strength scales the colour
+    jitter: raise it when colour alone tells images apart (the demo's random colours), or DINO learns colour.
+    """
+    return MultiCrop(
+        global_size, local_size, n_local, tuple(global_scale), tuple(local_scale), tuple(blur_sigma), color_strength
+    )
 
 
 def eval_transform(size: int = 224) -> v2.Compose:

@@ -13,8 +13,15 @@ from tqdm import tqdm
 log = logging.getLogger("fastdino")
 
 
-def _plain(v):
-    return v.item() if isinstance(v, torch.Tensor) else v
+def _read(metrics: dict) -> dict:
+    """Device scalars to floats in one transfer (a single host sync); plain numbers pass through."""
+    keys = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+    values = dict(metrics)
+    if keys:
+        device = metrics[keys[0]].device
+        stacked = torch.stack([metrics[k].detach().float().reshape(()).to(device) for k in keys])
+        values.update(zip(keys, stacked.tolist()))
+    return values
 
 
 class RunLogger:
@@ -40,7 +47,7 @@ class RunLogger:
         """Log `metrics` (device tensors or numbers) at iteration `step`; returns them as floats."""
         now = time.perf_counter()
         n = step + 1 - self._last_step
-        values = {k: _plain(v) for k, v in metrics.items()}
+        values = _read(metrics)
         values["img_per_s"] = n * self.images_per_step / max(now - self._last_time, 1e-9)
         self._last_time, self._last_step = now, step + 1
         if self.enabled:

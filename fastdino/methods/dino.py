@@ -78,6 +78,8 @@ class DINO(Method):
             n_local=d.local_crops_number,
             global_scale=d.global_crops_scale,
             local_scale=d.local_crops_scale,
+            blur_sigma=d.blur_sigma,
+            color_strength=d.color_strength,
         )
 
     def forward(self, views: list[torch.Tensor], epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
