@@ -299,7 +299,7 @@ def test_colour_strength_and_blur_sigma_reach_every_crop():
                    if isinstance(t, v2.ColorJitter)]
         blurs = [t for r in pipeline.transforms if isinstance(r, v2.RandomApply) for t in r.transforms
                  if isinstance(t, RandomGaussianBlur)]
-        assert jitters[0].brightness == (0.2, 1.8) and jitters[0].hue == (-0.2, 0.2)
+        assert jitters[0].brightness == pytest.approx((0.2, 1.8)) and jitters[0].hue == pytest.approx((-0.2, 0.2))
         assert blurs[0].sigma == (0.05, 0.4)
     with pytest.raises(ValueError, match="color_strength"):
         multicrop_transform(32, 24, 2, color_strength=-1.0)
