@@ -63,12 +63,12 @@ def _knn(args: argparse.Namespace) -> int:
     from fastdino.engine.checkpoint import load_checkpoint
     from fastdino.engine.trainer import resolve_device
     from fastdino.eval.knn import knn_evaluate
-    from fastdino.methods.dino import DINO
+    from fastdino.methods import build_method
 
     state = load_checkpoint(args.checkpoint)
     cfg = config_from_dict(state["config"])
     device = resolve_device(args.device)
-    method = DINO(cfg, device)
+    method = build_method(cfg, device)
     try:
         method.teacher.load_state_dict(state["teacher"])
     except RuntimeError as exc:

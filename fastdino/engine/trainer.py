@@ -22,8 +22,8 @@ from fastdino.engine.health import HealthMonitor, TrainingHealthError, agree, lo
 from fastdino.engine.logging import RunLogger
 from fastdino.engine.optim import build_optimizer, clip_gradients_per_param, set_schedules
 from fastdino.eval.knn import knn_evaluate
+from fastdino.methods import build_method
 from fastdino.methods.base import Method
-from fastdino.methods.dino import DINO
 from fastdino.schedules import cosine_schedule
 
 log = logging.getLogger("fastdino")
@@ -120,7 +120,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
-        self.method: Method = DINO(cfg, self.device).to(self.device)
+        self.method: Method = build_method(cfg, self.device).to(self.device)
         self.ema = TeacherEMA(self.method.student, self.method.teacher, impl=cfg.ema.impl)
         self.optimizer = build_optimizer(self.method.student, cfg.optim.fused, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
