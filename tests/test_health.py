@@ -253,7 +253,7 @@ def test_one_dimension_collapse_is_caught(demo_root, tmp_path, caplog):
     """No centering (center_momentum=1.0 keeps the center at 0) and a very sharp teacher: one dimension wins."""
     result = train(tiny_cfg(demo_root, tmp_path / "run", *FAST, "dino.teacher_temp=0.01",
                             "dino.center_momentum=1.0", "train.max_steps=15"))
-    assert result.history[0]["teacher_mean_entropy_ratio"] > 0.3
+    assert result.history[0]["teacher_mean_entropy_ratio"] > 0.2  # well above the 0.1 threshold at the start
     assert _findings(result)["collapse_one_dim"]["first_step"] <= 10
     assert "collapse_uniform" not in _findings(result)
     assert "collapse to one dimension at iteration" in caplog.text and "dino.center_momentum" in caplog.text
