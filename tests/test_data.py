@@ -288,6 +288,20 @@ def test_demo_dataset_is_idempotent_and_regenerates_when_needed(tmp_path):
     assert all(grown[name] == data for name, data in before.items())  # growing a count keeps the old images
 
 
+def test_demo_images_carry_the_shape_and_nothing_else():
+    """Grey, two-level images whose shape survives solarisation: the design the demo.py docstring argues for."""
+    from fastdino.data.demo import draw_demo_image
+
+    for i, name in enumerate(DEMO_CLASSES):
+        img = np.asarray(draw_demo_image(name, 64, np.random.default_rng(i)), dtype=np.float64)
+        assert np.abs(img - img.mean(axis=2, keepdims=True)).max() < 20  # grey up to pixel noise
+        grey = img.mean(axis=2)
+        shape, background = grey[grey > 96], grey[grey <= 96]
+        assert 0.05 < shape.size / grey.size < 0.5, name
+        assert 150 < shape.mean() < 170 and 22 < background.mean() < 38, name
+        assert 255 - shape.mean() > background.mean() + 40, name  # solarised, the shape still stands out
+
+
 def test_colour_strength_and_blur_sigma_reach_every_crop():
     from torchvision.transforms import v2
 

@@ -1,14 +1,14 @@
 """The embedded demo data set: procedurally drawn shapes, generated on first use (no download possible).
 
-Each class is one shape (circle, cross, ring, square, star, triangle) at a random size, position and
-rotation, light and nearly grey over a dark, nearly grey textured background (gradient, stripes, blobs or
-checks, plus pixel noise). Brightness and tint are drawn independently of the class and each shape is
-scaled to about the same area, so neither colour nor the amount of foreground gives the class: only the
-shape does, which is what self-supervised features must pick up to beat a random network on k-NN.
-Colours are kept nearly grey on purpose: with a random vivid colour per image, DINO (whose two views of
-an image share its colours) learned colour instead of shape and stayed at chance on k-NN.
-Every image has its own generator seeded from (seed, split, class, i), so the files are byte-identical
-across runs and growing a count keeps the existing images.
+Each class is one upright shape (circle, cross, ring, square, star, triangle) at a random position and a
+slightly random size, light grey on a dark grey background with faint pixel noise. Everything but the
+shape is nearly constant on purpose: DINO's two views of an image share every per-image property the
+augmentations do not overwrite, and on earlier versions of this set (random colours, textured
+backgrounds, random brightness, noise level and rotation) a 2-core, few-hundred-iteration run learned
+those instead of the shape and ended below the random-init teacher on k-NN. The foreground stays above
+the solarisation threshold's mirror image of the background (160 -> 95 > 30), so a solarised view still
+shows the shape. Every image has its own generator seeded from (seed, split, class, i), so the files are
+byte-identical across runs and growing a count keeps the existing images.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ DEMO_CLASSES = ("circle", "cross", "ring", "square", "star", "triangle")
 SPLITS = ("train", "val")
 MANIFEST = "demo_manifest.json"
 JPEG_QUALITY = 90
-BACKGROUND_CONTRAST = 40.0  # largest per-channel offset of a texture colour from the base colour
-BACKGROUND_MAX = 100.0  # backgrounds are dark and shapes light (nearly grey, TINT apart per channel): a colour
-FOREGROUND_MIN = 160.0  # of its own per image is a shortcut DINO takes instead of the shape (seen: k-NN at chance)
-TINT = 20.0
-_VERSION = 3  # bump when the drawing changes, so old folders are regenerated
+BACKGROUND_GREY = (27.0, 33.0)  # range of the per-image background level
+FOREGROUND_GREY = (155.0, 165.0)  # range of the per-image shape level; solarised (255 - v) it stays above the background
+NOISE_SIGMA = 5.0  # pixel noise, the same for every image: a per-image noise level would be a shortcut
+RADIUS = (0.25, 0.32)  # circumradius as a fraction of the image side, before the equal-area factor
+_VERSION = 4  # bump when the drawing changes, so old folders are regenerated
 _SUPERSAMPLE = 4  # draw the mask at 4x and box-filter it down: anti-aliased edges
 # Circumradius factors that give every shape about the area of a square (2 r^2) of the drawn radius.
 _AREA_SCALE = {"circle": 0.80, "cross": 0.99, "ring": 0.95, "square": 1.0, "star": 1.23, "triangle": 1.24}
@@ -57,11 +57,11 @@ def _bar(cx: float, cy: float, half_length: float, half_width: float, angle: flo
 
 
 def _shape_mask(name: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    """(size, size) float alpha in [0, 1] of one randomly placed, sized and rotated shape."""
+    """(size, size) float alpha in [0, 1] of one upright shape at a random position and size."""
     big = size * _SUPERSAMPLE
-    r = rng.uniform(0.20, 0.34) * big * _AREA_SCALE[name]
+    r = rng.uniform(*RADIUS) * big * _AREA_SCALE[name]
     cx, cy = rng.uniform(r, big - r, size=2)  # r < big / 2 always: the shape fits in the image
-    angle = rng.uniform(0, 2 * math.pi)
+    angle = -math.pi / 2  # upright: a random rotation is shared by both views, so DINO would learn it
     mask = Image.new("L", (big, big), 0)
     draw = ImageDraw.Draw(mask)
     if name in ("circle", "ring"):
@@ -78,46 +78,12 @@ def _shape_mask(name: str, size: int, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(mask.resize((size, size), Image.Resampling.BOX), dtype=np.float32) / 255.0
 
 
-def _background(size: int, rng: np.random.Generator) -> np.ndarray:
-    """A (size, size, 3) float textured background in [0, 255].
-
-    Texture colours stay within BACKGROUND_CONTRAST of a base colour: textured enough that raw pixels
-    classify poorly, soft enough that a small ViT learns the shapes in a few CPU minutes.
-    """
-    base = rng.uniform(0, BACKGROUND_MAX, size=1) + rng.uniform(-TINT, TINT, size=3)  # dark, nearly grey
-    palette = np.stack([base, np.clip(base + rng.uniform(-1, 1, size=3) * BACKGROUND_CONTRAST, 0, 255)])
-    kind = rng.integers(4)
-    if kind == 2:  # colour blobs: a coarse grid of random colours, bicubic-upsampled
-        cells = int(rng.integers(2, 6))
-        grid = np.clip(base + rng.uniform(-1, 1, size=(cells, cells, 3)) * BACKGROUND_CONTRAST, 0, 255)
-        img = Image.fromarray(grid.astype(np.uint8)).resize((size, size), Image.Resampling.BICUBIC)
-        return np.asarray(img, dtype=np.float32)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    theta = rng.uniform(0, 2 * math.pi)
-    u = xx * math.cos(theta) + yy * math.sin(theta)  # coordinate along a random direction
-    if kind == 0:  # linear gradient
-        t = (u - u.min()) / (u.max() - u.min())
-    elif kind == 1:  # soft stripes, 3 to 8 periods across
-        t = 0.5 + 0.5 * np.sin(2 * math.pi * rng.uniform(3, 8) * u + rng.uniform(0, 2 * math.pi))
-    else:  # checks, 3 to 6 cells across, rotated
-        v = -xx * math.sin(theta) + yy * math.cos(theta)
-        n = rng.uniform(3, 6)
-        t = ((np.floor(u * n) + np.floor(v * n)) % 2).astype(np.float32)
-    return palette[0] * (1 - t[..., None]) + palette[1] * t[..., None]
-
-
-def _foreground_colour(rng: np.random.Generator) -> np.ndarray:
-    """A light, nearly grey colour: brighter than any background, so the shape always stands out."""
-    return np.clip(rng.uniform(FOREGROUND_MIN, 255, size=1) + rng.uniform(-TINT, TINT, size=3), 0, 255)
-
-
 def draw_demo_image(name: str, size: int, rng: np.random.Generator) -> Image.Image:
-    """One RGB image of shape class `name`."""
-    background = _background(size, rng)
+    """One RGB image of shape class `name`: grey shape, grey background, pixel noise."""
+    background = rng.uniform(*BACKGROUND_GREY)
     alpha = _shape_mask(name, size, rng)[..., None]
-    colour = _foreground_colour(rng)
-    img = background * (1 - alpha) + colour * alpha
-    img += rng.normal(0, rng.uniform(3, 12), size=img.shape)
+    img = background * (1 - alpha) + rng.uniform(*FOREGROUND_GREY) * alpha
+    img = np.broadcast_to(img, (size, size, 3)) + rng.normal(0, NOISE_SIGMA, size=(size, size, 3))
     return Image.fromarray(np.clip(img, 0, 255).round().astype(np.uint8))
 
 
