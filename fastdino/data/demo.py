@@ -5,9 +5,9 @@ slightly random size, light grey on a dark grey background with faint pixel nois
 shape is nearly constant on purpose: DINO's two views of an image share every per-image property the
 augmentations do not overwrite, and on earlier versions of this set (random colours, textured
 backgrounds, random brightness, noise level and rotation) a 2-core, few-hundred-iteration run learned
-those instead of the shape and ended below the random-init teacher on k-NN. The foreground stays above
-the solarisation threshold's mirror image of the background (160 -> 95 > 30), so a solarised view still
-shows the shape. Every image has its own generator seeded from (seed, split, class, i), so the files are
+those instead of the shape and ended below the random-init teacher on k-NN. The shape level is chosen so
+that solarising (v -> 255 - v above 128) keeps it above the background (160 -> 95 against 30): a
+solarised view still shows the shape. Every image has its own generator seeded from (seed, split, class, i), so the files are
 byte-identical across runs and growing a count keeps the existing images.
 """
 

@@ -121,7 +121,7 @@ def multicrop_transform(
 
     blur_sigma is in pixels of the output crop; the paper's (0.1, 2.0) is meant for 224 px crops, so tiny
     crops (the 32 px CPU demo) scale it down or the blur wipes out the image. color_strength scales the colour
-    jitter: raise it when colour alone tells images apart (the demo's random colours), or DINO learns colour.
+    jitter: raise it when colour alone tells images apart, or DINO learns colour instead of content.
     """
     return MultiCrop(
         global_size, local_size, n_local, tuple(global_scale), tuple(local_scale), tuple(blur_sigma), color_strength
