@@ -67,6 +67,9 @@ class DinoConfig:
     bottleneck_dim: int = 256
     norm_last_layer: bool = True
     """Fix the weight-norm gain of the last layer at 1 (more stable)."""
+    head_bn: bool = False
+    """BatchNorm in the head's hidden layers (official `use_bn_in_head`); SyncBatchNorm across CUDA processes.
+    Off in the SPEC's recipe; the CPU demo needs it to keep its teacher from collapsing (README)."""
     student_temp: float = 0.1
     teacher_temp: float = 0.04
     """Final teacher temperature (0.04-0.07)."""

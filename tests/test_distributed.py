@@ -41,3 +41,17 @@ def test_two_process_ddp_matches_single_process(tmp_path):
         for name, value in one[key].items():
             torch.testing.assert_close(two[key][name], value, rtol=1e-4, atol=1e-5, msg=f"{key}.{name}")
     torch.testing.assert_close(two["center"]["center"], one["center"]["center"], rtol=1e-4, atol=1e-6)
+
+
+def test_sync_batchnorm_only_for_cuda_processes():
+    """SyncBatchNorm is GPU-only in torch: CPU (gloo) processes keep plain BN, CUDA ones get the global batch."""
+    from fastdino.engine.distributed import DistInfo, sync_batchnorm
+    from fastdino.models.heads import DINOHead
+
+    head = DINOHead(8, 4, 16, 8, use_bn=True)
+    two = DistInfo(rank=0, world_size=2)
+    assert sync_batchnorm(head, DistInfo(), torch.device("cuda")) is head
+    assert sync_batchnorm(head, two, torch.device("cpu")) is head
+    synced = sync_batchnorm(head, two, torch.device("cuda"))  # conversion itself needs no GPU
+    assert [type(m).__name__ for m in synced.mlp].count("SyncBatchNorm") == 2
+    assert synced.state_dict().keys() == head.state_dict().keys()  # checkpoints load either way

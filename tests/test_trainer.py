@@ -64,16 +64,18 @@ def _state(path):
     return ckpt["student"], ckpt["teacher"], ckpt["center"]["center"], ckpt["optimizer"]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_exact_resume_is_bitwise(demo_root, tmp_path, workers):
-    """N steps in one go == k steps, stop, resume, N-k steps: student, teacher, center, optimizer."""
-    extra = [f"data.num_workers={workers}"]
+@pytest.mark.parametrize("workers,head_bn", [(0, False), (2, False), (0, True)])
+def test_exact_resume_is_bitwise(demo_root, tmp_path, workers, head_bn):
+    """N steps in one go == k steps, stop, resume, N-k steps: student, teacher (BN running statistics
+    included), center, optimizer."""
+    extra = [f"data.num_workers={workers}", f"dino.head_bn={str(head_bn).lower()}"]
     train(tiny_cfg(demo_root, tmp_path / "once", *extra))
     train(tiny_cfg(demo_root, tmp_path / "twice", "train.max_steps=4", *extra))  # stops mid-epoch 1
     assert load_checkpoint(tmp_path / "twice" / "last.pt")["step"] == 4
     result = train(tiny_cfg(demo_root, tmp_path / "twice", *extra))  # resume=auto
     assert result.steps_done == 6
     once, twice = _state(tmp_path / "once" / "last.pt"), _state(tmp_path / "twice" / "last.pt")
+    assert ("head.mlp.1.running_mean" in once[1]) == head_bn  # the teacher's own BN statistics are compared too
     for a, b in zip(once[:2], twice[:2]):
         assert a.keys() == b.keys()
         for k in a:
@@ -121,6 +123,8 @@ def test_checkpoint_from_another_architecture_is_refused(demo_root, tmp_path):
     train(tiny_cfg(demo_root, tmp_path / "run", "train.max_steps=1"))
     with pytest.raises(CheckpointError, match=r"last.pt.*another architecture.*dino.out_dim"):
         Trainer(tiny_cfg(demo_root, tmp_path / "run", "dino.out_dim=64"))
+    with pytest.raises(CheckpointError, match=r"another architecture.*dino.head_bn: checkpoint False vs config True"):
+        Trainer(tiny_cfg(demo_root, tmp_path / "run", "dino.head_bn=true"))
     # a checkpoint whose config agrees but whose weights do not also names the file
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
     ckpt["student"]["backbone.pos_embed"] = torch.zeros(1, 3, 192)

@@ -101,3 +101,24 @@ def test_dino_head_normalised_last_layer():
     out = head(torch.randn(5, 192))
     assert out.shape == (5, 100) and out.abs().max() <= 1.0 + 1e-5  # cosine similarities
     assert DINOHead(8, 4, 16, 8, norm_last_layer=False).last_layer.parametrizations.weight.original0.requires_grad
+
+
+def test_dino_head_batchnorm_keeps_output_image_dependent():
+    """Inputs that differ only by a small part on top of a large shared one: without BN the head maps
+    every image to nearly the same output, with BN (official `use_bn_in_head`) the outputs stay apart."""
+    torch.manual_seed(0)
+    plain = DINOHead(32, 64, hidden_dim=48, bottleneck_dim=16)
+    bn = DINOHead(32, 64, hidden_dim=48, bottleneck_dim=16, use_bn=True)
+    kinds = [type(m).__name__ for m in bn.mlp]
+    assert kinds == ["Linear", "BatchNorm1d", "GELU", "Linear", "BatchNorm1d", "GELU", "Linear"]
+    assert [type(m).__name__ for m in plain.mlp] == ["Linear", "GELU", "Linear", "GELU", "Linear"]
+    x = 10.0 * torch.randn(1, 32) + 0.01 * torch.randn(16, 32)
+
+    def spread(head):
+        out = torch.nn.functional.normalize(head(x), dim=1)
+        return 1.0 - (out @ out.T).min().item()  # 0 when every image gets the same output
+
+    assert spread(plain) < 1e-3
+    assert spread(bn) > 0.1
+    hidden = bn.mlp[1](bn.mlp[0](x))  # batch statistics in training mode: zero mean over the batch
+    torch.testing.assert_close(hidden.mean(0), torch.zeros(48), atol=1e-4, rtol=0)

@@ -36,3 +36,14 @@ def wrap_ddp(module: torch.nn.Module, info: DistInfo, device: torch.device) -> t
         return module
     ids = [device.index] if device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+
+def sync_batchnorm(module: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
+    """BatchNorm layers computed over the global batch on CUDA (torch's SyncBatchNorm is GPU-only).
+
+    On CPU processes (gloo) each process keeps its own batch statistics. Call before TeacherEMA is built:
+    the conversion replaces modules.
+    """
+    if info.world_size == 1 or device.type != "cuda":
+        return module
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)

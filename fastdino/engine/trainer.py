@@ -16,7 +16,7 @@ from fastdino.config import Config, config_to_dict
 from fastdino.data.files import ImageFileDataset, ImageIndex, index_image_folder
 from fastdino.data.loader import build_loader, steps_per_epoch
 from fastdino.engine.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from fastdino.engine.distributed import DistInfo, init_distributed, wrap_ddp
+from fastdino.engine.distributed import DistInfo, init_distributed, sync_batchnorm, wrap_ddp
 from fastdino.engine.ema import TeacherEMA
 from fastdino.engine.health import HealthMonitor, TrainingHealthError, agree, loss_scale
 from fastdino.engine.logging import RunLogger
@@ -30,7 +30,7 @@ log = logging.getLogger("fastdino")
 
 # Keys that fix the shapes of the networks: a checkpoint must agree on all of them to be loaded.
 ARCH_KEYS = {"model": ("arch", "patch_size", "img_size", "depth"),
-             "dino": ("out_dim", "hidden_dim", "bottleneck_dim", "norm_last_layer")}
+             "dino": ("out_dim", "hidden_dim", "bottleneck_dim", "norm_last_layer", "head_bn")}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -87,12 +87,12 @@ def resume_path(cfg: Config) -> Path | None:
 
 
 def check_architecture(saved: dict, cfg: Config, path: Path) -> None:
-    current = config_to_dict(cfg)
+    current, default = config_to_dict(cfg), config_to_dict(Config())  # a key added since: its default
     diffs = [
-        f"{section}.{key}: checkpoint {saved[section][key]!r} vs config {current[section][key]!r}"
+        f"{section}.{key}: checkpoint {was!r} vs config {current[section][key]!r}"
         for section, keys in ARCH_KEYS.items()
         for key in keys
-        if saved.get(section, {}).get(key) != current[section][key]
+        if (was := saved.get(section, {}).get(key, default[section][key])) != current[section][key]
     ]
     if diffs:
         raise CheckpointError(f"checkpoint {path} is from another architecture: " + "; ".join(diffs))
@@ -121,6 +121,8 @@ class Trainer:
         random.seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
         self.method: Method = build_method(cfg, self.device).to(self.device)
+        self.method.student = sync_batchnorm(self.method.student, self.dist, self.device)
+        self.method.teacher = sync_batchnorm(self.method.teacher, self.dist, self.device)
         self.ema = TeacherEMA(self.method.student, self.method.teacher, impl=cfg.ema.impl)
         self.optimizer = build_optimizer(self.method.student, cfg.optim.fused, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")

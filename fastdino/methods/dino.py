@@ -59,7 +59,7 @@ class DINO(Method):
         d = cfg.dino
 
         def head(dim: int) -> DINOHead:
-            return DINOHead(dim, d.out_dim, d.hidden_dim, d.bottleneck_dim, d.norm_last_layer)
+            return DINOHead(dim, d.out_dim, d.hidden_dim, d.bottleneck_dim, d.norm_last_layer, use_bn=d.head_bn)
 
         backbone = build_backbone(m.arch, drop_path_rate=m.drop_path_rate, **arch_kwargs)
         self.student = MultiCropNetwork(backbone, head(backbone.embed_dim))

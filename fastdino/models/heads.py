@@ -3,6 +3,11 @@
 3-layer MLP (hidden 2048, GELU, no batch norm) to a 256-wide bottleneck, L2 normalisation, then a
 weight-normalised linear layer to K outputs without bias. With norm_last_layer the weight-norm gain is
 fixed at 1, so the output is a cosine similarity to K learned prototypes.
+
+`use_bn` puts BatchNorm after both hidden layers (the official code's `use_bn_in_head`, off in the SPEC's
+ViT recipe). It keeps the head's output image-dependent however little the backbone's is: on a few hundred
+iterations from random init, where most of the class token's variation is view-specific, the student
+otherwise learns a constant output and the teacher collapses to uniform (README, "What the demo does").
 """
 
 from __future__ import annotations
@@ -20,12 +25,18 @@ class DINOHead(nn.Module):
         hidden_dim: int = 2048,
         bottleneck_dim: int = 256,
         norm_last_layer: bool = True,
+        use_bn: bool = False,
     ):
         super().__init__()
+        def norm() -> list[nn.Module]:
+            return [nn.BatchNorm1d(hidden_dim)] if use_bn else []
+
         self.mlp = nn.Sequential(
             nn.Linear(in_dim, hidden_dim),
+            *norm(),
             nn.GELU(),
             nn.Linear(hidden_dim, hidden_dim),
+            *norm(),
             nn.GELU(),
             nn.Linear(hidden_dim, bottleneck_dim),
         )
