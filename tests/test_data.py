@@ -288,18 +288,31 @@ def test_demo_dataset_is_idempotent_and_regenerates_when_needed(tmp_path):
     assert all(grown[name] == data for name, data in before.items())  # growing a count keeps the old images
 
 
-def test_demo_images_carry_the_shape_and_nothing_else():
-    """Grey, two-level images whose shape survives solarisation: the design the demo.py docstring argues for."""
+def test_demo_images_are_grey_two_level_patterns_that_fill_the_image():
+    """The design the demo.py docstring argues for: grey, two levels, solarisation-safe, and every crop shows
+    the class (each quadrant has the whole image's foreground share); stripes run the way their name says."""
     from fastdino.data.demo import draw_demo_image
 
     for i, name in enumerate(DEMO_CLASSES):
         img = np.asarray(draw_demo_image(name, 64, np.random.default_rng(i)), dtype=np.float64)
         assert np.abs(img - img.mean(axis=2, keepdims=True)).max() < 20  # grey up to pixel noise
         grey = img.mean(axis=2)
-        shape, background = grey[grey > 96], grey[grey <= 96]
-        assert 0.05 < shape.size / grey.size < 0.5, name
-        assert 150 < shape.mean() < 170 and 22 < background.mean() < 38, name
-        assert 255 - shape.mean() > background.mean() + 40, name  # solarised, the shape still stands out
+        fg = grey > 96
+        pattern, background = grey[grey > 130], grey[grey < 60]  # away from the anti-aliased edges
+        assert 0.1 < fg.mean() < 0.6, name
+        assert 150 < pattern.mean() < 170 and 22 < background.mean() < 38, name
+        assert 255 - pattern.mean() > background.mean() + 40, name  # solarised, the pattern still stands out
+        quadrants = [fg[r:r + 32, c:c + 32].mean() for r in (0, 32) for c in (0, 32)]
+        assert max(abs(q - fg.mean()) for q in quadrants) < 0.15, (name, quadrants)
+        along_rows, along_cols = grey.std(axis=1).mean(), grey.std(axis=0).mean()
+        if name == "hstripes":
+            assert along_rows < 0.5 * along_cols
+        elif name == "vstripes":
+            assert along_cols < 0.5 * along_rows
+        else:
+            assert 0.5 < along_rows / along_cols < 2.0, name
+    with pytest.raises(ValueError, match="unknown demo class 'circle'"):
+        draw_demo_image("circle", 64, np.random.default_rng(0))
 
 
 def test_colour_strength_and_blur_sigma_reach_every_crop():

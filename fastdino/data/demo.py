@@ -1,88 +1,74 @@
-"""The embedded demo data set: procedurally drawn shapes, generated on first use (no download possible).
+"""The embedded demo data set: procedurally drawn periodic patterns, generated on first use (no download).
 
-Each class is one upright shape (circle, cross, ring, square, star, triangle) at a random position and a
-slightly random size, light grey on a dark grey background with faint pixel noise. Everything but the
-shape is nearly constant on purpose: DINO's two views of an image share every per-image property the
-augmentations do not overwrite, and on earlier versions of this set (random colours, textured
-backgrounds, random brightness, noise level and rotation) a 2-core, few-hundred-iteration run learned
-those instead of the shape and ended below the random-init teacher on k-NN. The shape level is chosen so
-that solarising (v -> 255 - v above 128) keeps it above the background (160 -> 95 against 30): a
-solarised view still shows the shape. Every image has its own generator seeded from (seed, split, class, i), so the files are
-byte-identical across runs and growing a count keeps the existing images.
+Six classes of two-level grey pattern (checkerboard, diamonds, dots, grid, horizontal and vertical
+stripes), each image at its own period (7-14 px on 64 px) and phase, light grey on dark grey with faint
+pixel noise. Why patterns and not single shapes: DINO bootstraps from what two augmented views of one
+image share. A random-init ViT's class token of a lone shape depends mostly on where the shape falls on
+the patch grid, which random crops change, so the shared part is small and not the class; the student
+then learns a constant output and the teacher collapses to uniform within a few hundred iterations (the
+v4 shapes set did, README). Every crop of a pattern shows the class, so the shared part is large and
+mostly the class. Held constant on purpose: the grey levels (a per-image brightness is shared by both
+views and DINO learns it instead of the pattern) and the noise level. The period is the one nuisance
+left: random crops rescale it, so it is only partly shared. The shape level is solarisation-safe (160
+-> 95 against 30). Every image has its own generator seeded from (seed, split, class, i), so the files
+are byte-identical across runs and growing a count keeps the existing images.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
-DEMO_CLASSES = ("circle", "cross", "ring", "square", "star", "triangle")
+DEMO_CLASSES = ("checkerboard", "diamonds", "dots", "grid", "hstripes", "vstripes")
 SPLITS = ("train", "val")
 MANIFEST = "demo_manifest.json"
 JPEG_QUALITY = 90
 BACKGROUND_GREY = (27.0, 33.0)  # range of the per-image background level
-FOREGROUND_GREY = (155.0, 165.0)  # range of the per-image shape level; solarised (255 - v) it stays above the background
+FOREGROUND_GREY = (155.0, 165.0)  # per-image pattern level; solarised (255 - v) it stays above the background
 NOISE_SIGMA = 5.0  # pixel noise, the same for every image: a per-image noise level would be a shortcut
-RADIUS = (0.25, 0.32)  # circumradius as a fraction of the image side, before the equal-area factor
-_VERSION = 4  # bump when the drawing changes, so old folders are regenerated
-_SUPERSAMPLE = 4  # draw the mask at 4x and box-filter it down: anti-aliased edges
-# Circumradius factors that give every shape about the area of a square (2 r^2) of the drawn radius.
-_AREA_SCALE = {"circle": 0.80, "cross": 0.99, "ring": 0.95, "square": 1.0, "star": 1.23, "triangle": 1.24}
+PERIOD = (7.0, 14.0)  # pattern period in pixels of a 64 px image (scaled with the image size)
+_VERSION = 5  # bump when the drawing changes, so old folders are regenerated
+_SUPERSAMPLE = 4  # draw at 4x and box-filter down: anti-aliased edges
 
 log = logging.getLogger("fastdino.data")
 
 
-def _polygon(cx: float, cy: float, radii: list[float], angle: float) -> list[tuple[float, float]]:
-    """Vertices at evenly spaced angles from `angle`, the k-th at distance radii[k] from the centre."""
-    n = len(radii)
-    return [
-        (cx + r * math.cos(angle + 2 * math.pi * k / n), cy + r * math.sin(angle + 2 * math.pi * k / n))
-        for k, r in enumerate(radii)
-    ]
+def _pattern(name: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Boolean foreground of class `name` from the two phase fields u, v (radians, one period = 2 pi).
 
-
-def _bar(cx: float, cy: float, half_length: float, half_width: float, angle: float) -> list[tuple[float, float]]:
-    """A rectangle centred on (cx, cy), long along `angle`; a cross is two of them at right angles."""
-    c, s = math.cos(angle), math.sin(angle)
-    hl, hw = half_length, half_width
-    corners = ((-hl, -hw), (hl, -hw), (hl, hw), (-hl, hw))
-    return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in corners]
-
-
-def _shape_mask(name: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    """(size, size) float alpha in [0, 1] of one upright shape at a random position and size."""
-    big = size * _SUPERSAMPLE
-    r = rng.uniform(*RADIUS) * big * _AREA_SCALE[name]
-    cx, cy = rng.uniform(r, big - r, size=2)  # r < big / 2 always: the shape fits in the image
-    angle = -math.pi / 2  # upright: a random rotation is shared by both views, so DINO would learn it
-    mask = Image.new("L", (big, big), 0)
-    draw = ImageDraw.Draw(mask)
-    if name in ("circle", "ring"):
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
-        if name == "ring":
-            inner = r * rng.uniform(0.45, 0.65)
-            draw.ellipse((cx - inner, cy - inner, cx + inner, cy + inner), fill=0)
-    elif name == "cross":
-        for arm in (angle, angle + math.pi / 2):  # arms of half-width 0.3 r
-            draw.polygon(_bar(cx, cy, r, 0.3 * r, arm), fill=255)
-    else:
-        radii = {"square": [r] * 4, "triangle": [r] * 3, "star": [r, 0.45 * r] * 5}[name]
-        draw.polygon(_polygon(cx, cy, radii, angle), fill=255)
-    return np.asarray(mask.resize((size, size), Image.Resampling.BOX), dtype=np.float32) / 255.0
+    Every class is symmetric under a horizontal flip, so DINO's random flip keeps the class.
+    """
+    if name == "checkerboard":
+        return np.cos(u) * np.cos(v) > 0
+    if name == "diamonds":  # a checkerboard turned by 45 degrees
+        return np.cos((u + v) / 1.4) * np.cos((u - v) / 1.4) > 0
+    if name == "dots":
+        return np.cos(u) + np.cos(v) > 1.0
+    if name == "grid":  # thin lines both ways
+        return (np.cos(u) > 0.8) | (np.cos(v) > 0.8)
+    if name == "hstripes":
+        return np.cos(v) > 0
+    if name == "vstripes":
+        return np.cos(u) > 0
+    raise ValueError(f"unknown demo class {name!r}; expected one of {DEMO_CLASSES}")
 
 
 def draw_demo_image(name: str, size: int, rng: np.random.Generator) -> Image.Image:
-    """One RGB image of shape class `name`: grey shape, grey background, pixel noise."""
-    background = rng.uniform(*BACKGROUND_GREY)
-    alpha = _shape_mask(name, size, rng)[..., None]
-    img = background * (1 - alpha) + rng.uniform(*FOREGROUND_GREY) * alpha
+    """One RGB image of pattern class `name`: random period and phase, grey levels, pixel noise."""
+    big = size * _SUPERSAMPLE
+    period = rng.uniform(*PERIOD) * size / 64 * _SUPERSAMPLE
+    phase = rng.uniform(0, 2 * np.pi, size=2)
+    y, x = np.mgrid[0:big, 0:big].astype(np.float32)
+    fg = _pattern(name, 2 * np.pi * x / period + phase[0], 2 * np.pi * y / period + phase[1]).astype(np.float32)
+    alpha = fg.reshape(size, _SUPERSAMPLE, size, _SUPERSAMPLE).mean(axis=(1, 3))[..., None]
+    background, foreground = rng.uniform(*BACKGROUND_GREY), rng.uniform(*FOREGROUND_GREY)
+    img = background * (1 - alpha) + foreground * alpha
     img = np.broadcast_to(img, (size, size, 3)) + rng.normal(0, NOISE_SIGMA, size=(size, size, 3))
     return Image.fromarray(np.clip(img, 0, 255).round().astype(np.uint8))
 

@@ -68,7 +68,8 @@ KINDS = {
         "and the student learns nothing (centering wins over sharpening)",
         "sharpen the teacher: lower dino.teacher_temp (0.04) and dino.warmup_teacher_temp, or warm it up over "
         "dino.warmup_teacher_temp_epochs; keep dino.center_momentum at 0.9; lower optim.lr or lengthen "
-        "optim.warmup_epochs; with a small batch a smaller dino.out_dim helps",
+        "optim.warmup_epochs; with a small batch a smaller dino.out_dim helps; on a short run from random init "
+        "where every image gets the same output, dino.head_bn=true (BatchNorm in the head)",
     ),
     "collapse_one_dim": Kind(
         "collapse to one dimension",
