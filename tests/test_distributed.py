@@ -19,6 +19,7 @@ COMMON = [
     "dino.out_dim=32", "dino.hidden_dim=16", "dino.bottleneck_dim=8", "data.global_size=16", "data.local_size=8",
     "data.local_crops_number=2", "data.num_workers=0", "optim.warmup_epochs=1", "train.epochs=1",
     "train.knn_eval=false", "train.log_every=1",
+    "dino.head_bn=false",  # BN statistics are per process on the CPU: 2 x batch 2 is not 1 x batch 4 with them
 ]
 
 
@@ -41,6 +42,14 @@ def test_two_process_ddp_matches_single_process(tmp_path):
         for name, value in one[key].items():
             torch.testing.assert_close(two[key][name], value, rtol=1e-4, atol=1e-5, msg=f"{key}.{name}")
     torch.testing.assert_close(two["center"]["center"], one["center"]["center"], rtol=1e-4, atol=1e-6)
+
+    bn = subprocess.run(  # the demo's BN head under CPU DDP: plain BatchNorm per process, training goes through
+        ["torchrun", "--standalone", "--nproc_per_node=2", *base, "data.batch_size=2", "dino.head_bn=true",
+         f"train.output_dir={tmp_path}/bn"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert bn.returncode == 0, bn.stderr[-3000:]
+    assert load_checkpoint(tmp_path / "bn" / "last.pt")["step"] == 3
 
 
 def test_sync_batchnorm_only_for_cuda_processes():

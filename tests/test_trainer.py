@@ -1,4 +1,4 @@
-"""The trainer end to end on tiny shapes: demo pipeline, exact resume, and every bad-input path."""
+"""The trainer end to end on a tiny demo data set: demo pipeline, exact resume, and every bad-input path."""
 
 import json
 import shutil
