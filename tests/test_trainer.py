@@ -125,6 +125,13 @@ def test_checkpoint_from_another_architecture_is_refused(demo_root, tmp_path):
         Trainer(tiny_cfg(demo_root, tmp_path / "run", "dino.out_dim=64"))
     with pytest.raises(CheckpointError, match=r"another architecture.*dino.head_bn: checkpoint False vs config True"):
         Trainer(tiny_cfg(demo_root, tmp_path / "run", "dino.head_bn=true"))
+    # a checkpoint written before dino.head_bn existed counts as its default (False): it resumes without BN only
+    older = load_checkpoint(tmp_path / "run" / "last.pt")
+    del older["config"]["dino"]["head_bn"]
+    torch.save(older, tmp_path / "older.pt")
+    assert Trainer(tiny_cfg(demo_root, tmp_path / "run", f"train.resume={tmp_path / 'older.pt'}")).step == 1
+    with pytest.raises(CheckpointError, match=r"older.pt.*dino.head_bn: checkpoint False vs config True"):
+        Trainer(tiny_cfg(demo_root, tmp_path / "run", f"train.resume={tmp_path / 'older.pt'}", "dino.head_bn=true"))
     # a checkpoint whose config agrees but whose weights do not also names the file
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
     ckpt["student"]["backbone.pos_embed"] = torch.zeros(1, 3, 192)

@@ -9,7 +9,7 @@ then learns a constant output and the teacher collapses to uniform within a few 
 v4 shapes set did, README). Every crop of a pattern shows the class, so the shared part is large and
 mostly the class. Held constant on purpose: the grey levels (a per-image brightness is shared by both
 views and DINO learns it instead of the pattern) and the noise level. The period is the one nuisance
-left: random crops rescale it, so it is only partly shared. The shape level is solarisation-safe (160
+left: random crops rescale it, so it is only partly shared. The pattern level is solarisation-safe (160
 -> 95 against 30). Every image has its own generator seeded from (seed, split, class, i), so the files
 are byte-identical across runs and growing a count keeps the existing images.
 """
