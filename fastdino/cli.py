@@ -9,12 +9,11 @@ from pathlib import Path
 
 import torch
 
-from fastdino.config import ConfigError, load_config
-from fastdino.data.files import DataError
+from fastdino.config import load_config
 from fastdino.engine.checkpoint import CheckpointError
+from fastdino.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError, ImportError)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -116,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except USER_ERRORS as exc:
+    except UserError as exc:
         print(f"fastdino: error: {exc}", file=sys.stderr)
         return 2
     except NonFiniteLossError as exc:

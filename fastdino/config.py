@@ -16,8 +16,10 @@ from typing import Any
 
 import yaml
 
+from fastdino.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A bad config key or value; the message names the key."""
 
 

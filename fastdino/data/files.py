@@ -21,6 +21,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from fastdino.errors import UserError
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 FLAT_CLASS = "."  # the one class of a folder without class sub-folders
 MAX_SUBSTITUTIONS = 32  # bad files in a row before an item gives up: more means a broken data set, not bad luck
@@ -32,7 +34,7 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError
 log = logging.getLogger("fastdino.data")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The data on disk cannot be used (missing folder, no images, too many unreadable files)."""
 
 

@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastdino.errors import UserError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(UserError, RuntimeError):
     """An unreadable or incompatible checkpoint; the message names the file."""
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastdino.errors import MissingDependencyError
+
 ATTENTION_IMPLS = ("sdpa", "xformers", "math")
 
 
@@ -21,7 +23,7 @@ def check_attention_impl(impl: str) -> None:
         try:
             import xformers.ops  # noqa: F401
         except ImportError as exc:
-            raise ImportError(
+            raise MissingDependencyError(
                 "model.attention=xformers needs the 'xformers' package (pip install xformers, matching your "
                 "torch build); use model.attention=sdpa otherwise"
             ) from exc

@@ -1,0 +1,17 @@
+"""The one error type for user mistakes (issue 12, section 3).
+
+Anything a user can get wrong (a config key or value, a data folder, a checkpoint file, a command-line
+flag, a machine that lacks what the settings ask for) raises a subclass of `UserError` whose message
+names the key or file and says what to do. `fastdino/cli.py` turns every `UserError` into one line on
+stderr and exit code 2; anything else escaping is a bug in fastdino and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A user mistake: the message is one line naming the key, flag or file, and what to do."""
+
+
+class MissingDependencyError(UserError, ImportError):
+    """A setting needs an optional package that is not installed; the message names the setting and the extra."""
