@@ -46,13 +46,18 @@ class ModelConfig:
     """Stochastic depth in the student only (SPEC: 0.1)."""
     attention: str = "sdpa"
     """sdpa | xformers | math."""
+    pos_embed_interp: str = "official"
+    """How position embeddings are resized to other crop sizes: official (the official DINO code's bicubic
+    resize by scale factor (grid + 0.1) / stored grid: what its checkpoints expect) | exact (bicubic to the
+    exact grid size)."""
 
     def __post_init__(self):
         from fastdino.models.attention import ATTENTION_IMPLS
-        from fastdino.models.vit import model_names
+        from fastdino.models.vit import POS_EMBED_INTERP, model_names
 
         _choice("model.arch", self.arch, model_names())
         _choice("model.attention", self.attention, ATTENTION_IMPLS)
+        _choice("model.pos_embed_interp", self.pos_embed_interp, POS_EMBED_INTERP)
         _positive("model.patch_size", self.patch_size)
         _positive("model.depth", self.depth, allow_zero=True)
         if self.img_size % self.patch_size:
