@@ -114,9 +114,11 @@ def _knn(args: argparse.Namespace) -> int:
         raise CheckpointError(f"checkpoint {args.checkpoint}: teacher weights do not load ({exc})") from exc
     cfg.eval.knn_k, cfg.eval.knn_temperature = args.k, args.temperature
     backbone = method.feature_backbone().to(device)
-    top1 = knn_evaluate(backbone, args.train, args.val, args.image_size or cfg.data.global_size, cfg.eval, device,
-                        args.num_workers)
-    print(f"k-NN top-1 (k={args.k}, T={args.temperature}): {top1:.2f}%")
+    result = knn_evaluate(backbone, args.train, args.val, args.image_size or cfg.data.global_size, cfg.eval, device,
+                          args.num_workers)
+    print(f"k-NN top-1 (k={args.k}, T={args.temperature}): {result.top1:.2f}% of {result.n_val} images")
+    if result.skipped_images:
+        print(f"skipped {result.skipped_images} unreadable images (not scored; their paths are in the log above)")
     return 0
 
 

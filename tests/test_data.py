@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from fastdino.data.demo import DEMO_CLASSES, make_demo_dataset
-from fastdino.data.files import DataError, ImageFileDataset, collate_views, index_image_folder
+from fastdino.data.files import DataError, ImageFileDataset, UnreadableImages, collate_views, index_image_folder
 from fastdino.data.loader import ResumableShardedSampler, build_loader, steps_per_epoch
 from fastdino.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, eval_transform, multicrop_transform
 
@@ -105,7 +105,7 @@ def test_index_errors_name_the_path(tmp_path, case):
 # --- corrupt files ---
 
 
-def test_bad_files_are_reported_once_skipped_and_counted(tmp_path, caplog):
+def test_bad_files_are_substituted_and_reported_once_per_path(tmp_path, caplog):
     _save(tmp_path / "a" / "0.jpg")
     truncated = _truncated_jpeg(tmp_path / "a" / "1.jpg")
     garbage = tmp_path / "a" / "2.jpg"
@@ -114,17 +114,21 @@ def test_bad_files_are_reported_once_skipped_and_counted(tmp_path, caplog):
     _save(tmp_path / "b" / "1.jpg", seed=2)
     dataset = ImageFileDataset(index_image_folder(tmp_path), eval_transform(16))
 
-    views, label, n_skipped = dataset[1]  # a/1 and a/2 are bad: b/0 stands in
-    assert (label, n_skipped) == (1, 2)
+    views, label, bad = dataset[1]  # a/1 and a/2 are bad: b/0 stands in
+    assert label == 1 and [path for path, _ in bad] == [str(truncated), str(garbage)]
     assert views[0].shape == (3, 16, 16)
-    assert dataset[2][1:] == (1, 1)
-    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "fastdino.data"]
-    assert sum(str(truncated) in w for w in warnings) == 1  # once per path, though read twice
-    assert sum(str(garbage) in w for w in warnings) == 1
+    assert dataset[2][1] == 1 and [path for path, _ in dataset[2][2]] == [str(garbage)]  # known bad: not re-read
+    assert not caplog.records  # the dataset does not log: the main process's record does
 
-    views, labels, n_skipped = next(iter(build_loader(dataset, batch_size=5, num_workers=0, seed=0, epoch=0)))
-    assert views[0].shape == (5, 3, 16, 16) and labels.shape == (5,)
-    assert n_skipped == 3
+    record = UnreadableImages()
+    for _ in range(2):  # two epochs
+        views, labels, bad = next(iter(build_loader(dataset, batch_size=5, num_workers=0, seed=0, epoch=0)))
+        assert views[0].shape == (5, 3, 16, 16) and labels.shape == (5,)
+        assert sorted(path for path, _ in bad) == sorted([str(truncated), str(garbage), str(garbage)])
+        record.add(bad)
+    assert len(record) == 2 and record.state() == sorted([str(truncated), str(garbage)])
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "fastdino.data"]
+    assert sum(str(truncated) in w for w in warnings) == 1 and sum(str(garbage) in w for w in warnings) == 1
 
 
 def test_only_bad_files_raise(tmp_path):
@@ -191,11 +195,15 @@ def test_workers_give_the_batches_of_in_process_loading_and_resume_matches(tmp_p
     _assert_same_batches(resumed, in_process[1:])
 
 
-def test_collate_stacks_crop_by_crop():
-    item = ([torch.zeros(3, 4, 4), torch.ones(3, 2, 2)], 3, 1)
-    views, labels, n_skipped = collate_views([item, item, item])
-    assert [tuple(v.shape) for v in views] == [(3, 3, 4, 4), (3, 3, 2, 2)]
-    assert labels.tolist() == [3, 3, 3] and labels.dtype == torch.int64 and n_skipped == 3
+def test_collate_stacks_crop_by_crop_and_drops_skipped_items():
+    item = ([torch.zeros(3, 4, 4), torch.ones(3, 2, 2)], 3, (("x.jpg", "bad"),))
+    skipped = (None, 5, (("y.jpg", "worse"),))
+    views, labels, bad = collate_views([item, skipped, item])
+    assert [tuple(v.shape) for v in views] == [(2, 3, 4, 4), (2, 3, 2, 2)]
+    assert labels.tolist() == [3, 3] and labels.dtype == torch.int64
+    assert bad == [("x.jpg", "bad"), ("y.jpg", "worse"), ("x.jpg", "bad")]
+    views, labels, bad = collate_views([skipped])
+    assert views == [] and labels.shape == (0,) and bad == [("y.jpg", "worse")]
 
 
 # --- sampler ---

@@ -1,9 +1,12 @@
 """Image folders on disk: the index, a dataset that decodes and augments deterministically, the collate.
 
 Each item is augmented under its own seed drawn from (seed, epoch, index), so a run's views do not depend
-on the worker count, on which worker got the item, or on where a resumed run restarted. A bad file is
-skipped (a long run should not die on one corrupt JPEG) by substituting the next index, so batches keep
-their size; the substitutions are counted so the trainer can report them.
+on the worker count, on which worker got the item, or on where a resumed run restarted. Images are decoded
+as a viewer shows them (`decode_rgb`: EXIF orientation applied, 16-bit and float samples scaled, not
+clipped). An unreadable file never stops a run: training substitutes the next index so batches keep
+their size, evaluation skips it so no image is scored under another's label. Either way its path travels
+back with the batch, so the main process keeps one record per run (`UnreadableImages`) whatever the
+number of worker processes and however often they are rebuilt.
 """
 
 from __future__ import annotations
@@ -12,20 +15,37 @@ import contextlib
 import logging
 import os
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from fastdino.errors import UserError
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+# Formats Pillow can open that are not still images to train on: PostScript needs Ghostscript to render,
+# MPEG and FLI are video / animation, BUFR, GRIB and HDF5 are data containers Pillow only stubs, WMF/EMF are
+# vector drawings (decoded on Windows only), IPTC is news metadata. Save-only formats (PDF, PALM) have no
+# decoder and drop out by themselves.
+_NOT_STILL_IMAGES = frozenset({"EPS", "MPEG", "FLI", "BUFR", "GRIB", "HDF5", "WMF", "IPTC"})
+
+
+def _still_image_extensions() -> frozenset[str]:
+    extensions = Image.registered_extensions()  # first: it loads every plugin, which fills Image.OPEN
+    readable = set(Image.OPEN) | {"MPO"}  # MPO (multi-picture JPEG) is opened by the JPEG plugin
+    return frozenset(ext for ext, fmt in extensions.items() if fmt in readable and fmt not in _NOT_STILL_IMAGES)
+
+
+IMAGE_EXTENSIONS = _still_image_extensions()
+"""Lower-case suffixes indexed as images: every still-image format this Pillow decodes (JPEG, PNG, TIFF, WebP,
+BMP, GIF, JPEG 2000, AVIF, PNM, FITS, ...). A multi-frame file (animated GIF, TIFF stack) is one image: its
+first frame."""
 FLAT_CLASS = "."  # the one class of a folder without class sub-folders
 MAX_SUBSTITUTIONS = 32  # bad files in a row before an item gives up: more means a broken data set, not bad luck
+ON_UNREADABLE = ("substitute", "skip")
 
 # PIL raises OSError for unreadable/truncated files (UnidentifiedImageError is one), SyntaxError from some
 # plugins for malformed headers, ValueError for bad modes, DecompressionBombError for absurd sizes.
@@ -55,17 +75,54 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _images_under(folder: Path, recursive: bool) -> list[str]:
-    """Sorted image paths in `folder` (and below it when `recursive`), hidden entries skipped."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d)) if recursive else []
-        found += [
-            os.path.join(dirpath, f)
-            for f in filenames
-            if not _is_hidden(f) and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
-        ]
-    return sorted(found)
+class _Walk:
+    """Image files under a set of folders, following symlinks, each real file and folder visited once.
+
+    `claimed` folders (the data root and every class folder, as real paths) are entered only as the start
+    of their own walk, so a link from one class to another or back to the root neither loops nor moves
+    images between classes. A real file reached by several paths keeps the first in sorted order.
+    """
+
+    def __init__(self, claimed: Iterable[str]) -> None:
+        self.claimed = set(claimed)
+        self.walked: set[str] = set()
+        self.files: set[str] = set()
+        self.duplicates = 0
+
+    def images(self, folder: Path, recursive: bool) -> list[str]:
+        """Sorted image paths (as reached from `folder`, not resolved) in `folder` and, if `recursive`, below."""
+        start = os.path.realpath(folder)
+        if start in self.walked:
+            return []
+        found: list[tuple[str, str]] = []  # (path, real path)
+        stack = [(str(folder), start)]
+        while stack:
+            path, real = stack.pop()
+            self.walked.add(real)
+            try:
+                entries = sorted(os.scandir(path), key=lambda e: e.name)
+            except OSError as err:  # os.walk skipped these silently; say which folder is left out
+                log.warning("cannot list folder %s (%s): its images are left out", path, err)
+                continue
+            for entry in entries:
+                if _is_hidden(entry.name):
+                    continue
+                # Only a link costs a realpath call: below a resolved folder a plain entry is resolved already.
+                entry_real = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real, entry.name)
+                if entry.is_dir():
+                    if recursive and entry_real not in self.walked and entry_real not in self.claimed:
+                        self.walked.add(entry_real)
+                        stack.append((entry.path, entry_real))
+                elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                    found.append((entry.path, entry_real))
+        paths = []
+        for path, real in sorted(found):
+            if real in self.files:
+                self.duplicates += 1
+            else:
+                self.files.add(real)
+                paths.append(path)
+        return paths
 
 
 def index_image_folder(root: str | Path, classes: Sequence[str] | None = None) -> ImageIndex:
@@ -74,6 +131,10 @@ def index_image_folder(root: str | Path, classes: Sequence[str] | None = None) -
     Without such sub-folders the images directly in `root` form the single class `FLAT_CLASS` (label 0).
     Pass the training index's `classes` when indexing a validation folder so both share one label space
     (a class missing from validation then keeps its label; a sub-folder not in `classes` is an error).
+    Images are the files whose suffix is in `IMAGE_EXTENSIONS`. Symlinked files and folders are followed;
+    each real file is indexed once (a second path to it is dropped, with a warning) and no folder is entered
+    twice, so a link back to a parent does not loop. Raises DataError naming `root` when it is missing, not
+    a folder, or holds no image.
     """
     root = Path(root)
     if not root.exists():
@@ -81,14 +142,19 @@ def index_image_folder(root: str | Path, classes: Sequence[str] | None = None) -
     if not root.is_dir():
         raise DataError(f"image folder {root} is not a folder")
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p.name))
-    per_class = {d.name: _images_under(d, recursive=True) for d in subdirs}
+    walk = _Walk(claimed=[os.path.realpath(p) for p in (root, *subdirs)])
+    per_class = {d.name: walk.images(d, recursive=True) for d in subdirs}
     per_class = {name: paths for name, paths in per_class.items() if paths}
-    top_level = _images_under(root, recursive=False)
+    top_level = walk.images(root, recursive=False)
+    if walk.duplicates:
+        log.warning("%s: %d path(s) lead to files already indexed through another path; each file is indexed once",
+                    root, walk.duplicates)
     if per_class and top_level:
         log.warning("%s: ignoring %d image(s) beside the class sub-folders", root, len(top_level))
     if not per_class:
         if not top_level:
-            raise DataError(f"image folder {root} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+            raise DataError(f"image folder {root} holds no images: put image files (.jpg, .png, .tif, ...: "
+                            f"any still-image format Pillow reads) in it or in class sub-folders")
         per_class = {FLAT_CLASS: top_level}
 
     if classes is None:
@@ -127,29 +193,117 @@ def _seeded(seed: int) -> Iterator[None]:
             random.setstate(python_state)
 
 
-def _decode_rgb(path: str) -> Image.Image:
-    """Fully decode `path` to RGB: PIL decodes lazily, so only `load()` exposes a truncated file."""
+def _scale_to_8_bits(img: Image.Image) -> Image.Image:
+    """An "I;16*", "I" or "F" image as 8-bit greyscale "L", linearly by its range; never clipped.
+
+    Integer samples within 0..65535 (16-bit PNG / TIFF, which Pillow opens as "I;16" or "I") map the full
+    16-bit range as a viewer does: v -> round(v * 255 / 65535), so 32768 -> 128. Other integer images (signed
+    16-bit, 32-bit) and float images ("F": float TIFF, FITS, PFM) map their own finite min..max to 0..255, as
+    ImageJ displays them; NaN goes to 0, infinities to the ends; a constant image is black.
+    """
+    values = np.asarray(img, dtype=np.float32)  # (H, W)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return Image.new("L", img.size)
+    low, high = float(finite.min()), float(finite.max())
+    if img.mode != "F" and low >= 0 and high <= 65535:
+        low, high = 0.0, 65535.0
+    scaled = (np.nan_to_num(values, nan=low) - low) * (255.0 / (high - low) if high > low else 0.0)
+    return Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8), "L")  # clip: infinities only
+
+
+def decode_rgb(path: str) -> Image.Image:
+    """Decode `path` to an 8-bit "RGB" image, upright, as an image viewer shows it.
+
+    - Fully decoded here (PIL decodes lazily, so only `load()` exposes a truncated file).
+    - EXIF orientation (tag 0x0112, set by phone cameras) applied (`PIL.ImageOps.exif_transpose`), so crops
+      are taken from the upright image.
+    - 16-bit greyscale and float images scaled to 8 bits by `_scale_to_8_bits` (Pillow's own conversion
+      clips every sample above 255 to white). 16-bit RGB(A) PNGs arrive from Pillow as 8-bit "RGB(A)"
+      holding each sample's high byte (v // 256): linear over the full range, not clipped.
+    - Alpha dropped, palette and CMYK converted by Pillow (`convert("RGB")`, as the official DINO loader).
+    - A multi-frame file gives its first frame.
+
+    Raises what Pillow raises for an unreadable file (OSError, SyntaxError, ValueError,
+    DecompressionBombError); `ImageFileDataset` catches them.
+    """
     with Image.open(path) as img:
         img.load()
-        return img.convert("RGB")
+        upright = ImageOps.exif_transpose(img)
+    if upright.mode == "F" or upright.mode.startswith("I"):
+        upright = _scale_to_8_bits(upright)
+    return upright.convert("RGB")
+
+
+class UnreadableImages:
+    """The distinct unreadable files met in a run (or an evaluation); each is warned about when first met.
+
+    Dataset items carry `(path, reason)` pairs back to the main process with their batch; `add` them here.
+    Worker processes are rebuilt every epoch, so this record, not the dataset, is what remembers a file
+    across epochs; `state()` goes into the checkpoint so it also survives a resume.
+    """
+
+    def __init__(self, paths: Iterable[str] = ()) -> None:
+        self.paths: set[str] = set(paths)
+
+    @classmethod
+    def from_state(cls, state: list[str] | int) -> UnreadableImages:
+        """Rebuild from `state()`. An int (checkpoints written before the paths were kept) counted
+        substitutions, not files, and cannot name them: it starts an empty record, and the files are
+        counted again when next met."""
+        if isinstance(state, int):
+            if state:
+                log.info("the checkpoint counted %d substitutions of unreadable images without their paths; "
+                         "unreadable files are counted again as they are met", state)
+            return cls()
+        return cls(state)
+
+    def add(self, unreadable: Iterable[tuple[str, str]]) -> None:
+        """Record `(path, reason)` pairs; warn (logger `fastdino.data`) for each path not seen before."""
+        for path, reason in unreadable:
+            if path not in self.paths:
+                self.paths.add(path)
+                log.warning("unreadable image %s (skipped): %s", path, reason)
+
+    def state(self) -> list[str]:
+        """The sorted paths: a list of str, loadable with `torch.load(weights_only=True)`."""
+        return sorted(self.paths)
+
+    def summary(self) -> str:
+        """One line: how many files, and the first few paths."""
+        shown = ", ".join(self.state()[:3]) + (", ..." if len(self) > 3 else "")
+        return f"{len(self)} unreadable image file(s) were skipped: {shown}"
+
+    def __len__(self) -> int:
+        return len(self.paths)
 
 
 class ImageFileDataset(Dataset):
-    """Decodes indexed images and augments each one under `item_seed(seed, epoch, i)`.
+    """Decodes indexed images (`decode_rgb`) and augments each one under `item_seed(seed, epoch, i)`.
 
-    Items are `(views, label, n_skipped)`: `views` is the transform's list of tensors (a single tensor
-    becomes a list of one), `n_skipped` the number of unreadable files substituted to fill this item.
-    Unreadable files are reported once per process (each loader worker is a process of its own).
+    Items are `(views, label, unreadable)`: `views` is the transform's list of tensors (a single tensor
+    becomes a list of one), `unreadable` a tuple of `(path, reason)` pairs for the files that failed to
+    decode while filling the item. `on_unreadable` says what an unreadable file becomes:
+    - "substitute" (training): the next readable index (i+1, i+2, ..., at most MAX_SUBSTITUTIONS, then
+      DataError), with its label, so batches keep their size;
+    - "skip" (evaluation): `views` is None and `collate_views` drops the item, so no image is scored under
+      another's label.
+    The dataset does not log: the main process records and warns once per file (`UnreadableImages`).
     """
 
-    def __init__(self, index: ImageIndex, transform: Callable, seed: int = 0) -> None:
+    def __init__(
+        self, index: ImageIndex, transform: Callable, seed: int = 0, on_unreadable: str = "substitute"
+    ) -> None:
         if len(index) == 0:
             raise DataError("the image index is empty")
+        if on_unreadable not in ON_UNREADABLE:
+            raise ValueError(f"on_unreadable must be one of {ON_UNREADABLE}, got {on_unreadable!r}")
         self.index = index
         self.transform = transform
         self.seed = seed
+        self.on_unreadable = on_unreadable
         self.epoch = 0
-        self._bad_paths: set[str] = set()
+        self._bad: dict[str, str] = {}  # path -> reason, in this process: a known bad file is not decoded again
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch's augmentations; call before building the epoch's loader (workers copy it)."""
@@ -158,36 +312,50 @@ class ImageFileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def _load(self, i: int) -> tuple[Image.Image, int, int]:
-        """Image, label and skip count of slot `i`, substituting i+1, i+2, ... for unreadable files."""
-        n = len(self.index)
-        for n_skipped in range(min(n, MAX_SUBSTITUTIONS + 1)):
-            j = (i + n_skipped) % n
-            path = self.index.paths[j]
-            if path in self._bad_paths:
-                continue
+    def _decode(self, j: int) -> Image.Image | None:
+        path = self.index.paths[j]
+        if path not in self._bad:
             try:
-                return _decode_rgb(path), self.index.labels[j], n_skipped
+                return decode_rgb(path)
             except _DECODE_ERRORS as err:
-                self._bad_paths.add(path)
-                log.warning("skipping unreadable image %s: %s", path, err)
-        raise DataError(f"no readable image among {n_skipped + 1} files from {self.index.paths[i]}")
+                self._bad[path] = f"{type(err).__name__}: {err}"
+        return None
 
-    def __getitem__(self, i: int) -> tuple[list[torch.Tensor], int, int]:
+    def _load(self, i: int) -> tuple[Image.Image | None, int, tuple[tuple[str, str], ...]]:
+        """Image (None when skipped), label and the unreadable files met for slot `i`."""
+        n = len(self.index)
+        tries = 1 if self.on_unreadable == "skip" else min(n, MAX_SUBSTITUTIONS + 1)
+        bad = []
+        for k in range(tries):
+            j = (i + k) % n
+            img = self._decode(j)
+            if img is not None:
+                return img, self.index.labels[j], tuple(bad)
+            bad.append((self.index.paths[j], self._bad[self.index.paths[j]]))
+        if self.on_unreadable == "skip":
+            return None, self.index.labels[i], tuple(bad)
+        raise DataError(f"no readable image among {tries} files from {self.index.paths[i]}: check the data set")
+
+    def __getitem__(self, i: int) -> tuple[list[torch.Tensor] | None, int, tuple[tuple[str, str], ...]]:
         i = int(i)
-        img, label, n_skipped = self._load(i)
+        img, label, bad = self._load(i)
+        if img is None:
+            return None, label, bad
         # The slot's seed, not the substitute's: slots i and i+1 then draw different views of one image.
         with _seeded(item_seed(self.seed, self.epoch, i)):
             views = self.transform(img)
         if isinstance(views, torch.Tensor):
             views = [views]
-        return views, label, n_skipped
+        return views, label, bad
 
 
 def collate_views(
-    batch: Sequence[tuple[Sequence[torch.Tensor], int, int]],
-) -> tuple[list[torch.Tensor], torch.Tensor, int]:
-    """Stack items crop by crop: views[j] is (B, 3, H_j, W_j), labels (B,) int64, plus the batch's skip count."""
-    views = [torch.stack(crops) for crops in zip(*(item[0] for item in batch), strict=True)]
-    labels = torch.tensor([item[1] for item in batch], dtype=torch.int64)
-    return views, labels, sum(item[2] for item in batch)
+    batch: Sequence[tuple[Sequence[torch.Tensor] | None, int, tuple[tuple[str, str], ...]]],
+) -> tuple[list[torch.Tensor], torch.Tensor, list[tuple[str, str]]]:
+    """Stack items crop by crop: views[j] is (B, 3, H_j, W_j), labels (B,) int64, plus the batch's unreadable
+    `(path, reason)` pairs. Skipped items (views None) are dropped, so B may be smaller than the batch; when
+    every item was skipped, views is [] and labels is empty."""
+    kept = [item for item in batch if item[0] is not None]
+    views = [torch.stack(crops) for crops in zip(*(item[0] for item in kept), strict=True)]
+    labels = torch.tensor([item[1] for item in kept], dtype=torch.int64)
+    return views, labels, [pair for item in batch for pair in item[2]]

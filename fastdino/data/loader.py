@@ -89,7 +89,8 @@ def build_loader(
     drop_last: bool = True,
     shuffle: bool = True,
 ) -> DataLoader:
-    """The loader for one epoch (build a new one each epoch); yields `collate_views` batches.
+    """The loader for one epoch (build a new one each epoch); yields `collate_views` batches
+    `(views, labels, unreadable)`: add `unreadable` to the run's `UnreadableImages` in the main process.
 
     Calls `dataset.set_epoch(epoch)` when the dataset has one, before workers copy it. The loader's own
     generator (seeded from seed, epoch, rank) seeds torch, `random` and numpy in each worker, and keeps the

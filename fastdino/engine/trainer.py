@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from fastdino.config import Config, ConfigError, config_to_dict, schedule_warnings
-from fastdino.data.files import DataError, ImageFileDataset, ImageIndex, index_image_folder
+from fastdino.data.files import DataError, ImageFileDataset, ImageIndex, UnreadableImages, index_image_folder
 from fastdino.data.loader import build_loader, steps_per_epoch
 from fastdino.engine.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fastdino.engine.distributed import DistInfo, init_distributed, sync_batchnorm, wrap_ddp
@@ -233,7 +233,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.method.student, cfg.optim.fused, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.step = 0
-        self.skipped_images = 0
+        self.unreadable = UnreadableImages()  # distinct bad files of the run, kept in the checkpoint
         self.saved_step: int | None = None
         """The iteration output_dir/last.pt holds, None while this run has none there."""
         if ckpt is not None:
@@ -254,7 +254,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
-            "skipped_images": self.skipped_images,
+            "skipped_images": self.unreadable.state(),  # paths (an int before: from_state reads both)
             "world_size": self.dist.world_size,
             "n_images": len(self.index.paths),
         }
@@ -268,7 +268,7 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
             set_rng_state(ckpt["rng"])
             self.step = int(ckpt["step"])
-            self.skipped_images = int(ckpt["skipped_images"])
+            self.unreadable = UnreadableImages.from_state(ckpt["skipped_images"])
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CheckpointError(f"checkpoint {path} does not match this run: {exc}") from exc
         log.info("resumed from %s at iteration %d", path, self.step)
@@ -346,13 +346,13 @@ class Trainer:
         return knn_evaluate(
             self.method.feature_backbone(), self.train_dir, self.val_dir, self.cfg.data.global_size, self.cfg.eval,
             self.device, self.cfg.data.num_workers,
-        )
+        ).top1
 
     def fit(self) -> TrainResult:
         cfg = self.cfg
         if self.step >= self.stop_step:  # a finished run re-run, or train.epochs lowered below the checkpoint
             return TrainResult(self.output_dir, self.step, already_complete=True,
-                               skipped_images=self.skipped_images)
+                               skipped_images=len(self.unreadable))
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:
             (self.output_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
@@ -372,15 +372,15 @@ class Trainer:
                     start_step=self.step % self.steps_per_epoch, rank=self.dist.rank,
                     world_size=self.dist.world_size,
                 )
-                for views, _labels, n_skipped in loader:
-                    self.skipped_images += n_skipped
+                for views, _labels, unreadable in loader:
+                    self.unreadable.add(unreadable)  # warns once per file per run
                     last_of_epoch = (self.step + 1) % self.steps_per_epoch == 0
                     log_now = (self.step + 1) % cfg.train.log_every == 0 or self.step + 1 == self.stop_step
                     log_now = log_now or last_of_epoch
                     metrics = self.train_step(views, epoch, with_signals=watch and log_now)
                     self.step += 1
                     if log_now:
-                        metrics.update(epoch=epoch, skipped_images=self.skipped_images)
+                        metrics.update(epoch=epoch, skipped_images=len(self.unreadable))
                         result.history.append({"step": self.step - 1, **logger.step(self.step - 1, metrics)})
                         result.last_loss = result.history[-1]["loss"]
                         if monitor is not None:
@@ -400,10 +400,9 @@ class Trainer:
             result.health = monitor.summary()
             if self.dist.is_main:
                 monitor.write(self.output_dir / "health.json")
-        if self.skipped_images:
-            log.warning("%d unreadable images were skipped (see the warnings above for their paths)",
-                        self.skipped_images)
-        result.steps_done, result.skipped_images = self.step, self.skipped_images
+        if self.unreadable:
+            log.warning("%s", self.unreadable.summary())
+        result.steps_done, result.skipped_images = self.step, len(self.unreadable)
         if self.step == self.stop_step:
             result.knn_trained = self.knn()
         return result

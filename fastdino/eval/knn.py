@@ -1,11 +1,14 @@
 """Weighted k-NN classification on frozen features (Wu et al. 2018; DINO Sec. 4.1 and `eval_knn.py`).
 
 Features are L2-normalised class tokens; each test image takes its k nearest training features by
-cosine similarity, and each neighbour votes for its label with weight exp(similarity / T).
+cosine similarity, and each neighbour votes for its label with weight exp(similarity / T). An unreadable
+image (memory bank or query) is skipped and counted, never replaced by another image: a substitute would be
+scored under the label of the slot it fills.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,22 +16,41 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fastdino.config import EvalConfig
-from fastdino.data.files import ImageFileDataset, collate_views, index_image_folder
+from fastdino.data.files import DataError, ImageFileDataset, UnreadableImages, collate_views, index_image_folder
 from fastdino.data.multicrop import eval_transform
 
 
+@dataclass
+class KnnResult:
+    top1: float
+    """Top-1 accuracy in percent of the `n_val` queries scored."""
+    n_train: int
+    """Memory-bank images used."""
+    n_val: int
+    """Query images scored."""
+    skipped_images: int
+    """Distinct unreadable files skipped, in both folders."""
+
+
 @torch.no_grad()
-def extract_features(model: nn.Module, loader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, D) L2-normalised float32 features and (N,) labels, on the CPU."""
+def extract_features(
+    model: nn.Module, loader, device: torch.device, unreadable: UnreadableImages | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, D) L2-normalised float32 features and (N,) labels, on the CPU, for the images the loader's
+    `collate_views` batches hold; their unreadable files go to `unreadable` (which warns once per file)."""
     was_training = model.training
     model.eval()
-    feats, labels = [], []
-    for views, target, _ in loader:
+    feats, labels = [], [torch.zeros(0, dtype=torch.int64)]
+    for views, target, bad in loader:
+        if unreadable is not None:
+            unreadable.add(bad)
+        if target.numel() == 0:  # every image of the batch was skipped
+            continue
         out = model(views[0].to(device, non_blocking=True)).float()
         feats.append(nn.functional.normalize(out, dim=1).cpu())
         labels.append(target)
     model.train(was_training)
-    return torch.cat(feats), torch.cat(labels)
+    return (torch.cat(feats) if feats else torch.zeros(0, 0)), torch.cat(labels)
 
 
 @torch.no_grad()
@@ -59,17 +81,25 @@ def knn_top1(
 def knn_evaluate(
     backbone: nn.Module, train_dir: str | Path, val_dir: str | Path, image_size: int, cfg: EvalConfig,
     device: torch.device, num_workers: int = 0,
-) -> float:
-    """k-NN top-1 (%) of `backbone` with train_dir as the memory bank and val_dir as the queries."""
+) -> KnnResult:
+    """k-NN of `backbone` with train_dir as the memory bank and val_dir as the queries.
+
+    Unreadable images in either folder are skipped (not substituted), warned about once each and counted
+    in `KnnResult.skipped_images`. Raises DataError naming the folder when it has no readable image.
+    """
     train_index = index_image_folder(train_dir)
     val_index = index_image_folder(val_dir, classes=train_index.classes)
     transform = eval_transform(image_size)
+    unreadable = UnreadableImages()
     features = []
-    for index in (train_index, val_index):
+    for index, folder in ((train_index, train_dir), (val_index, val_dir)):
         loader = DataLoader(
-            ImageFileDataset(index, transform), batch_size=cfg.batch_size, num_workers=num_workers,
-            collate_fn=collate_views, pin_memory=device.type == "cuda",
+            ImageFileDataset(index, transform, on_unreadable="skip"), batch_size=cfg.batch_size,
+            num_workers=num_workers, collate_fn=collate_views, pin_memory=device.type == "cuda",
         )
-        features.append(extract_features(backbone, loader, device))
+        features.append(extract_features(backbone, loader, device, unreadable))
+        if features[-1][1].numel() == 0:
+            raise DataError(f"image folder {folder} has no readable image to evaluate on: check its files")
     (train_f, train_l), (val_f, val_l) = features
-    return knn_top1(train_f, train_l, val_f, val_l, cfg.knn_k, cfg.knn_temperature)
+    top1 = knn_top1(train_f, train_l, val_f, val_l, cfg.knn_k, cfg.knn_temperature)
+    return KnnResult(top1, len(train_l), len(val_l), len(unreadable))
