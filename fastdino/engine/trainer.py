@@ -19,6 +19,7 @@ from fastdino.engine.checkpoint import CheckpointError, load_checkpoint, rng_sta
 from fastdino.engine.distributed import DistInfo, init_distributed, sync_batchnorm, wrap_ddp
 from fastdino.engine.ema import TeacherEMA
 from fastdino.engine.health import HealthMonitor, TrainingHealthError, agree, loss_scale
+from fastdino.engine.interop import init_from_weights, read_dino_weights
 from fastdino.engine.logging import RunLogger
 from fastdino.engine.optim import build_optimizer, clip_gradients_per_param, set_schedules
 from fastdino.eval.knn import knn_evaluate
@@ -116,6 +117,11 @@ class Trainer:
         ckpt = load_checkpoint(ckpt_path) if ckpt_path is not None else None
         if ckpt is not None:
             check_architecture(ckpt["config"], cfg, ckpt_path)
+        init = None
+        if cfg.train.init_from and ckpt is not None:
+            log.info("train.init_from=%s is ignored: the run resumes from %s", cfg.train.init_from, ckpt_path)
+        elif cfg.train.init_from:
+            init = read_dino_weights(cfg.train.init_from)
 
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
@@ -130,6 +136,8 @@ class Trainer:
         self.skipped_images = 0
         if ckpt is not None:
             self._restore(ckpt, ckpt_path)
+        elif init is not None:
+            init_from_weights(self.method, init, cfg.dino.norm_last_layer)
         self.method.student = wrap_ddp(self.method.student, self.dist, self.device)
 
         self.dataset = ImageFileDataset(self.index, self.method.data_transform(), seed=cfg.train.seed)
