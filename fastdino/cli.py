@@ -1,4 +1,4 @@
-"""Command line: `fastdino train | demo | knn`. Bad input ends with one clear line, not a traceback."""
+"""Command line: `fastdino train | demo | knn | export`. Bad input ends with one clear line, not a traceback."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 
 from fastdino.config import load_config
-from fastdino.engine.checkpoint import CheckpointError
+from fastdino.engine.interop import EXPORT_FORMATS
 from fastdino.errors import UserError
+from fastdino.models.vit import model_names
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -60,7 +61,7 @@ def _train(args: argparse.Namespace) -> int:
     if result.skipped_images:
         print(f"skipped {result.skipped_images} unreadable images (their paths are in the log above)")
     _print_health(result)
-    _print_knn(result)
+    _print_knn(result, cfg)
     return 0
 
 
@@ -70,11 +71,12 @@ def _print_health(result) -> None:
     print(summary_line(result.health))
 
 
-def _print_knn(result) -> None:
+def _print_knn(result, cfg) -> None:
+    start = "train.init_from teacher" if cfg.train.init_from else "random-init teacher"
     if result.knn_init is not None:
-        print(f"k-NN top-1, random-init teacher: {result.knn_init:.2f}%")
+        print(f"k-NN top-1, {start}: {result.knn_init:.2f}%")
     if result.knn_trained is not None:
-        print(f"k-NN top-1, trained teacher:     {result.knn_trained:.2f}%")
+        print(f"k-NN top-1, {'trained teacher:':<{len(start) + 1}} {result.knn_trained:.2f}%")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -90,35 +92,35 @@ def _demo(args: argparse.Namespace) -> int:
         return 0
     print(f"trained {result.steps_done} iterations in {result.output_dir}; last loss {result.last_loss:.4f}")
     _print_health(result)
-    _print_knn(result)
+    _print_knn(result, cfg)
     return 0
 
 
 def _knn(args: argparse.Namespace) -> int:
-    from fastdino.config import config_from_dict
-    from fastdino.engine.checkpoint import load_checkpoint
+    from fastdino.config import EvalConfig
+    from fastdino.engine.interop import load_teacher_backbone
     from fastdino.engine.trainer import resolve_device
     from fastdino.eval.knn import knn_evaluate
-    from fastdino.methods import build_method
 
-    state = load_checkpoint(args.checkpoint)
-    cfg = config_from_dict(state["config"])
     device = resolve_device(args.device, key="--device")
-    if args.image_size % cfg.model.patch_size:
+    loaded = load_teacher_backbone(args.checkpoint, arch=args.arch, patch_size=args.patch_size)
+    if args.image_size % loaded.model.patch_size:
         raise UserError(f"--image-size {args.image_size} is not a multiple of the checkpoint's patch size "
-                        f"{cfg.model.patch_size}")
-    method = build_method(cfg, device)
-    try:
-        method.teacher.load_state_dict(state["teacher"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint {args.checkpoint}: teacher weights do not load ({exc})") from exc
-    cfg.eval.knn_k, cfg.eval.knn_temperature = args.k, args.temperature
-    backbone = method.feature_backbone().to(device)
-    result = knn_evaluate(backbone, args.train, args.val, args.image_size or cfg.data.global_size, cfg.eval, device,
-                          args.num_workers)
+                        f"{loaded.model.patch_size}")
+    eval_cfg = EvalConfig(knn_k=args.k, knn_temperature=args.temperature)
+    result = knn_evaluate(loaded.model.to(device), args.train, args.val, args.image_size or loaded.image_size,
+                          eval_cfg, device, args.num_workers)
     print(f"k-NN top-1 (k={args.k}, T={args.temperature}): {result.top1:.2f}% of {result.n_val} images")
     if result.skipped_images:
         print(f"skipped {result.skipped_images} unreadable images (not scored; their paths are in the log above)")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from fastdino.engine.interop import export_official
+
+    out = export_official(args.checkpoint, args.out, args.format)
+    print(f"wrote {out} ({args.format} layout)")
     return 0
 
 
@@ -136,16 +138,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("knn", help="weighted k-NN top-1 of a checkpoint's teacher backbone")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="fastdino checkpoint or official DINO file (full or backbone)")
+    p.add_argument("--arch", help=f"one of {', '.join(model_names())}; checked against the file's tensors "
+                                  "(inferred when left out)")
+    p.add_argument("--patch-size", type=positive_int,
+                   help="checked against the file's tensors (inferred when left out)")
     p.add_argument("--train", required=True, type=_folder, help="labelled folder (class sub-folders): the memory bank")
     p.add_argument("--val", required=True, type=_folder, help="labelled folder with the same classes: the queries")
     p.add_argument("--k", type=positive_int, default=20)
     p.add_argument("--temperature", type=positive_float, default=0.07)
     p.add_argument("--image-size", type=nonnegative_int, default=0,
-                   help="eval crop size, a multiple of the patch size; 0 = the checkpoint's global crop")
+                   help="eval crop size, a multiple of the patch size; 0 = the checkpoint's global crop (official "
+                        "files: their stored grid, 224)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--num-workers", type=nonnegative_int, default=4)
     p.set_defaults(func=_knn)
+
+    p = sub.add_parser("export", help="write a checkpoint in the official DINO layout: fastdino export CKPT")
+    p.add_argument("checkpoint", help="fastdino checkpoint (or an official file, to change its layout)")
+    p.add_argument("--format", default="official", choices=EXPORT_FORMATS,
+                   help="official: full training checkpoint (student, teacher, dino_loss.center); "
+                        "official-backbone: the teacher's ViT state dict, as the released *_pretrain.pth files")
+    p.add_argument("--out", default="", help="output file; default <checkpoint stem>_<format>.pth beside it")
+    p.set_defaults(func=_export)
     return parser
 
 

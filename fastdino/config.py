@@ -193,6 +193,9 @@ class TrainConfig:
     output_dir: str = "runs/dino"
     resume: str = "auto"
     """auto (continue from output_dir/last.pt if present) | none | a checkpoint path."""
+    init_from: str = ""
+    """Start a fresh run (iteration 0, new optimizer) from a checkpoint's weights: fastdino or official DINO (full:
+    student, teacher, center; backbone-only: both backbones). Ignored when the run resumes. "" = off."""
     seed: int = 0
     device: str = "auto"
     """auto | cpu | cuda."""

@@ -20,6 +20,7 @@ from fastdino.engine.checkpoint import CheckpointError, load_checkpoint, rng_sta
 from fastdino.engine.distributed import DistInfo, init_distributed, sync_batchnorm, wrap_ddp
 from fastdino.engine.ema import TeacherEMA
 from fastdino.engine.health import HealthMonitor, TrainingHealthError, agree, loss_scale
+from fastdino.engine.interop import init_from_weights, read_dino_weights
 from fastdino.engine.logging import RunLogger
 from fastdino.engine.optim import build_optimizer, clip_gradients_per_param, set_schedules
 from fastdino.eval.knn import knn_evaluate
@@ -135,7 +136,7 @@ FREE_KEYS = {
     "loss": ("impl",),
     "ema": ("impl",),
     "train": ("epochs", "max_steps", "output_dir", "resume", "device", "log_every", "ckpt_every", "knn_eval",
-              "allow_config_change"),
+              "allow_config_change", "init_from"),
 }
 
 
@@ -221,7 +222,11 @@ class Trainer:
         if self.dist.is_main:
             for line in notices:
                 log.warning("%s", line)
-        check_writable(self.output_dir)
+        init = None
+        if cfg.train.init_from and ckpt is not None:
+            log.info("train.init_from=%s is ignored: the run resumes from %s", cfg.train.init_from, ckpt_path)
+        elif cfg.train.init_from:
+            init = read_dino_weights(cfg.train.init_from)
 
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
@@ -240,6 +245,9 @@ class Trainer:
             self._restore(ckpt, ckpt_path)
             if ckpt_path == self.output_dir / "last.pt":
                 self.saved_step = self.step
+        elif init is not None:
+            init_from_weights(self.method, init, cfg.dino.norm_last_layer)
+        check_writable(self.output_dir)  # the last check (it creates the folder): nothing is written before
         self.method.student = wrap_ddp(self.method.student, self.dist, self.device)
         self.dataset = ImageFileDataset(self.index, self.method.data_transform(), seed=cfg.train.seed)
 

@@ -1,0 +1,359 @@
+"""Official DINO checkpoints in and out (facebookresearch/dino: `main_dino.py`'s save_dict, `utils.py`'s
+`load_pretrained_weights` / `restart_from_checkpoint`, `vision_transformer.py`'s ViT and DINOHead).
+
+Three kinds of file are read, all through `torch.load(weights_only=True)`: no pickled code runs, and the only
+global allowed beyond tensors and containers is `argparse.Namespace` (the official `args`, a bag of plain
+attributes whose construction runs no code from the file). A file that needs more is refused, naming it.
+- fastdino checkpoints (`config`, `student`, `teacher`, `center`, ...), written by engine/trainer.py;
+- official full training checkpoints (main_dino.py): `student` (behind DDP: `module.backbone.*`,
+  `module.head.*`), `teacher` (`backbone.*`, `head.*`; `module.` too when the head has BatchNorm, the only
+  case where the official code wraps the teacher in DDP), `dino_loss` {`center`: (1, K)}, `optimizer`,
+  `epoch`, `fp16_scaler`, `args`. Its head's last layer has the old-style weight norm (`weight_g` (K, 1),
+  `weight_v` (K, bottleneck)); fastdino's has torch's parametrization (`parametrizations.weight.original0` /
+  `original1`): the same two tensors under other names;
+- official backbone-only release files: a ViT state dict, possibly under `teacher` / `student`, possibly with
+  `module.` / `backbone.` prefixes.
+
+Every file becomes a `DinoWeights` (networks in fastdino's key names) whose architecture is read from tensor
+shapes (`NetworkSpec`). The ViT's parameter names are the official ones (models/vit.py), so only prefixes and
+the weight norm are mapped. `load_teacher_backbone` is the one entry point for evaluation commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import re
+from dataclasses import dataclass, fields
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastdino.engine.checkpoint import CheckpointError, save_checkpoint
+from fastdino.errors import UserError
+from fastdino.models.vit import VisionTransformer, build_backbone, model_names
+
+log = logging.getLogger("fastdino")
+
+SAFE_GLOBALS = [argparse.Namespace]
+"""Allowed in a file beyond tensors and containers: the official checkpoints' pickled `args`."""
+EXPORT_FORMATS = ("official", "official-backbone")
+HEAD_LINEAR_LAYERS = 3  # fastdino's DINOHead: the official default nlayers=3
+
+_OFFICIAL_G, _OFFICIAL_V = "head.last_layer.weight_g", "head.last_layer.weight_v"
+_OURS_G = "head.last_layer.parametrizations.weight.original0"  # (K, 1): the weight-norm gain g
+_OURS_V = "head.last_layer.parametrizations.weight.original1"  # (K, bottleneck): the direction v
+_TO_OURS = {_OFFICIAL_G: _OURS_G, _OFFICIAL_V: _OURS_V}
+_TO_OFFICIAL = {v: k for k, v in _TO_OURS.items()}
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """A DINO network's architecture as its tensors show it; head fields are None for a backbone alone, and
+    `norm_last_layer` is None when nothing tells (a gain of all ones fits both settings)."""
+
+    arch: str
+    patch_size: int
+    img_size: int
+    depth: int
+    out_dim: int | None = None
+    hidden_dim: int | None = None
+    bottleneck_dim: int | None = None
+    head_bn: bool | None = None
+    norm_last_layer: bool | None = None
+
+
+CONFIG_KEYS = {"arch": "model.arch", "patch_size": "model.patch_size", "img_size": "model.img_size",
+               "depth": "model.depth", "out_dim": "dino.out_dim", "hidden_dim": "dino.hidden_dim",
+               "bottleneck_dim": "dino.bottleneck_dim", "head_bn": "dino.head_bn",
+               "norm_last_layer": "dino.norm_last_layer"}
+"""The config key that sets each NetworkSpec field."""
+
+
+@dataclass
+class DinoWeights:
+    """One checkpoint file in fastdino's key names (the MultiCropNetwork's `backbone.*`, `head.*`).
+
+    kind: "fastdino" | "official" (a full training checkpoint) | "official-backbone" (a ViT alone: `teacher`
+    holds `backbone.*` keys only, `student` and `center` are None). center: (K,) float32, or None when the file
+    has none. image_size: the global crop size it was trained on (fastdino: data.global_size; official: the
+    stored position-embedding grid, 224 px for the released models).
+    """
+
+    path: Path
+    kind: str
+    teacher: dict[str, torch.Tensor]
+    student: dict[str, torch.Tensor] | None
+    center: torch.Tensor | None
+    spec: NetworkSpec
+    image_size: int
+
+
+@dataclass
+class TeacherBackbone:
+    """What `load_teacher_backbone` returns: the model (eval mode, CPU), the crop size it was trained on, the
+    kind of file (as DinoWeights.kind) and the architecture read from it."""
+
+    model: VisionTransformer
+    image_size: int
+    kind: str
+    spec: NetworkSpec
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def read_weights_file(path: str | Path) -> Any:
+    """torch.load(weights_only=True) with SAFE_GLOBALS allowed, on the CPU.
+
+    Raises CheckpointError naming the file when it is missing, unreadable, or holds pickled objects other
+    than SAFE_GLOBALS (loading those would run code from the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt files
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if unsafe:
+            raise CheckpointError(
+                f"checkpoint {path} holds a pickled Python object ({unsafe.group(1)}) that fastdino will not load (it "
+                "could run code from the file); re-save only its tensors (state dicts) with code you trust"
+            ) from None
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {_one_line(exc)})") from exc
+
+
+@cache
+def _arch_by_width() -> dict[int, str]:
+    """embed dim -> registry name, asked of the registry's own constructors (a zero-block model is cheap)."""
+    return {build_backbone(name, depth=0, img_size=16, patch_size=16).embed_dim: name for name in model_names()}
+
+
+def network_spec(state: dict[str, torch.Tensor], source: str, norm_last_layer: bool | None = None) -> NetworkSpec:
+    """The architecture of a network state dict in fastdino's key names, read from tensor shapes.
+
+    state: `backbone.*` (and `head.*` when there is a head). source names the file in errors. norm_last_layer:
+    what the file's settings say, if anything; else it is inferred from the gain g, which stays at 1 when it
+    is fixed (False when any g != 1, None when all are 1). Raises CheckpointError for a non-ViT backbone, an
+    embed dim no registered architecture has, or a head whose MLP does not have 3 linear layers.
+    """
+    required = ("backbone.cls_token", "backbone.pos_embed", "backbone.patch_embed.proj.weight")
+    if not all(k in state for k in required):
+        raise CheckpointError(f"{source} holds no ViT backbone (no cls_token / pos_embed / patch_embed.proj.weight); "
+                              "fastdino reads ViT-T/S/B checkpoints")
+    proj = state["backbone.patch_embed.proj.weight"]  # (D, 3, p, p)
+    n_patches = state["backbone.pos_embed"].shape[1] - 1
+    side = math.isqrt(n_patches)
+    if proj.dim() != 4 or proj.shape[-1] != proj.shape[-2] or side * side != n_patches:
+        raise CheckpointError(f"{source}: patch embedding {tuple(proj.shape)} or position grid of {n_patches} is not "
+                              "square; fastdino's ViT needs both square")
+    dim, patch = proj.shape[0], proj.shape[-1]
+    arch = _arch_by_width().get(dim)
+    if arch is None:
+        known = ", ".join(f"{name} {width}" for width, name in sorted(_arch_by_width().items()))
+        raise CheckpointError(f"{source}: embed dim {dim} is no fastdino architecture's ({known})")
+    depth = len({k.split(".")[2] for k in state if k.startswith("backbone.blocks.")})
+    spec = {"arch": arch, "patch_size": patch, "img_size": side * patch, "depth": depth}
+    if _OURS_V in state:
+        linears = sorted((int(m.group(1)), v) for k, v in state.items()
+                         if (m := re.fullmatch(r"head\.mlp\.(\d+)\.weight", k)) and v.dim() == 2)
+        if len(linears) != HEAD_LINEAR_LAYERS:
+            raise CheckpointError(f"{source}: the head's MLP has {len(linears)} linear layers; fastdino's DINO head "
+                                  f"has {HEAD_LINEAR_LAYERS} (the official nlayers=3)")
+        if norm_last_layer is None and _OURS_G in state and not bool((state[_OURS_G] == 1).all()):
+            norm_last_layer = False
+        spec.update(out_dim=state[_OURS_V].shape[0], hidden_dim=linears[0][1].shape[0],
+                    bottleneck_dim=linears[-1][1].shape[0], norm_last_layer=norm_last_layer,
+                    head_bn=any(k.startswith("head.mlp.") and k.endswith(".running_mean") for k in state))
+    return NetworkSpec(**spec)
+
+
+def spec_differences(found: NetworkSpec, wanted: NetworkSpec) -> list[str]:
+    """'config.key: file X vs config Y' for each field both specs know and disagree on."""
+    return [
+        f"{CONFIG_KEYS[f.name]}: file {a!r} vs config {b!r}"
+        for f in fields(NetworkSpec)
+        if (a := getattr(found, f.name)) is not None and (b := getattr(wanted, f.name)) is not None and a != b
+    ]
+
+
+def _official_network(state: Any, path: Path) -> dict[str, torch.Tensor]:
+    """An official network or backbone state dict -> fastdino's key names (prefixes, weight norm)."""
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"checkpoint {path} holds no ViT state dict (expected tensors, or `teacher` / `student` "
+                              "entries holding them)")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if not any(k.startswith("backbone.") for k in state):  # a backbone alone (release file)
+        return {f"backbone.{k}": v for k, v in state.items()}
+    return {_TO_OURS.get(k, k): v for k, v in state.items()}
+
+
+def read_dino_weights(path: str | Path) -> DinoWeights:
+    """Read any checkpoint fastdino understands (module docstring) into fastdino's key names.
+
+    The teacher is `teacher` when present (as the official eval scripts' default checkpoint_key), else
+    `student`, else the file itself. Raises CheckpointError naming the file for anything else.
+    """
+    path = Path(path)
+    state = read_weights_file(path)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict of weights")
+    if "config" in state and "teacher" in state:
+        config = state["config"]
+        spec = network_spec(state["teacher"], f"checkpoint {path}", config.get("dino", {}).get("norm_last_layer"))
+        center = state.get("center", {}).get("center")
+        image_size = config.get("data", {}).get("global_size", spec.img_size)
+        return DinoWeights(path, "fastdino", state["teacher"], state.get("student"), center, spec, image_size)
+
+    net_key = next((k for k in ("teacher", "student") if isinstance(state.get(k), dict)), None)
+    teacher = _official_network(state[net_key] if net_key else state, path)
+    student = _official_network(state["student"], path) if net_key == "teacher" and "student" in state else None
+    args = state.get("args")
+    norm_last_layer = getattr(args, "norm_last_layer", None) if isinstance(args, argparse.Namespace) else None
+    spec = network_spec(teacher, f"checkpoint {path}", norm_last_layer)
+    if spec.out_dim is None:
+        return DinoWeights(path, "official-backbone", teacher, None, None, spec, spec.img_size)
+    dino_loss = state.get("dino_loss")
+    center = dino_loss.get("center") if isinstance(dino_loss, dict) else None
+    if center is not None:
+        if not isinstance(center, torch.Tensor) or center.numel() != spec.out_dim:
+            raise CheckpointError(f"checkpoint {path}: dino_loss.center does not have the head's {spec.out_dim} values")
+        center = center.reshape(-1).float()
+    return DinoWeights(path, "official", teacher, student, center, spec, spec.img_size)
+
+
+def _few(keys: list[str]) -> str:
+    return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+
+
+def load_exact(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """module.load_state_dict(state) with every key and shape checked first; a mismatch raises CheckpointError
+    (`what` names the file and the part) listing the first missing / unexpected keys and wrong shapes."""
+    own = module.state_dict()
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(own.keys() & state.keys())
+              if state[k].shape != own[k].shape]
+    problems = ([f"missing {_few(missing)}"] if missing else []) + (
+        [f"unexpected {_few(unexpected)}"] if unexpected else []) + ([f"shapes {_few(shapes)}"] if shapes else [])
+    if problems:
+        raise CheckpointError(f"{what} do not fit: " + "; ".join(problems))
+    module.load_state_dict(state)
+
+
+def _check_flags(weights: DinoWeights, arch: str | None, patch_size: int | None) -> None:
+    s = weights.spec
+    for flag, given, found in (("--arch", arch, s.arch), ("--patch-size", patch_size, s.patch_size)):
+        if given is not None and given != found:
+            raise CheckpointError(f"checkpoint {weights.path} is a {weights.spec.arch} with patch size "
+                                  f"{weights.spec.patch_size} (read from its tensors): {flag} {given} does not match; "
+                                  f"pass {flag} {found} or leave the flag out")
+
+
+def load_teacher_backbone(
+    path: str | Path, *, arch: str | None = None, patch_size: int | None = None, attention: str = "sdpa"
+) -> TeacherBackbone:
+    """The teacher's ViT backbone, with its weights, from any checkpoint fastdino reads: a fastdino checkpoint,
+    an official full training checkpoint, or an official backbone-only release file (module docstring).
+
+    This is the seam for every evaluation command (k-NN, linear probe, attention maps): the network DINO
+    evaluates is the teacher backbone (official eval scripts: checkpoint_key "teacher"). Architecture, depth,
+    patch size and stored image size are read from tensor shapes; `arch` / `patch_size` (the `--arch` /
+    `--patch-size` flags) are optional and checked against them. The number of heads is the architecture's.
+    `attention`: the model's attention kernel (models/attention.py). Returns the model in eval mode on the CPU
+    and the crop size it was trained on (TeacherBackbone.image_size), the natural evaluation size. Raises
+    CheckpointError (naming the file) for an unreadable or unsafe file, a non-ViT or unknown-width backbone,
+    a flag that disagrees with the file, or weights that do not fit; UserError for an unknown `arch`.
+    """
+    if arch is not None and arch not in model_names():
+        raise UserError(f"--arch {arch} is not one of {', '.join(model_names())}")
+    weights = read_dino_weights(path)
+    _check_flags(weights, arch, patch_size)
+    s = weights.spec
+    model = build_backbone(s.arch, img_size=s.img_size, patch_size=s.patch_size, depth=s.depth, attention=attention)
+    backbone = {k.removeprefix("backbone."): v for k, v in weights.teacher.items() if k.startswith("backbone.")}
+    load_exact(model, backbone, f"checkpoint {weights.path}: teacher backbone weights")
+    return TeacherBackbone(model.eval(), weights.image_size, weights.kind, s)
+
+
+def init_from_weights(method: nn.Module, weights: DinoWeights, norm_last_layer: bool) -> None:
+    """train.init_from: load a file's student, teacher and center into a freshly built DINO method.
+
+    method: has `student_module()`, `teacher` (MultiCropNetwork) and `center` (TeacherCenter). norm_last_layer:
+    the config's dino.norm_last_layer (a fresh gain of ones says nothing). A backbone-only file sets both
+    backbones and leaves head and center as built. A full file without a student gives its teacher to both.
+    Raises CheckpointError naming the file and every config key whose value disagrees with the file.
+    """
+    wanted = network_spec(method.teacher.state_dict(), "the config", norm_last_layer)
+    diffs = spec_differences(weights.spec, wanted)
+    if diffs:
+        raise CheckpointError(f"train.init_from={weights.path} is another architecture than the config: "
+                              + "; ".join(diffs) + "; set these keys to the file's values")
+    student, teacher = method.student_module(), method.teacher
+    if weights.kind == "official-backbone":
+        load_exact(student, {**student.state_dict(), **weights.teacher}, f"train.init_from={weights.path}: backbone")
+        load_exact(teacher, {**teacher.state_dict(), **weights.teacher}, f"train.init_from={weights.path}: backbone")
+        log.info("train.init_from: student and teacher backbones from %s (a backbone alone: head and center start "
+                 "fresh)", weights.path)
+        return
+    load_exact(student, weights.student or weights.teacher, f"train.init_from={weights.path}: student weights")
+    load_exact(teacher, weights.teacher, f"train.init_from={weights.path}: teacher weights")
+    if weights.center is not None:
+        method.center.center.copy_(weights.center)
+    log.info("train.init_from: student, teacher%s from %s (%s checkpoint); iteration 0, fresh optimizer",
+             " and center" if weights.center is not None else " (no center in the file: zeros)", weights.path,
+             weights.kind)
+
+
+def _official_keys(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {prefix + _TO_OFFICIAL.get(k, k): v.contiguous() for k, v in state.items()}
+
+
+def to_official(weights: DinoWeights) -> dict:
+    """The official full-checkpoint layout, as main_dino.py saves it and `restart_from_checkpoint` loads it.
+
+    `student` keys carry `module.` (the official student is always behind DDP, and restart_from_checkpoint loads
+    into it with strict=False, so keys without the prefix would silently load nothing); `teacher` keys carry it
+    only with BatchNorm in the head (the official code wraps the teacher in DDP only then). Head: weight_g /
+    weight_v. `dino_loss`: {"center": (1, K)}. No `optimizer` (its parameter groups differ from the official
+    ones), `epoch` or `args`: main_dino.py warm-starts from these weights at epoch 0, and the file holds only
+    tensors, so torch.load's default weights_only=True (torch >= 2.6) reads it. Raises CheckpointError for a
+    backbone without a head.
+    """
+    if weights.kind == "official-backbone":
+        raise CheckpointError(f"checkpoint {weights.path} has no DINO head: export it with --format official-backbone")
+    center = weights.center if weights.center is not None else torch.zeros(weights.spec.out_dim)
+    return {
+        "student": _official_keys(weights.student or weights.teacher, "module."),
+        "teacher": _official_keys(weights.teacher, "module." if weights.spec.head_bn else ""),
+        "dino_loss": {"center": center.reshape(1, -1).clone()},
+    }
+
+
+def to_official_backbone(weights: DinoWeights) -> dict[str, torch.Tensor]:
+    """The release layout (dino_deitsmall16_pretrain.pth): the teacher backbone's ViT state dict, no prefix;
+    hubconf.py loads it with strict=True, load_pretrained_weights with strict=False."""
+    teacher = weights.teacher
+    return {k.removeprefix("backbone."): v.contiguous() for k, v in teacher.items() if k.startswith("backbone.")}
+
+
+def export_official(src: str | Path, out: str | Path | None = None, fmt: str = "official") -> Path:
+    """Write `src` (any checkpoint read_dino_weights reads) in an official layout (EXPORT_FORMATS: `official` =
+    to_official, `official-backbone` = to_official_backbone), atomically. out defaults to
+    <src stem>_<format>.pth beside src. Returns the path written; raises CheckpointError (bad source, out
+    equal to src) or ValueError for an unknown format."""
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"format must be one of {EXPORT_FORMATS}, got {fmt!r}")
+    src = Path(src)
+    out = Path(out) if out else src.with_name(f"{src.stem}_{fmt.replace('-', '_')}.pth")
+    if out.resolve() == src.resolve():
+        raise CheckpointError(f"export would overwrite its source {src}; pass another --out")
+    weights = read_dino_weights(src)
+    save_checkpoint(to_official(weights) if fmt == "official" else to_official_backbone(weights), out)
+    return out
