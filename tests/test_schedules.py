@@ -32,8 +32,35 @@ def test_cosine_end_points():
     assert cosine_schedule(9, 100, 1.0, 0.0, warmup_steps=10) == pytest.approx(1.0)
 
 
-def test_teacher_temperature_warmup_per_epoch():
-    ref = np.concatenate((np.linspace(0.04, 0.07, 30), np.ones(70) * 0.07))
-    ours = [teacher_temp_schedule(e, 0.04, 0.07, 30) for e in range(100)]
+@pytest.mark.parametrize("warmup_epochs, niter", [
+    (1, 1),  # a one-step warm-up: a linear space of one point, the start value
+    (2, 1),  # two steps: start, then base
+    (1, 2),
+    (3, 7),  # 21 steps
+])
+@pytest.mark.parametrize("start", [0.0, 1e-5])
+def test_cosine_warmup_lengths_match_official_arrays(warmup_epochs, niter, start):
+    epochs = warmup_epochs + 3
+    ref = official_cosine(5e-4, 1e-6, epochs, niter, warmup_epochs, start_warmup=start)
+    ours = [cosine_schedule(s, epochs * niter, 5e-4, 1e-6, warmup_epochs * niter, warmup_start=start)
+            for s in range(epochs * niter)]
+    np.testing.assert_allclose(ours, ref, rtol=1e-12, atol=1e-15)
+    assert ours[0] == start
+
+
+def official_teacher_temps(warmup_temp, temp, warmup_epochs, epochs):
+    """The official DINOLoss.teacher_temp_schedule array, one value per epoch."""
+    return np.concatenate((np.linspace(warmup_temp, temp, warmup_epochs), np.ones(epochs - warmup_epochs) * temp))
+
+
+@pytest.mark.parametrize("warmup_epochs, epochs", [(1, 5), (2, 5), (30, 100), (4, 4)])
+def test_teacher_temperature_warmup_lengths_match_official_array(warmup_epochs, epochs):
+    ref = official_teacher_temps(0.04, 0.07, warmup_epochs, epochs)
+    ours = [teacher_temp_schedule(e, 0.04, 0.07, warmup_epochs) for e in range(epochs)]
     np.testing.assert_allclose(ours, ref, rtol=1e-12)
+    assert ours[0] == 0.04  # the first epoch always runs at the warm-up temperature
+
+
+def test_teacher_temperature_without_warmup():
+    assert teacher_temp_schedule(0, 0.04, 0.07, 0) == 0.07
     assert teacher_temp_schedule(0, 0.04, 0.04, 0) == 0.04
