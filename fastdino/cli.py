@@ -16,11 +16,45 @@ from fastdino.errors import UserError
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose every refusal (unknown flag, bad value, missing argument) is one line and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _flag_type(convert, check, what: str):
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+positive_int = _flag_type(int, lambda v: v > 0, "a positive integer")
+nonnegative_int = _flag_type(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _flag_type(float, lambda v: v > 0 and v != float("inf"), "a positive number")
+
+
+def _folder(text: str) -> Path:
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is not a folder")
+    return Path(text)
+
+
 def _train(args: argparse.Namespace) -> int:
     from fastdino.engine.trainer import train
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg)
+    if result.already_complete:
+        print(result.complete_line(cfg))
+        return 0
     print(f"trained {result.steps_done} iterations; last loss {result.last_loss:.4f}; "
           f"checkpoint {result.output_dir / 'last.pt'}")
     if result.skipped_images:
@@ -51,6 +85,9 @@ def _demo(args: argparse.Namespace) -> int:
     data_dir = Path(cfg.data.path)
     print(f"demo data set: {make_demo_dataset(data_dir)}")
     result = train(cfg)
+    if result.already_complete:
+        print(result.complete_line(cfg))
+        return 0
     print(f"trained {result.steps_done} iterations in {result.output_dir}; last loss {result.last_loss:.4f}")
     _print_health(result)
     _print_knn(result)
@@ -66,7 +103,10 @@ def _knn(args: argparse.Namespace) -> int:
 
     state = load_checkpoint(args.checkpoint)
     cfg = config_from_dict(state["config"])
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, key="--device")
+    if args.image_size % cfg.model.patch_size:
+        raise UserError(f"--image-size {args.image_size} is not a multiple of the checkpoint's patch size "
+                        f"{cfg.model.patch_size}")
     method = build_method(cfg, device)
     try:
         method.teacher.load_state_dict(state["teacher"])
@@ -81,7 +121,7 @@ def _knn(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastdino", description=__doc__)
+    parser = _Parser(prog="fastdino", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="pretrain with DINO: fastdino train CONFIG.yaml [section.key=value ...]")
@@ -95,19 +135,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("knn", help="weighted k-NN top-1 of a checkpoint's teacher backbone")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--train", required=True, help="labelled folder (class sub-folders): the memory bank")
-    p.add_argument("--val", required=True, help="labelled folder with the same classes: the queries")
-    p.add_argument("--k", type=int, default=20)
-    p.add_argument("--temperature", type=float, default=0.07)
-    p.add_argument("--image-size", type=int, default=0, help="eval crop size; 0 = the checkpoint's global crop")
+    p.add_argument("--train", required=True, type=_folder, help="labelled folder (class sub-folders): the memory bank")
+    p.add_argument("--val", required=True, type=_folder, help="labelled folder with the same classes: the queries")
+    p.add_argument("--k", type=positive_int, default=20)
+    p.add_argument("--temperature", type=positive_float, default=0.07)
+    p.add_argument("--image-size", type=nonnegative_int, default=0,
+                   help="eval crop size, a multiple of the patch size; 0 = the checkpoint's global crop")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--num-workers", type=nonnegative_int, default=4)
     p.set_defaults(func=_knn)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a refused flag (2, one line already printed)
+        return int(exc.code or 0)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_float32_matmul_precision("high")
     from fastdino.engine.health import TrainingHealthError
@@ -124,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingHealthError as exc:
         print(f"fastdino: training stopped: {exc}", file=sys.stderr)
         return 4
+    except KeyboardInterrupt:
+        print("fastdino: interrupted; the last checkpoint written is intact (train.resume=auto continues from it)",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -20,17 +20,22 @@ from fastdino.errors import UserError
 
 
 class ConfigError(UserError, ValueError):
-    """A bad config key or value; the message names the key."""
+    """A bad config key or value; the message names the key, and `key` holds it (a tuple for a check across
+    keys, None when unknown)."""
+
+    def __init__(self, message: str, key: str | tuple[str, ...] | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(f"{key}={value!r} is not one of {choices}")
+        raise ConfigError(f"{key}={value!r} is not one of {choices}", key)
 
 
 def _positive(key: str, value: float, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+        raise ConfigError(f"{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}", key)
 
 
 @dataclass(kw_only=True)
@@ -46,19 +51,27 @@ class ModelConfig:
     """Stochastic depth in the student only (SPEC: 0.1)."""
     attention: str = "sdpa"
     """sdpa | xformers | math."""
+    pos_embed_interp: str = "official"
+    """How position embeddings are resized to other crop sizes: official (the official DINO code's bicubic
+    resize by scale factor (grid + 0.1) / stored grid: what its checkpoints expect) | exact (bicubic to the
+    exact grid size)."""
 
     def __post_init__(self):
         from fastdino.models.attention import ATTENTION_IMPLS
-        from fastdino.models.vit import model_names
+        from fastdino.models.vit import POS_EMBED_INTERP, model_names
 
         _choice("model.arch", self.arch, model_names())
         _choice("model.attention", self.attention, ATTENTION_IMPLS)
+        _choice("model.pos_embed_interp", self.pos_embed_interp, POS_EMBED_INTERP)
         _positive("model.patch_size", self.patch_size)
         _positive("model.depth", self.depth, allow_zero=True)
         if self.img_size % self.patch_size:
-            raise ConfigError(f"model.img_size={self.img_size} is not a multiple of model.patch_size={self.patch_size}")
+            raise ConfigError(
+                f"model.img_size={self.img_size} is not a multiple of model.patch_size={self.patch_size}",
+                "model.img_size",
+            )
         if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ConfigError(f"model.drop_path_rate={self.drop_path_rate} must be in [0, 1)")
+            raise ConfigError(f"model.drop_path_rate={self.drop_path_rate} must be in [0, 1)", "model.drop_path_rate")
 
 
 @dataclass(kw_only=True)
@@ -89,9 +102,14 @@ class DinoConfig:
             _positive(f"dino.{key}", getattr(self, key))
         _positive("dino.warmup_teacher_temp_epochs", self.warmup_teacher_temp_epochs, allow_zero=True)
         _positive("dino.freeze_last_layer_epochs", self.freeze_last_layer_epochs, allow_zero=True)
+        if self.out_dim < 2:
+            raise ConfigError(
+                f"dino.out_dim={self.out_dim}: with fewer than 2 prototypes every softmax is 1 and the loss is "
+                "trivially 0; use thousands (the paper: 65536)", "dino.out_dim"
+            )
         for key in ("center_momentum", "momentum_teacher"):
             if not 0.0 <= getattr(self, key) <= 1.0:
-                raise ConfigError(f"dino.{key}={getattr(self, key)} must be in [0, 1]")
+                raise ConfigError(f"dino.{key}={getattr(self, key)} must be in [0, 1]", f"dino.{key}")
 
 
 @dataclass(kw_only=True)
@@ -121,9 +139,11 @@ class DataConfig:
         for key in ("global_crops_scale", "local_crops_scale"):
             lo, hi = getattr(self, key)
             if not 0.0 < lo <= hi <= 1.0:
-                raise ConfigError(f"data.{key}={[lo, hi]} must satisfy 0 < low <= high <= 1")
+                raise ConfigError(f"data.{key}={[lo, hi]} must satisfy 0 < low <= high <= 1", f"data.{key}")
         if not 0.0 < self.blur_sigma[0] <= self.blur_sigma[1]:
-            raise ConfigError(f"data.blur_sigma={list(self.blur_sigma)} must satisfy 0 < low <= high")
+            raise ConfigError(
+                f"data.blur_sigma={list(self.blur_sigma)} must satisfy 0 < low <= high", "data.blur_sigma"
+            )
 
 
 @dataclass(kw_only=True)
@@ -183,6 +203,10 @@ class TrainConfig:
     """Iterations between checkpoints (one is also written at each epoch end)."""
     knn_eval: bool = True
     """After training, k-NN top-1 of the random-init and trained teacher (needs labelled data.path/train, /val)."""
+    allow_config_change: bool = False
+    """Resume even when settings that change the run's trajectory (lr, temperatures, augmentation, ...) differ
+    from the checkpoint's; they are listed in the log. A change of the global batch or of the image set is
+    always refused (the place in the data order would not map)."""
 
     def __post_init__(self):
         _positive("train.epochs", self.epochs)
@@ -237,10 +261,12 @@ class HealthConfig:
         _positive("health.grace_steps", self.grace_steps, allow_zero=True)
         for key in ("uniform_entropy_ratio", "one_dim_entropy_ratio"):
             if not 0.0 < getattr(self, key) < 1.0:
-                raise ConfigError(f"health.{key}={getattr(self, key)} must be in (0, 1)")
+                raise ConfigError(f"health.{key}={getattr(self, key)} must be in (0, 1)", f"health.{key}")
         _positive("health.feature_std_ratio", self.feature_std_ratio, allow_zero=True)
         if self.divergence_factor <= 1.0:
-            raise ConfigError(f"health.divergence_factor={self.divergence_factor} must be > 1")
+            raise ConfigError(
+                f"health.divergence_factor={self.divergence_factor} must be > 1", "health.divergence_factor"
+            )
         _positive("health.min_loss_scale", self.min_loss_scale, allow_zero=True)
 
 
@@ -255,6 +281,52 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+
+    def __post_init__(self):
+        """Checks across sections; each names the key to change."""
+        patch = self.model.patch_size
+        for key in ("global_size", "local_size"):
+            size = getattr(self.data, key)
+            if size % patch or size < patch:
+                near = max(patch, round(size / patch) * patch)
+                raise ConfigError(
+                    f"data.{key}={size} is not a multiple of model.patch_size={patch} (the patch embedding would "
+                    f"drop {size % patch} pixel rows and columns): use {near}", (f"data.{key}", "model.patch_size")
+                )
+        epochs = self.train.epochs
+        if self.dino.warmup_teacher_temp_epochs > epochs:
+            raise ConfigError(
+                f"dino.warmup_teacher_temp_epochs={self.dino.warmup_teacher_temp_epochs} is longer than the run "
+                f"(train.epochs={epochs}): the teacher would never reach dino.teacher_temp; shorten the warm-up",
+                ("dino.warmup_teacher_temp_epochs", "train.epochs"),
+            )
+        if self.optim.warmup_epochs > epochs:
+            raise ConfigError(
+                f"optim.warmup_epochs={self.optim.warmup_epochs} is longer than the run (train.epochs={epochs}): "
+                "the learning rate would never reach optim.lr; shorten the warm-up",
+                ("optim.warmup_epochs", "train.epochs"),
+            )
+
+
+def schedule_warnings(cfg: Config, steps_per_epoch: int) -> list[str]:
+    """Settings that are legal but keep a schedule from reaching its target, one line each naming the keys.
+
+    Schedules span train.epochs (train.max_steps only stops early), so a short max_steps can end a run
+    inside a warm-up."""
+    out = []
+    epochs, stop = cfg.train.epochs, cfg.train.max_steps
+    if cfg.optim.warmup_epochs == epochs and epochs > 0:
+        out.append(f"optim.warmup_epochs = train.epochs = {epochs}: the learning rate warms up for the whole run and "
+                   "never decays to optim.min_lr")
+    if cfg.dino.freeze_last_layer_epochs >= epochs:
+        out.append(f"dino.freeze_last_layer_epochs={cfg.dino.freeze_last_layer_epochs} >= train.epochs={epochs}: the "
+                   "head's last layer never trains")
+    for key, warm in (("optim.warmup_epochs", cfg.optim.warmup_epochs),
+                      ("dino.warmup_teacher_temp_epochs", cfg.dino.warmup_teacher_temp_epochs)):
+        if stop and warm and stop < warm * steps_per_epoch:
+            out.append(f"train.max_steps={stop} stops the run inside the {warm}-epoch {key} warm-up "
+                       f"({warm * steps_per_epoch} iterations): its target is never reached")
+    return out
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
@@ -290,18 +362,19 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     else:
         raise TypeError(f"unsupported annotation {tp} for {key}")
     name = getattr(tp, "__name__", str(tp))
-    raise ConfigError(f"{key}={value!r} has the wrong type: expected {name}")
+    raise ConfigError(f"{key}={value!r} has the wrong type: expected {name}", key)
 
 
 def _unknown(key: str, valid: list[str]) -> ConfigError:
     near = difflib.get_close_matches(key, valid, n=1)
     hint = f" (did you mean {near[0]!r}?)" if near else ""
-    return ConfigError(f"unknown config key {key!r}{hint}")
+    return ConfigError(f"unknown config key {key!r}{hint}", key)
 
 
 def _build(cls: type, values: dict, prefix: str):
     if not isinstance(values, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
+        section = prefix.rstrip(".") or None
+        raise ConfigError(f"{section or 'config'} must be a mapping, got {values!r}", section)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -330,14 +403,17 @@ def parse_overrides(overrides: list[str]) -> dict:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+            raise ConfigError(f"command line: {item!r} is not of the form section.key=value")
         if key not in valid:
-            raise _unknown(key, valid)
+            raise ConfigError(f"command line: {_unknown(key, valid)}", key)
         node = nested
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(raw) if raw else ""
+        try:
+            node[leaf] = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"command line: {item!r}: the value is not valid YAML", key) from None
     return nested
 
 
@@ -361,11 +437,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
-    values = _merge(values, parse_overrides(list(overrides)))
+    from_command_line = parse_overrides(list(overrides))
     try:
-        return _build(Config, values, "")
+        return _build(Config, _merge(values, from_command_line), "")
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+        # name where the offending value came from: the command line or the file
+        keys = exc.key if isinstance(exc.key, tuple) else (exc.key,)
+        if path is None or any(k is not None and _leaf(from_command_line, k) for k in keys):
+            raise ConfigError(f"command line: {exc}", exc.key) from None
+        raise ConfigError(f"{path}: {exc}", exc.key) from None
+
+
+def _leaf(nested: dict, key: str) -> bool:
+    """Whether `key` (a.b) is set in the nested dict."""
+    node = nested
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -64,3 +64,22 @@ def test_teacher_temperature_warmup_lengths_match_official_array(warmup_epochs, 
 def test_teacher_temperature_without_warmup():
     assert teacher_temp_schedule(0, 0.04, 0.07, 0) == 0.07
     assert teacher_temp_schedule(0, 0.04, 0.04, 0) == 0.04
+
+
+@pytest.mark.parametrize("warmup_steps", [1, 2, 5, 37])
+def test_cosine_warmups_of_one_two_and_many_steps_match_official_arrays(warmup_steps):
+    """niter=1 makes a warm-up of one epoch a warm-up of one step; np.linspace(start, base, 1) = [start]."""
+    total = 50
+    ref = official_cosine(0.8, 0.01, total, 1, warmup_steps, start_warmup=0.1)
+    ours = [cosine_schedule(s, total, 0.8, 0.01, warmup_steps, warmup_start=0.1) for s in range(total)]
+    np.testing.assert_allclose(ours, ref, rtol=1e-12, atol=1e-15)
+    assert ours[0] == 0.1  # the warm-up starts at its start value, whatever its length
+
+
+@pytest.mark.parametrize("warmup_epochs", [1, 2, 30])
+def test_teacher_temperature_warmups_of_one_two_and_many_epochs(warmup_epochs):
+    epochs = 40
+    ref = np.concatenate((np.linspace(0.04, 0.07, warmup_epochs), np.ones(epochs - warmup_epochs) * 0.07))
+    ours = [teacher_temp_schedule(e, 0.04, 0.07, warmup_epochs) for e in range(epochs)]
+    np.testing.assert_allclose(ours, ref, rtol=1e-12)
+    assert ours[0] == 0.04  # a one-epoch warm-up is not skipped

@@ -1,5 +1,7 @@
 """ViT backbone and DINO head: shapes, position-embedding interpolation, attention paths, official names."""
 
+import math
+
 import pytest
 import torch
 
@@ -18,17 +20,66 @@ def test_output_shapes(patch, size):
     assert tokens.shape == (1, (size // patch) ** 2 + 1, 192)
 
 
-def test_position_embedding_interpolation_is_bicubic_and_identity_at_native_size():
-    model = vit_tiny(patch_size=16, depth=1)
+def _bicubic_axis(grid: torch.Tensor, axis: int, n_out: int, scale: float) -> torch.Tensor:
+    """Float64 bicubic resize of one axis from its definition: output i samples the input at
+    (i + 0.5) / scale - 0.5 with Keys' cubic kernel (A = -0.75), indices clamped to the border."""
+    a = -0.75
+    n_in = grid.shape[axis]
+    rows = []
+    for i in range(n_out):
+        src = (i + 0.5) / scale - 0.5
+        x0 = math.floor(src)
+        t = src - x0
+        weights = [((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
+                   ((a + 2) * t - (a + 3)) * t * t + 1,
+                   ((a + 2) * (1 - t) - (a + 3)) * (1 - t) ** 2 + 1,
+                   ((a * (2 - t) - 5 * a) * (2 - t) + 8 * a) * (2 - t) - 4 * a]
+        rows.append(sum(w * grid.select(axis, min(max(x0 - 1 + k, 0), n_in - 1)) for k, w in enumerate(weights)))
+    return torch.stack(rows, dim=axis)
+
+
+def official_pos_embed_ref(pos_embed: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+    """The official DINO rule, restated in float64: scale factor (grid + 0.1) / stored side per axis."""
+    d = pos_embed.shape[-1]
+    side = int(math.isqrt(pos_embed.shape[1] - 1))
+    grid = pos_embed[0, 1:].double().reshape(side, side, d)
+    grid = _bicubic_axis(grid, 0, grid_h, (grid_h + 0.1) / side)
+    grid = _bicubic_axis(grid, 1, grid_w, (grid_w + 0.1) / side)
+    return torch.cat((pos_embed[0, :1].double(), grid.reshape(grid_h * grid_w, d)))[None]
+
+
+@pytest.mark.parametrize("img_size, patch, h, w", [
+    (224, 16, 96, 96),  # the paper's local crops
+    (32, 8, 16, 16),  # the CPU demo's scale
+    (224, 16, 96, 160),  # non-square
+    (32, 8, 24, 40),  # non-square, one side larger than the stored grid
+])
+def test_official_position_embedding_interpolation_matches_float64_definition(img_size, patch, h, w):
+    torch.manual_seed(0)
+    model = vit_tiny(img_size=img_size, patch_size=patch, depth=1)
+    grid_h, grid_w = h // patch, w // patch
+    pos = model.interpolate_pos_encoding(grid_h * grid_w, h, w)
+    assert pos.shape == (1, grid_h * grid_w + 1, 192)
+    assert torch.equal(pos[:, 0], model.pos_embed[:, 0])  # class token position untouched
+    ref = official_pos_embed_ref(model.pos_embed.detach(), grid_h, grid_w)
+    torch.testing.assert_close(pos.double(), ref, rtol=0, atol=1e-6)
+    # the exact-size rule samples other source positions: the two differ by far more than rounding
+    exact = vit_tiny(img_size=img_size, patch_size=patch, depth=1, pos_embed_interp="exact")
+    exact.load_state_dict(model.state_dict())
+    assert (exact.interpolate_pos_encoding(grid_h * grid_w, h, w).double() - ref).abs().max() > 1e-3
+
+
+def test_exact_position_embedding_interpolation_and_native_size():
+    model = vit_tiny(patch_size=16, depth=1, pos_embed_interp="exact")
     assert model.interpolate_pos_encoding(196, 224, 224) is model.pos_embed
     pos = model.interpolate_pos_encoding(36, 96, 96)
-    assert pos.shape == (1, 37, 192)
-    assert torch.equal(pos[:, 0], model.pos_embed[:, 0])  # class token position untouched
     grid = model.pos_embed[:, 1:].reshape(1, 14, 14, 192).permute(0, 3, 1, 2)
     ref = torch.nn.functional.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False)
     torch.testing.assert_close(pos[:, 1:], ref.permute(0, 2, 3, 1).reshape(1, 36, 192))
     # non-square crops get their own grid
     assert model.prepare_tokens(torch.randn(1, 3, 96, 160)).shape == (1, 6 * 10 + 1, 192)
+    with pytest.raises(ValueError, match="pos_embed_interp"):
+        vit_tiny(depth=1, pos_embed_interp="nearest")
 
 
 def test_sdpa_equals_math_path():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -12,8 +13,8 @@ import numpy as np
 import torch
 import yaml
 
-from fastdino.config import Config, config_to_dict
-from fastdino.data.files import ImageFileDataset, ImageIndex, index_image_folder
+from fastdino.config import Config, ConfigError, config_to_dict, schedule_warnings
+from fastdino.data.files import DataError, ImageFileDataset, ImageIndex, index_image_folder
 from fastdino.data.loader import build_loader, steps_per_epoch
 from fastdino.engine.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fastdino.engine.distributed import DistInfo, init_distributed, sync_batchnorm, wrap_ddp
@@ -48,11 +49,22 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     health: dict | None = None
     """HealthMonitor.summary() (also in output_dir/health.json); None when health.enabled is false."""
+    already_complete: bool = False
+    """The resumed checkpoint had reached the run's end (train.epochs / train.max_steps): nothing was done."""
+
+    def complete_line(self, cfg: Config) -> str:
+        """What `fastdino train` prints for an already complete run."""
+        until = f"train.epochs={cfg.train.epochs}"
+        if cfg.train.max_steps:
+            until += f", train.max_steps={cfg.train.max_steps}"
+        return (f"{self.output_dir / 'last.pt'} is already complete at iteration {self.steps_done} ({until}); "
+                "nothing to do: raise train.epochs or train.max_steps to train longer")
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
+    """auto | cpu | cuda -> a device; `key` names the setting in the refusal when no GPU is visible."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+        raise ConfigError(f"{key}=cuda but no CUDA device is visible: use {key}=cpu or auto", key)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
@@ -62,14 +74,16 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     if precision == "fp16" and device.type != "cuda":
-        raise RuntimeError("train.precision=fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
+        raise ConfigError("train.precision=fp16 needs a CUDA device (its GradScaler is CUDA-only): use "
+                          "train.precision=fp32 or bf16 on the CPU", "train.precision")
     return precision
 
 
 def data_roots(path: str) -> tuple[Path, Path | None]:
     """Training images: path/train when it exists, else path; k-NN validation: path/val when it exists."""
     if not path:
-        raise ValueError("data.path is empty: set it to a folder of images (or run `fastdino demo`)")
+        raise ConfigError("data.path is not set: add data.path=/folder/of/images (or run `fastdino demo`)",
+                          "data.path")
     root = Path(path)
     train_dir = root / "train" if (root / "train").is_dir() else root
     val_dir = root / "val" if (root / "val").is_dir() else None
@@ -86,6 +100,19 @@ def resume_path(cfg: Config) -> Path | None:
     return Path(resume)
 
 
+def check_writable(folder: Path) -> None:
+    """Create train.output_dir and prove a file can be written there, before any work."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"train.output_dir {folder} is not writable ({exc.strerror or exc})", "train.output_dir"
+        ) from exc
+
+
 def check_architecture(saved: dict, cfg: Config, path: Path) -> None:
     current, default = config_to_dict(cfg), config_to_dict(Config())  # a key added since: its default
     diffs = [
@@ -96,6 +123,69 @@ def check_architecture(saved: dict, cfg: Config, path: Path) -> None:
     ]
     if diffs:
         raise CheckpointError(f"checkpoint {path} is from another architecture: " + "; ".join(diffs))
+
+
+# Keys a resumed run may change: where files go, logging, evaluation, the health watch, and choices between
+# implementations of the same math. Every other key changes the trajectory and is checked on resume.
+FREE_SECTIONS = ("eval", "health")
+FREE_KEYS = {
+    "model": ("attention",),
+    "data": ("path", "num_workers"),
+    "optim": ("fused",),
+    "loss": ("impl",),
+    "ema": ("impl",),
+    "train": ("epochs", "max_steps", "output_dir", "resume", "device", "log_every", "ckpt_every", "knn_eval",
+              "allow_config_change"),
+}
+
+
+def check_resume(saved: dict, cfg: Config, path: Path, world_size: int, n_images: int) -> list[str]:
+    """Refuse a resume whose settings would silently change the run; return notices for allowed changes.
+
+    saved: the checkpoint (its `config`, and `world_size` / `n_images`, absent before 2026-11-30: those
+    checks are then skipped). The data position (iteration s = images s*G..(s+1)*G-1 of the epoch's order)
+    only holds for the same global batch G and the same image set, so changes there are always refused;
+    other trajectory keys are refused unless train.allow_config_change is true.
+    Raises ConfigError / DataError naming the keys.
+    """
+    was, now = saved["config"], config_to_dict(cfg)
+    default = config_to_dict(Config())  # a key added since the checkpoint was written: its default
+    old_world = saved.get("world_size")
+    old_global = was["data"]["batch_size"] * (old_world or world_size)
+    new_global = cfg.data.batch_size * world_size
+    if old_global != new_global:
+        raise ConfigError(
+            f"checkpoint {path} was trained with a global batch of {old_global} (data.batch_size="
+            f"{was['data']['batch_size']} x {old_world or world_size} processes), this run has {new_global} "
+            f"(data.batch_size={cfg.data.batch_size} x {world_size}): its place in the data order does not map onto "
+            "another global batch; resume with the same product, or start afresh (train.resume=none or another "
+            "train.output_dir)", "data.batch_size",
+        )
+    if saved.get("n_images") not in (None, n_images):
+        raise DataError(
+            f"data.path {cfg.data.path} holds {n_images} training images, the run in checkpoint {path} was trained "
+            f"on {saved['n_images']}: the epoch length and data order would change; resume on the same images or "
+            "start afresh (train.resume=none or another train.output_dir)"
+        )
+    changed = [
+        f"{section}.{key}={now[section][key]!r} (checkpoint: {old!r})"
+        for section, values in now.items() if section not in FREE_SECTIONS
+        for key in values if key not in FREE_KEYS.get(section, ())
+        if (old := was.get(section, {}).get(key, default[section][key])) != now[section][key]
+    ]
+    if changed and not cfg.train.allow_config_change:
+        raise ConfigError(
+            f"train.resume: these settings differ from checkpoint {path} and change the run's trajectory: "
+            + ", ".join(changed) + "; set train.allow_config_change=true to resume with them anyway (e.g. a lower "
+            "optim.lr after a divergence), or start afresh (train.resume=none or another train.output_dir)",
+            "train.allow_config_change",
+        )
+    notices = [f"resuming with changed settings (train.allow_config_change=true): {', '.join(changed)}"]
+    notices = notices if changed else []
+    if was["train"]["epochs"] != cfg.train.epochs:
+        notices.append(f"train.epochs changed from {was['train']['epochs']} to {cfg.train.epochs}: the lr, "
+                       "weight-decay and teacher-momentum schedules now span the new length")
+    return notices
 
 
 class Trainer:
@@ -109,13 +199,29 @@ class Trainer:
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self.output_dir = Path(cfg.train.output_dir)
 
-        # Refuse bad data and bad checkpoints before any model is built or step taken.
+        # Refuse bad data, bad checkpoints and changed settings before any model is built or step taken.
         self.train_dir, self.val_dir = data_roots(cfg.data.path)
         self.index: ImageIndex = index_image_folder(self.train_dir)
+        n_images = len(self.index.paths)
+        self.steps_per_epoch = steps_per_epoch(n_images, cfg.data.batch_size, self.dist.world_size)
+        if self.steps_per_epoch == 0:
+            raise DataError(
+                f"data.path {self.train_dir} has {n_images} images, fewer than one global batch of "
+                f"{cfg.data.batch_size * self.dist.world_size} (data.batch_size={cfg.data.batch_size} x "
+                f"{self.dist.world_size} processes): lower data.batch_size or add images"
+            )
+        self.total_steps = cfg.train.epochs * self.steps_per_epoch
+        self.stop_step = min(self.total_steps, cfg.train.max_steps) if cfg.train.max_steps else self.total_steps
         ckpt_path = resume_path(cfg)
         ckpt = load_checkpoint(ckpt_path) if ckpt_path is not None else None
+        notices = schedule_warnings(cfg, self.steps_per_epoch)
         if ckpt is not None:
             check_architecture(ckpt["config"], cfg, ckpt_path)
+            notices += check_resume(ckpt, cfg, ckpt_path, self.dist.world_size, n_images)
+        if self.dist.is_main:
+            for line in notices:
+                log.warning("%s", line)
+        check_writable(self.output_dir)
 
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
@@ -128,19 +234,14 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.step = 0
         self.skipped_images = 0
+        self.saved_step: int | None = None
+        """The iteration output_dir/last.pt holds, None while this run has none there."""
         if ckpt is not None:
             self._restore(ckpt, ckpt_path)
+            if ckpt_path == self.output_dir / "last.pt":
+                self.saved_step = self.step
         self.method.student = wrap_ddp(self.method.student, self.dist, self.device)
-
         self.dataset = ImageFileDataset(self.index, self.method.data_transform(), seed=cfg.train.seed)
-        self.steps_per_epoch = steps_per_epoch(len(self.index.paths), cfg.data.batch_size, self.dist.world_size)
-        if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"data.path {self.train_dir} has {len(self.index.paths)} images, fewer than one global batch "
-                f"({cfg.data.batch_size} x {self.dist.world_size} processes)"
-            )
-        self.total_steps = cfg.train.epochs * self.steps_per_epoch
-        self.stop_step = min(self.total_steps, cfg.train.max_steps) if cfg.train.max_steps else self.total_steps
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -154,6 +255,8 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
             "skipped_images": self.skipped_images,
+            "world_size": self.dist.world_size,
+            "n_images": len(self.index.paths),
         }
 
     def _restore(self, ckpt: dict, path: Path) -> None:
@@ -199,10 +302,11 @@ class Trainer:
             loss, stats = method(views, epoch)
         # host sync, once per step: a non-finite loss must stop training before it reaches the weights
         if not torch.isfinite(loss).item():
-            raise NonFiniteLossError(
-                f"non-finite loss ({loss.item()}) at iteration {step} (epoch {epoch}); the last good checkpoint "
-                f"{self.output_dir / 'last.pt'} is intact: lower optim.lr, use train.precision=bf16, then resume"
-            )
+            kept = (f"the last good checkpoint {self.output_dir / 'last.pt'} (after {self.saved_step} iterations) is "
+                    "intact: lower optim.lr or use train.precision=bf16 and resume with train.allow_config_change=true"
+                    if self.saved_step is not None else
+                    "no checkpoint was written yet: lower optim.lr or use train.precision=bf16 and start again")
+            raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at iteration {step} (epoch {epoch}); {kept}")
 
         # backward
         self.optimizer.zero_grad(set_to_none=True)
@@ -224,13 +328,13 @@ class Trainer:
         self.ema.update(momentum)
         return {"loss": loss.detach(), "lr": lr, "wd": wd, "momentum": momentum, "grad_norm": grad_norm, **stats}
 
-    def _stop_unhealthy(self, monitor: HealthMonitor, saved_step: int | None) -> None:
+    def _stop_unhealthy(self, monitor: HealthMonitor) -> None:
         """health.on_collapse=stop: write health.json and raise before the unhealthy state is checkpointed."""
         monitor.stopped_at = self.step - 1
         if self.dist.is_main:
             monitor.write(self.output_dir / "health.json")
-        kept = (f"{self.output_dir / 'last.pt'} (after {saved_step} iterations) is the last healthy checkpoint"
-                if saved_step is not None else "no checkpoint was written")
+        kept = (f"{self.output_dir / 'last.pt'} (after {self.saved_step} iterations) is the last healthy checkpoint"
+                if self.saved_step is not None else "no checkpoint was written")
         found = " ".join(monitor.message(k, self.step - 1, d) for k, d in monitor.holding.items())
         found = found or f"training health: another process saw collapse or divergence at iteration {self.step - 1}."
         raise TrainingHealthError(f"{found} Stopped (health.on_collapse=stop); {kept}.")
@@ -246,6 +350,9 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         cfg = self.cfg
+        if self.step >= self.stop_step:  # a finished run re-run, or train.epochs lowered below the checkpoint
+            return TrainResult(self.output_dir, self.step, already_complete=True,
+                               skipped_images=self.skipped_images)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:
             (self.output_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
@@ -256,7 +363,6 @@ class Trainer:
         logger = RunLogger(self.output_dir, self.stop_step, self.step, images_per_step, self.dist.is_main)
         watch = cfg.health.enabled
         monitor = HealthMonitor(cfg.health, verbose=self.dist.is_main) if watch else None
-        saved_step = self.step if resume_path(cfg) == self.output_dir / "last.pt" else None  # what last.pt holds
         try:
             while self.step < self.stop_step:
                 epoch = self.step // self.steps_per_epoch
@@ -280,12 +386,12 @@ class Trainer:
                         if monitor is not None:
                             monitor.observe(self.step - 1, result.history[-1])
                             if cfg.health.on_collapse == "stop" and agree(monitor.should_stop, self.device):
-                                self._stop_unhealthy(monitor, saved_step)
+                                self._stop_unhealthy(monitor)
                     # stop mode never checkpoints a state a health condition holds on (last.pt stays good)
                     keep = monitor is None or cfg.health.on_collapse == "warn" or monitor.healthy
                     if keep and (self.step % cfg.train.ckpt_every == 0 or self.step == self.stop_step or last_of_epoch):
                         self.save()
-                        saved_step = self.step
+                        self.saved_step = self.step
                     if self.step >= self.stop_step:
                         break
         finally:

@@ -53,7 +53,8 @@ class DINO(Method):
         super().__init__()
         self.cfg = cfg
         m = cfg.model
-        arch_kwargs = {"img_size": m.img_size, "patch_size": m.patch_size, "attention": m.attention}
+        arch_kwargs = {"img_size": m.img_size, "patch_size": m.patch_size, "attention": m.attention,
+                       "pos_embed_interp": m.pos_embed_interp}
         if m.depth:
             arch_kwargs["depth"] = m.depth
         d = cfg.dino

@@ -1,7 +1,8 @@
 """Vision Transformer backbone as used by DINO (Caron et al. 2021, Sec. 3.1 and App. "Architecture").
 
 Pre-norm blocks (LayerNorm eps 1e-6, MLP ratio 4, GELU, qkv bias), a class token and learned position
-embeddings interpolated bicubically to any crop size. Parameter names follow the official DINO
+embeddings interpolated bicubically to any crop size (the official rule by default, see
+`interpolate_pos_encoding`). Parameter names follow the official DINO
 `vision_transformer.py` so its released state dicts load with `load_state_dict`.
 """
 
@@ -15,6 +16,7 @@ from torch import nn
 
 from fastdino.models.attention import Attention
 
+POS_EMBED_INTERP = ("official", "exact")
 _REGISTRY: dict[str, Callable[..., VisionTransformer]] = {}
 
 
@@ -97,14 +99,18 @@ class VisionTransformer(nn.Module):
         mlp_ratio: float = 4.0,
         drop_path_rate: float = 0.0,
         attention: str = "sdpa",
+        pos_embed_interp: str = "official",
     ):
         super().__init__()
+        if pos_embed_interp not in POS_EMBED_INTERP:
+            raise ValueError(f"pos_embed_interp must be one of {POS_EMBED_INTERP}, got {pos_embed_interp!r}")
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         self.embed_dim = embed_dim
         self.patch_size = patch_size
+        self.pos_embed_interp = pos_embed_interp
         self.patch_embed = PatchEmbed(patch_size, embed_dim)
         num_patches = (img_size // patch_size) ** 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -117,18 +123,29 @@ class VisionTransformer(nn.Module):
         self.apply(_init_weights)
 
     def interpolate_pos_encoding(self, n_patches: int, h: int, w: int) -> torch.Tensor:
-        """Bicubic resize of the patch position grid to the (h/patch, w/patch) grid of this input."""
+        """Position embeddings for an (h, w) input: (1, 1 + (h/patch)*(w/patch), D), the stored ones when the
+        grid matches.
+
+        `official` (default) resizes the stored side x side grid bicubically with the scale factor
+        ((h/patch + 0.1) / side, (w/patch + 0.1) / side), as the official DINO `interpolate_pos_encoding`
+        does: the +0.1 keeps floor(side * scale) at the target grid, and the scale itself (not the grid
+        ratio) sets where each output position samples the stored grid, so this is what official
+        checkpoints were trained and evaluated with. `exact` resizes to the exact output size instead
+        (source positions from the grid ratio), which samples slightly different points.
+        """
         n_stored = self.pos_embed.shape[1] - 1
         grid_h, grid_w = h // self.patch_size, w // self.patch_size
         if n_patches == n_stored and grid_h == grid_w:
             return self.pos_embed
         side = int(math.sqrt(n_stored))
         cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
-        patch_pos = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, D, side, side)
-        patch_pos = nn.functional.interpolate(
-            patch_pos.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False
-        ).to(self.pos_embed.dtype)
-        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
+        patch_pos = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()  # (1, D, side, side)
+        if self.pos_embed_interp == "official":
+            scale = ((grid_h + 0.1) / side, (grid_w + 0.1) / side)
+            patch_pos = nn.functional.interpolate(patch_pos, scale_factor=scale, mode="bicubic", align_corners=False)
+        else:
+            patch_pos = nn.functional.interpolate(patch_pos, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+        patch_pos = patch_pos.to(self.pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
         return torch.cat((cls_pos, patch_pos), dim=1)
 
     def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
