@@ -32,27 +32,33 @@ def test_cosine_end_points():
     assert cosine_schedule(9, 100, 1.0, 0.0, warmup_steps=10) == pytest.approx(1.0)
 
 
-def test_teacher_temperature_warmup_per_epoch():
-    ref = np.concatenate((np.linspace(0.04, 0.07, 30), np.ones(70) * 0.07))
-    ours = [teacher_temp_schedule(e, 0.04, 0.07, 30) for e in range(100)]
-    np.testing.assert_allclose(ours, ref, rtol=1e-12)
-    assert teacher_temp_schedule(0, 0.04, 0.04, 0) == 0.04
-
-
-@pytest.mark.parametrize("warmup_steps", [1, 2, 5, 37])
-def test_cosine_warmups_of_one_two_and_many_steps_match_official_arrays(warmup_steps):
-    """niter=1 makes a warm-up of one epoch a warm-up of one step; np.linspace(start, base, 1) = [start]."""
-    total = 50
-    ref = official_cosine(0.8, 0.01, total, 1, warmup_steps, start_warmup=0.1)
-    ours = [cosine_schedule(s, total, 0.8, 0.01, warmup_steps, warmup_start=0.1) for s in range(total)]
+@pytest.mark.parametrize("warmup_epochs, niter", [
+    (1, 1),  # a one-step warm-up: np.linspace(start, base, 1) = [start]
+    (2, 1),  # two steps: start, then base
+    (1, 2),  # one epoch of two steps
+    (5, 1),
+    (3, 7),  # 21 steps over 3 epochs
+    (37, 1),
+])
+@pytest.mark.parametrize("start", [0.0, 0.1])
+def test_cosine_warmups_of_one_two_and_many_steps_match_official_arrays(warmup_epochs, niter, start):
+    epochs = warmup_epochs + 13
+    ref = official_cosine(0.8, 0.01, epochs, niter, warmup_epochs, start_warmup=start)
+    ours = [cosine_schedule(s, epochs * niter, 0.8, 0.01, warmup_epochs * niter, warmup_start=start)
+            for s in range(epochs * niter)]
     np.testing.assert_allclose(ours, ref, rtol=1e-12, atol=1e-15)
-    assert ours[0] == 0.1  # the warm-up starts at its start value, whatever its length
+    assert ours[0] == start  # the warm-up starts at its start value, whatever its length
 
 
-@pytest.mark.parametrize("warmup_epochs", [1, 2, 30])
-def test_teacher_temperature_warmups_of_one_two_and_many_epochs(warmup_epochs):
-    epochs = 40
+@pytest.mark.parametrize("warmup_epochs, epochs", [(1, 40), (2, 40), (30, 40), (4, 4)])
+def test_teacher_temperature_warmups_of_one_two_and_many_epochs(warmup_epochs, epochs):
+    """The official DINOLoss.teacher_temp_schedule array: np.linspace over the warm-up epochs, then constant."""
     ref = np.concatenate((np.linspace(0.04, 0.07, warmup_epochs), np.ones(epochs - warmup_epochs) * 0.07))
     ours = [teacher_temp_schedule(e, 0.04, 0.07, warmup_epochs) for e in range(epochs)]
     np.testing.assert_allclose(ours, ref, rtol=1e-12)
     assert ours[0] == 0.04  # a one-epoch warm-up is not skipped
+
+
+def test_teacher_temperature_without_warmup():
+    assert teacher_temp_schedule(0, 0.04, 0.07, 0) == 0.07
+    assert teacher_temp_schedule(0, 0.04, 0.04, 0) == 0.04
