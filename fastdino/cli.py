@@ -134,7 +134,7 @@ def _linear(args: argparse.Namespace) -> int:
                      mode=args.mode, lrs=lrs, epochs=args.epochs, batch_size=args.batch_size, device=device,
                      num_workers=args.num_workers, seed=args.seed)
     feed = "cached centre-crop features" if r.mode == "cached" else "random-resized-crop + flip every epoch"
-    print(f"linear probe: {r.feature_mode} features ({r.feature_dim}), {feed}, {args.epochs} epochs, "
+    print(f"linear probe: {r.feature_mode} features ({r.feature_dim} wide), {feed}, {args.epochs} epochs, "
           f"{r.n_train - r.skipped_train} train / {r.n_val - r.skipped_val} val images")
     print("lr (per 256)   top-1    top-5")
     for lr, t1, t5 in zip(r.lrs, r.top1, r.top5):

@@ -1,5 +1,5 @@
-"""Class-token self-attention maps of the last block (DINO Sec. 4.2.1 and Fig. 1/3; official
-`visualize_attention.py`).
+"""Class-token self-attention maps of the last block (the DINO paper's attention and segmentation figures;
+official `visualize_attention.py`).
 
 For each head h of the last block, the map is the class token's attention row over the patch tokens,
 A[h, 0, 1:], renormalised to sum to 1 over the patches (the class token's attention to itself is left

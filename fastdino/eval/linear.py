@@ -1,4 +1,5 @@
-"""Linear probe on frozen features (DINO Sec. 4.1 and App. "Linear evaluation"; official `eval_linear.py`).
+"""Linear probe on frozen features (DINO Sec. 4.1 and the appendix's evaluation protocols; official
+`eval_linear.py`).
 
 A linear classifier is trained on the frozen teacher backbone with SGD (momentum 0.9, no weight decay,
 learning rate given per 256 images and scaled by batch / 256, cosine-annealed to 0 per epoch), from the
