@@ -11,6 +11,7 @@ setup(
     install_requires=[
         "torch>=2.5",
         "torchvision>=0.20",
+        "matplotlib",
         "numpy",
         "pillow",
         "pyyaml",

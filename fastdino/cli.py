@@ -1,9 +1,12 @@
-"""Command line: `fastdino train | demo | knn | export`. Bad input ends with one clear line, not a traceback."""
+"""Command line: `fastdino train | demo | knn | export | linear | attention`.
+
+Bad input ends with one clear line, not a traceback."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -124,6 +127,78 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_teacher_backbone(path: str, arch: str | None, patch_size: int | None, device: torch.device):
+    """Checkpoint path (fastdino or official DINO) -> the frozen teacher backbone (eval mode, on `device`), with
+    sdpa attention: `linear` needs no xformers, and attention maps always take the explicit-softmax path."""
+    from fastdino.engine.interop import load_teacher_backbone
+
+    loaded = load_teacher_backbone(path, arch=arch, patch_size=patch_size, attention="sdpa")
+    return loaded.model.eval().requires_grad_(False).to(device)
+
+
+def _linear(args: argparse.Namespace) -> int:
+    from fastdino.config import ConfigError
+    from fastdino.engine.trainer import resolve_device
+    from fastdino.eval.linear import linear_probe
+
+    lrs = _parse_lrs(args.lr)
+    for flag, value, low in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
+                             ("--image-size", args.image_size, 0)):
+        if value < low:
+            raise ConfigError(f"{flag} {value} must be >= {low}")
+    device = resolve_device(args.device, key="--device")
+    backbone = _load_teacher_backbone(args.checkpoint, args.arch, args.patch_size, device)
+    # 0: the crop the position embeddings were stored for (model.img_size, the training global crop).
+    image_size = args.image_size or math.isqrt(backbone.pos_embed.shape[1] - 1) * backbone.patch_size
+    r = linear_probe(backbone, args.train, args.val, image_size=image_size, features=args.features,
+                     mode=args.mode, lrs=lrs, epochs=args.epochs, batch_size=args.batch_size, device=device,
+                     num_workers=args.num_workers, seed=args.seed)
+    feed = "cached centre-crop features" if r.mode == "cached" else "random-resized-crop + flip every epoch"
+    print(f"linear probe: {r.feature_mode} features ({r.feature_dim} wide), {feed}, {args.epochs} epochs, "
+          f"{r.n_train - r.skipped_train} train / {r.n_val - r.skipped_val} val images")
+    print("lr (per 256)   top-1    top-5")
+    for lr, t1, t5 in zip(r.lrs, r.top1, r.top5):
+        print(f"{lr:<12g} {t1:7.2f}% " + (f"{t5:7.2f}%" if t5 is not None else "    n/a"))
+    b = r.best
+    top5 = f", top-5 {r.top5[b]:.2f}%" if r.top5[b] is not None else ""
+    print(f"best lr {r.lrs[b]:g} (picked on --val): top-1 {r.top1[b]:.2f}%{top5}")
+    if r.skipped_train or r.skipped_val:
+        print(f"skipped {r.skipped_train} train and {r.skipped_val} val unreadable images (paths in the log above)")
+    return 0
+
+
+def _parse_lrs(text: str) -> list[float]:
+    from fastdino.config import ConfigError
+
+    try:
+        lrs = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        lrs = []
+    if not lrs or any(not lr > 0 for lr in lrs):
+        raise ConfigError(f"--lr {text!r} must be one or more positive numbers separated by commas, e.g. 0.01,0.1")
+    return lrs
+
+
+def _attention(args: argparse.Namespace) -> int:
+    from fastdino.config import ConfigError
+    from fastdino.data.files import DataError
+    from fastdino.engine.trainer import resolve_device
+    from fastdino.eval.attention import write_attention_maps
+
+    if args.image_size < 0:
+        raise ConfigError(f"--image-size {args.image_size} must be >= 0 (0 keeps each image's size)")
+    if not 0.0 < args.mass <= 1.0:
+        raise ConfigError(f"--mass {args.mass} must be in (0, 1]")
+    for path in args.images:  # before the checkpoint loads: a typo should not cost a model load
+        if not Path(path).is_file():
+            raise DataError(f"image {path} does not exist")
+    device = resolve_device(args.device, key="--device")
+    backbone = _load_teacher_backbone(args.checkpoint, args.arch, args.patch_size, device)
+    for path in write_attention_maps(backbone, args.images, args.out, args.image_size, args.mass, device):
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fastdino", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -161,6 +236,42 @@ def build_parser() -> argparse.ArgumentParser:
                         "official-backbone: the teacher's ViT state dict, as the released *_pretrain.pth files")
     p.add_argument("--out", default="", help="output file; default <checkpoint stem>_<format>.pth beside it")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("linear", help="linear-probe top-1/top-5 of a checkpoint's frozen teacher backbone")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--train", required=True, type=_folder,
+                   help="labelled folder (class sub-folders) to train the probe on")
+    p.add_argument("--val", required=True, type=_folder, help="labelled folder with the same classes to measure it on")
+    p.add_argument("--features", default="auto", choices=("auto", "cls4", "cls_avgpool"),
+                   help="cls4: class tokens of the last 4 blocks (ViT-S rule); cls_avgpool: last class token + mean "
+                        "patch token (ViT-B rule); auto: cls4 below width 768")
+    p.add_argument("--mode", default="cached", choices=("cached", "augment"),
+                   help="cached: backbone once on centre crops, fast (default); augment: the paper's protocol, "
+                        "random-resized-crop + flip through the backbone every epoch")
+    p.add_argument("--lr", default="0.001,0.003,0.01,0.03,0.1,0.3",
+                   help="learning rates per 256 images, comma-separated: one probe each, trained in one pass")
+    p.add_argument("--epochs", type=positive_int, default=100)
+    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--image-size", type=nonnegative_int, default=0,
+                   help="crop size; 0 = the size the model was built for")
+    p.add_argument("--arch", default=None, help="official backbone-only files: checked against the file's tensors")
+    p.add_argument("--patch-size", type=positive_int, default=None, help="checked against the file's tensors")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--num-workers", type=nonnegative_int, default=4)
+    p.set_defaults(func=_linear)
+
+    p = sub.add_parser("attention", help="PNG grids of the last block's class-token attention per head")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", default="attention", help="folder for the PNGs (<image stem>_attention.png)")
+    p.add_argument("--image-size", type=nonnegative_int, default=480,
+                   help="resize the short side to this (then crop to the patch grid); 0 keeps each image's size")
+    p.add_argument("--mass", type=float, default=0.6, help="share of each map's attention the masks keep")
+    p.add_argument("--arch", default=None, help="official backbone-only files: checked against the file's tensors")
+    p.add_argument("--patch-size", type=positive_int, default=None, help="checked against the file's tensors")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.set_defaults(func=_attention)
     return parser
 
 
