@@ -29,7 +29,9 @@ from fastdino.data.files import (
 )
 from fastdino.engine.checkpoint import load_checkpoint
 from fastdino.engine.trainer import Trainer, train
+from fastdino.eval.attention import read_image
 from fastdino.eval.knn import knn_evaluate
+from fastdino.eval.linear import ProbeImages
 
 TINY = [
     "model.arch=vit_tiny", "model.depth=2", "model.patch_size=8", "model.img_size=16",
@@ -85,10 +87,12 @@ def test_exif_orientation_gives_the_upright_image_before_cropping(tmp_path, orie
     Image.fromarray(stored).save(path, quality=95, subsampling=0, exif=exif.tobytes())
 
     dataset = ImageFileDataset(index_image_folder(tmp_path), _keep_image)
-    decoded = dataset[0][0][0].numpy().astype(np.float64)  # what the crops are taken from
-    assert decoded.shape == upright.shape
-    centres = decoded[4::8, 4::8]  # one pixel per block, away from JPEG's block edges
-    assert np.abs(centres - blocks).max() <= 8
+    probe = ProbeImages(index_image_folder(tmp_path), _keep_image)  # linear probe
+    for decoded in (dataset[0][0][0], probe[0][0][0], _keep_image(read_image(path))[0]):  # + attention maps
+        decoded = decoded.numpy().astype(np.float64)  # what the crops are taken from
+        assert decoded.shape == upright.shape
+        centres = decoded[4::8, 4::8]  # one pixel per block, away from JPEG's block edges
+        assert np.abs(centres - blocks).max() <= 8
     if orientation != 1:  # the test can fail: the stored pixels read as they lie are not the upright image
         assert stored.shape != upright.shape or np.abs(stored[4::8, 4::8] - blocks).max() > 8
 

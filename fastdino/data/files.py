@@ -49,7 +49,7 @@ ON_UNREADABLE = ("substitute", "skip")
 
 # PIL raises OSError for unreadable/truncated files (UnidentifiedImageError is one), SyntaxError from some
 # plugins for malformed headers, ValueError for bad modes, DecompressionBombError for absurd sizes.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 log = logging.getLogger("fastdino.data")
 
@@ -317,7 +317,7 @@ class ImageFileDataset(Dataset):
         if path not in self._bad:
             try:
                 return decode_rgb(path)
-            except _DECODE_ERRORS as err:
+            except DECODE_ERRORS as err:
                 self._bad[path] = f"{type(err).__name__}: {err}"
         return None
 

@@ -18,13 +18,12 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from fastdino.data.files import DataError
+from fastdino.data.files import DECODE_ERRORS, DataError, decode_rgb
 from fastdino.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
 from fastdino.models.vit import VisionTransformer
 from fastdino.reports.plots import save_attention_grid
 
 # PIL raises these for missing modes, truncated or malformed files, and absurd sizes.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def read_image(path: str | Path) -> Image.Image:
@@ -33,10 +32,8 @@ def read_image(path: str | Path) -> Image.Image:
     if not path.is_file():
         raise DataError(f"image {path} does not exist")
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
-    except _DECODE_ERRORS as exc:
+        return decode_rgb(str(path))  # upright (EXIF), 16-bit scaled: as training and k-NN see it
+    except DECODE_ERRORS as exc:
         raise DataError(f"image {path} is unreadable ({exc})") from exc
 
 

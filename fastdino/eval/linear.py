@@ -32,11 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fastdino.data.files import DataError, ImageIndex, index_image_folder, item_seed
+from fastdino.data.files import DECODE_ERRORS, DataError, ImageIndex, decode_rgb, index_image_folder, item_seed
 from fastdino.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from fastdino.models.vit import VisionTransformer
 from fastdino.schedules import cosine_schedule
@@ -44,7 +43,6 @@ from fastdino.schedules import cosine_schedule
 FEATURE_MODES = ("auto", "cls4", "cls_avgpool")
 PROBE_MODES = ("cached", "augment")
 DEFAULT_LRS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 log = logging.getLogger("fastdino.eval")
 
@@ -90,8 +88,8 @@ class ProbeImages(Dataset):
     """Items `(image (3, S, S) float32 or None, label, index)`; None marks an unreadable file.
 
     Augmentations run under `item_seed(seed, epoch, index)`, so the views do not depend on the workers.
-    Written here because data/files.py's `ImageFileDataset` substitutes the next file for an unreadable
-    one (right for pretraining, wrong for accuracy); switch to its no-substitution mode once it has one.
+    Unlike data/files.py's `ImageFileDataset` (views lists, bad-path reports for the trainer), items carry
+    their dataset index: the cached and augmented probes match batches by it.
     """
 
     def __init__(self, index: ImageIndex, transform: Callable, seed: int = 0) -> None:
@@ -104,10 +102,8 @@ class ProbeImages(Dataset):
         i = int(i)
         path = self.index.paths[i]
         try:
-            with Image.open(path) as img:
-                img.load()
-                img = img.convert("RGB")
-        except _DECODE_ERRORS as err:
+            img = decode_rgb(path)  # upright (EXIF), 16-bit scaled: as training and k-NN see it
+        except DECODE_ERRORS as err:
             log.warning("skipping unreadable image %s: %s", path, err)
             return None, self.index.labels[i], i
         with torch.random.fork_rng(devices=[]):
