@@ -1,8 +1,9 @@
-"""Command line: `fastdino train | demo | knn`. Bad input ends with one clear line, not a traceback."""
+"""Command line: `fastdino train | demo | knn | profile`. Bad input ends with one clear line, not a traceback."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -80,6 +81,33 @@ def _knn(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile(args: argparse.Namespace) -> int:
+    from fastdino.engine.profile import profile_training
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else Path(cfg.train.output_dir) / "profile"
+    report = profile_training(cfg, out, steps=args.steps, warmup=args.warmup, trace_steps=args.trace_steps,
+                              real_data=args.real_data)
+    figures = json.loads((out / "profile.json").read_text())
+    phases = sorted(figures["phases_ms"].items(), key=lambda kv: -kv[1])[:3]
+    print(f"one step: {figures['step_ms']:.2f} ms ({figures['img_per_s']:.1f} img/s, {figures['data']} data); "
+          "most time: " + ", ".join(f"{k} {v:.2f} ms" for k, v in phases))
+    print(f"report: {report} (with phases.png, trace.json, profile.json)")
+    return 0
+
+
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= {minimum}")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastdino", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--num-workers", type=int, default=4)
     p.set_defaults(func=_knn)
+
+    p = sub.add_parser("profile", help="time a few training steps of a config: report.md with the time per phase, "
+                                       "top ops, TFLOP/s, memory, a phase chart and a Chrome trace")
+    p.add_argument("config", help="YAML config (only what differs from the defaults)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument("--out", default="", help="report folder (default: <train.output_dir>/profile)")
+    p.add_argument("--steps", type=_count(1), default=10, help="timed steps (default 10)")
+    p.add_argument("--warmup", type=_count(0), default=3, help="untimed steps first (default 3)")
+    p.add_argument("--trace-steps", type=_count(1), default=2, help="steps under torch.profiler (default 2)")
+    p.add_argument("--real-data", action="store_true",
+                   help="read data.path through the training loader (default: synthetic crops, no data pipeline)")
+    p.set_defaults(func=_profile)
     return parser
 
 
