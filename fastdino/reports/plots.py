@@ -85,6 +85,7 @@ def plot_run_curves(
     def knn(ax):
         xs, ys = _series(evals, "knn_top1")
         ax.plot(xs, ys, marker="o")
+        ax.margins(y=0.2)  # room for the value labels
         for x, y in zip(xs, ys):
             ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 5), ha="center", fontsize=7)
         ax.set_title("k-NN top-1 (%), teacher")
@@ -184,6 +185,11 @@ def plot_run_curves(
     return _save(fig, out_path)
 
 
+def _ms(value: float) -> str:
+    """Milliseconds to read at a glance: 2915, 90.3, 0.0547."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def plot_phases(phases_ms: dict[str, float], out_path: str | Path, step_ms: float, title: str, clock: str) -> Path:
     """Horizontal bars of the milliseconds per step of each phase, in step order, labelled with their share of
     the step (`step_ms`); `clock` says how they were timed (e.g. 'CUDA events'). Returns `out_path` (PNG)."""
@@ -197,11 +203,11 @@ def plot_phases(phases_ms: dict[str, float], out_path: str | Path, step_ms: floa
     ax.invert_yaxis()  # the step reads top to bottom
     for bar, v in zip(bars, values):
         share = 100 * v / step_ms if step_ms > 0 else 0.0
-        label = f"{v:.3g} ms ({share:.0f}%)" if share >= 1 else f"{v:.3g} ms (<1%)"
+        label = f"{_ms(v)} ms ({share:.0f}%)" if share >= 1 else f"{_ms(v)} ms (<1%)"
         ax.annotate(label, (bar.get_width(), bar.get_y() + bar.get_height() / 2), xytext=(4, 0),
                     textcoords="offset points", va="center", fontsize=9)
     ax.set_xlim(0, max(values, default=1.0) * 1.3 or 1.0)
     ax.set_xlabel(f"ms per step ({clock})")
-    ax.set_title(f"{title}\none step: {step_ms:.2f} ms", fontsize=11)
+    ax.set_title(f"{title}\none step: {_ms(step_ms)} ms", fontsize=11)
     ax.grid(axis="x", alpha=0.3)
     return _save(fig, out_path)
