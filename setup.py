@@ -13,6 +13,7 @@ setup(
         "torchvision>=0.20",
         "matplotlib",
         "numpy",
+        "matplotlib",  # curves.png, the profile's phase bars (fastdino/reports/plots.py)
         "pillow",
         "pyyaml",
         "tqdm",
@@ -20,7 +21,7 @@ setup(
     extras_require={
         "dev": ["pytest", "ruff"],
         "tensorboard": ["tensorboard"],
-        "gpu": ["nvidia-ml-py"],
+        "gpu": ["nvidia-ml-py"],  # pynvml: GPU telemetry in the training log, benchmarks and profile
     },
     entry_points={"console_scripts": ["fastdino=fastdino.cli:main"]},
 )

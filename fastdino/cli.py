@@ -1,10 +1,11 @@
-"""Command line: `fastdino train | demo | knn | export | linear | attention`.
+"""Command line: `fastdino train | demo | knn | export | linear | attention | profile`.
 
 Bad input ends with one clear line, not a traceback."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import sys
@@ -199,6 +200,21 @@ def _attention(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile(args: argparse.Namespace) -> int:
+    from fastdino.engine.profile import profile_training
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else Path(cfg.train.output_dir) / "profile"
+    report = profile_training(cfg, out, steps=args.steps, warmup=args.warmup, trace_steps=args.trace_steps,
+                              real_data=args.real_data)
+    figures = json.loads((out / "profile.json").read_text())
+    phases = sorted(figures["phases_ms"].items(), key=lambda kv: -kv[1])[:3]
+    print(f"one step: {figures['step_ms']:.2f} ms ({figures['img_per_s']:.1f} img/s, {figures['data']} data); "
+          "most time: " + ", ".join(f"{k} {v:.2f} ms" for k, v in phases))
+    print(f"report: {report} (with phases.png, trace.json, profile.json)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fastdino", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -272,6 +288,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-size", type=positive_int, default=None, help="checked against the file's tensors")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.set_defaults(func=_attention)
+    p = sub.add_parser("profile", help="time a few training steps of a config: report.md with the time per phase, "
+                                       "top ops, TFLOP/s, memory, a phase chart and a Chrome trace")
+    p.add_argument("config", help="YAML config (only what differs from the defaults)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument("--out", default="", help="report folder (default: <train.output_dir>/profile)")
+    p.add_argument("--steps", type=positive_int, default=10, help="timed steps (default 10)")
+    p.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--trace-steps", type=positive_int, default=2, help="steps under torch.profiler (default 2)")
+    p.add_argument("--real-data", action="store_true",
+                   help="read data.path through the training loader (default: synthetic crops, no data pipeline)")
+    p.set_defaults(func=_profile)
     return parser
 
 

@@ -210,12 +210,18 @@ class TrainConfig:
     """Resume even when settings that change the run's trajectory (lr, temperatures, augmentation, ...) differ
     from the checkpoint's; they are listed in the log. A change of the global batch or of the image set is
     always refused (the place in the data order would not map)."""
+    knn_every: int = 0
+    """Also a k-NN pass every this many epochs during training (logged, drawn in curves.png); 0 = off. Needs
+    train.knn_eval. Does not change the training itself (the passes leave the RNG state as they found it)."""
 
     def __post_init__(self):
         _positive("train.epochs", self.epochs)
         _positive("train.max_steps", self.max_steps, allow_zero=True)
         _positive("train.log_every", self.log_every)
         _positive("train.ckpt_every", self.ckpt_every)
+        _positive("train.knn_every", self.knn_every, allow_zero=True)
+        if self.knn_every and not self.knn_eval:
+            raise ConfigError(f"train.knn_every={self.knn_every} needs train.knn_eval=true (or set train.knn_every=0)")
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
         _choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 import triton
 
 from fastdino.losses.dino import dino_loss_ref
+from fastdino.telemetry import GpuTelemetry
 from kernels.dino_loss import dino_loss_triton
 
 STUDENT_TEMP = 0.1
@@ -161,6 +162,7 @@ def main(argv=None):
                     del step
             del student, teacher, center
             torch.cuda.empty_cache()
+    print(f"\n{GpuTelemetry('cuda', quiet=True).line()} (after the last row)")
     return 0
 
 

@@ -21,6 +21,8 @@ import sys
 import torch
 from torch import nn
 
+from fastdino.telemetry import GpuTelemetry
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -123,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             for row in bench_model(arch, args.k, dtype_name, m, bw, bench, device):
                 print(row)
             torch.cuda.empty_cache()
+    print(f"\n{GpuTelemetry(device, quiet=True).line()} (after the last row)")
     return 0
 
 

@@ -24,6 +24,7 @@ from fastdino.config import load_config
 from fastdino.data.demo import DEMO_CLASSES, make_demo_dataset
 from fastdino.engine.trainer import Trainer
 from fastdino.models.flops import dino_train_flops_per_image
+from fastdino.telemetry import GpuTelemetry
 
 DEFAULTS = ["model.arch=vit_small", "model.patch_size=16", "data.batch_size=128", "data.local_crops_number=10",
             "data.num_workers=0", "train.knn_eval=false", "optim.warmup_epochs=0"]
@@ -79,11 +80,13 @@ def main() -> int:
         sync()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        telemetry = GpuTelemetry(device, quiet=True)
         start = time.perf_counter()
         for _ in range(args.steps):
             trainer.train_step(views, epoch=1)
         sync()
         seconds = time.perf_counter() - start
+        gpu = telemetry.line()  # right after the timed steps: NVML's utilisation covers its last sample period
 
     backbone = trainer.method.student_module().backbone
     flops = dino_train_flops_per_image(
@@ -102,6 +105,7 @@ def main() -> int:
         peak = matmul_tflops(device)
         print(f"bf16 matmul rate measured: {peak:.0f} TFLOP/s; MFU: {100 * img_s * flops / 1e12 / peak:.1f}%; "
               f"peak memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    print(gpu)
     return 0
 
 

@@ -1,7 +1,10 @@
-"""The benchmarks stay runnable: bench_train on the CPU with tiny shapes, kernel benches refuse cleanly."""
+"""The benchmarks stay runnable: bench_train and profile_step on the CPU with tiny shapes, kernel benches refuse
+cleanly."""
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,14 +14,27 @@ TINY = ["model.arch=vit_tiny", "model.depth=1", "model.patch_size=8", "model.img
         "dino.bottleneck_dim=16", "data.batch_size=4"]
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
 def run(*args):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300)
+    """The script under this checkout's fastdino (not whichever copy is pip-installed)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
 
 
 def test_bench_train_cpu_smoke():
     out = run("perf/bench_train.py", "--device", "cpu", "--steps", "2", "--warmup", "1", *TINY)
     assert out.returncode == 0, out.stderr
     assert "img/s" in out.stdout and "GFLOP/img" in out.stdout
+    assert "GPU telemetry unavailable: the training device is the CPU" in out.stdout
+
+
+def test_profile_step_cpu_smoke(tmp_path):
+    out = run("perf/profile_step.py", "configs/demo.yaml", *TINY, "--steps", "1", "--warmup", "0", "--trace-steps",
+              "1", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "report.md").is_file() and "report:" in out.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")

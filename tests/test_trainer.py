@@ -36,8 +36,11 @@ def test_demo_pipeline_end_to_end(demo_root, tmp_path):
     assert result.steps_done == 2 * 3  # 12 images / batch 4, 2 epochs
     assert result.knn_init is not None and result.knn_trained is not None
     assert 0.0 <= result.knn_trained <= 100.0
-    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lines = [x for x in records if "loss" in x]  # the k-NN passes have lines of their own
     assert [x["step"] for x in lines] == list(range(6))
+    assert [(x["step"], x["knn_top1"]) for x in records if "knn_top1" in x] == [
+        (0, result.knn_init), (6, result.knn_trained)]
     assert {"loss", "lr", "momentum", "img_per_s", "grad_norm", "teacher_temp"} <= set(lines[0])
     assert all(torch.isfinite(torch.tensor(x["loss"])) for x in lines)
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")

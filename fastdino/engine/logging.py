@@ -1,4 +1,5 @@
-"""What a run reports: a tqdm progress bar, a JSONL file of metrics, TensorBoard when installed."""
+"""What a run reports: a tqdm progress bar, a JSONL file of metrics, TensorBoard when installed, NVML counters
+on a GPU, and at the end summary.json and curves.png."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+from fastdino.config import HealthConfig
+from fastdino.reports.plots import plot_run_curves, read_metrics
+from fastdino.telemetry import GpuTelemetry
 
 log = logging.getLogger("fastdino")
 
@@ -25,10 +30,13 @@ def _read(metrics: dict) -> dict:
 
 
 class RunLogger:
-    """Reads device values (one host sync) only every `log_every` steps, never in between."""
+    """Reads device values (one host sync) only every `log_every` steps, never in between; with a CUDA `device`
+    each logged line also holds the GPU's NVML counters (fastdino.telemetry.GPU_KEYS)."""
 
-    def __init__(self, output_dir: Path, total_steps: int, start_step: int, images_per_step: int, enabled: bool):
+    def __init__(self, output_dir: Path, total_steps: int, start_step: int, images_per_step: int, enabled: bool,
+                 device: torch.device | None = None):
         self.enabled = enabled
+        self.telemetry = GpuTelemetry(device) if enabled and device is not None else None
         self.images_per_step = images_per_step
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, disable=not enabled)
         self.jsonl = open(output_dir / "metrics.jsonl", "a") if enabled else None
@@ -49,6 +57,8 @@ class RunLogger:
         n = step + 1 - self._last_step
         values = _read(metrics)
         values["img_per_s"] = n * self.images_per_step / max(now - self._last_time, 1e-9)
+        if self.telemetry is not None:
+            values.update(self.telemetry.sample())
         self._last_time, self._last_step = now, step + 1
         if self.enabled:
             self.bar.update(n)
@@ -64,6 +74,16 @@ class RunLogger:
                         self.tb.add_scalar(f"train/{k}", v, step)
         return values
 
+    def log_eval(self, step: int, values: dict) -> None:
+        """An evaluation (e.g. `{"epoch": 2, "knn_top1": 97.5}`) after `step` iterations: one JSONL line and
+        TensorBoard `eval/*` scalars."""
+        if self.enabled:
+            self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+            self.jsonl.flush()
+            if self.tb is not None:
+                for k, v in values.items():
+                    self.tb.add_scalar(f"eval/{k}", v, step)
+
     def write(self, message: str) -> None:
         """A line above the bar (tqdm.write keeps the bar intact)."""
         if self.enabled:
@@ -75,3 +95,16 @@ class RunLogger:
             self.jsonl.close()
             if self.tb is not None:
                 self.tb.close()
+
+
+def write_run_report(output_dir: Path, summary: dict, health: HealthConfig | None = None) -> tuple[Path, Path | None]:
+    """End of a run: output_dir/summary.json (`summary`; non-finite floats become null, as JSON has no NaN) and
+    output_dir/curves.png drawn from output_dir/metrics.jsonl (reports.plots.plot_run_curves); no curves when
+    no iteration was logged (a run stopped at its first step). Returns both paths (None for missing curves)."""
+    summary_path = output_dir / "summary.json"
+    clean = json.loads(json.dumps(summary, default=str), parse_constant=lambda _: None)
+    summary_path.write_text(json.dumps(clean, indent=2) + "\n")
+    metrics = output_dir / "metrics.jsonl"
+    if not metrics.is_file() or not read_metrics(metrics)[0]:
+        return summary_path, None
+    return summary_path, plot_run_curves(metrics, output_dir / "curves.png", health, title=output_dir.name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +22,14 @@ from fastdino.engine.distributed import DistInfo, init_distributed, sync_batchno
 from fastdino.engine.ema import TeacherEMA
 from fastdino.engine.health import HealthMonitor, TrainingHealthError, agree, loss_scale
 from fastdino.engine.interop import init_from_weights, read_dino_weights
-from fastdino.engine.logging import RunLogger
+from fastdino.engine.logging import RunLogger, write_run_report
 from fastdino.engine.optim import build_optimizer, clip_gradients_per_param, set_schedules
 from fastdino.eval.knn import knn_evaluate
 from fastdino.methods import build_method
 from fastdino.methods.base import Method
+from fastdino.reports.plots import read_metrics
 from fastdino.schedules import cosine_schedule
+from fastdino.telemetry import phase
 
 log = logging.getLogger("fastdino")
 
@@ -60,6 +63,10 @@ class TrainResult:
             until += f", train.max_steps={cfg.train.max_steps}"
         return (f"{self.output_dir / 'last.pt'} is already complete at iteration {self.steps_done} ({until}); "
                 "nothing to do: raise train.epochs or train.max_steps to train longer")
+    knn_history: dict[int, float] = field(default_factory=dict)
+    """Iteration -> k-NN top-1 (%) of every pass: at 0 (random init), every train.knn_every epochs, at the end."""
+    wall_time_s: float = 0.0
+    """Wall clock of this `fit` call, k-NN passes included."""
 
 
 def resolve_device(name: str, key: str = "train.device") -> torch.device:
@@ -300,7 +307,8 @@ class Trainer:
         set_schedules(self.optimizer, lr, wd)
 
         # forward teacher and student, loss, center update (inside the method)
-        views = [v.to(self.device, non_blocking=True) for v in views]
+        with phase("copy to device"):
+            views = [v.to(self.device, non_blocking=True) for v in views]
         autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
             if self.precision != "fp32" else nullcontext()
@@ -317,23 +325,27 @@ class Trainer:
             raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at iteration {step} (epoch {epoch}); {kept}")
 
         # backward
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        with phase("backward"):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
 
         # clip (per parameter, on unscaled gradients), frozen last layer
-        self.scaler.unscale_(self.optimizer)
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = clip_gradients_per_param(params, cfg.optim.clip_grad)
-        method.before_optimizer_step(epoch)
+        with phase("clip"):
+            self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            grad_norm = clip_gradients_per_param(params, cfg.optim.clip_grad)
+            method.before_optimizer_step(epoch)
 
         # optimizer step
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        with phase("optimizer"):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         if with_signals and (scale := loss_scale(self.scaler)) is not None:
             stats["loss_scale"] = scale  # fp16 only: the scale the next step uses (a device scalar)
 
         # EMA teacher update
-        self.ema.update(momentum)
+        with phase("EMA"):
+            self.ema.update(momentum)
         return {"loss": loss.detach(), "lr": lr, "wd": wd, "momentum": momentum, "grad_norm": grad_norm, **stats}
 
     def _stop_unhealthy(self, monitor: HealthMonitor) -> None:
@@ -349,28 +361,82 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------------
     def knn(self) -> float | None:
+        """k-NN top-1 (%) of the teacher now; None when train.knn_eval is off or there is no labelled val split.
+        The pass runs under forked RNG states: whether and when it runs never changes the training."""
         if not self.cfg.train.knn_eval or self.val_dir is None or len(self.index.classes) < 2:
             return None
-        return knn_evaluate(
-            self.method.feature_backbone(), self.train_dir, self.val_dir, self.cfg.data.global_size, self.cfg.eval,
-            self.device, self.cfg.data.num_workers,
-        ).top1
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            return knn_evaluate(
+                self.method.feature_backbone(), self.train_dir, self.val_dir, self.cfg.data.global_size,
+                self.cfg.eval, self.device, self.cfg.data.num_workers,
+            ).top1
+
+    def _knn_pass(self, result: TrainResult, logger: RunLogger) -> None:
+        """One k-NN pass after `self.step` iterations: into result.knn_history and metrics.jsonl."""
+        if self.step in result.knn_history:
+            return
+        top1 = self.knn()
+        if top1 is not None:
+            result.knn_history[self.step] = top1
+            logger.log_eval(self.step, {"epoch": self.step / self.steps_per_epoch, "knn_top1": top1})
+            if 0 < self.step < self.stop_step:
+                logger.write(f"k-NN top-1 after {self.step} iterations: {top1:.2f}%")
+
+    def _write_report(self, result: TrainResult, monitor: HealthMonitor | None, status: str, start_step: int,
+                      train_seconds: float) -> None:
+        """output_dir/summary.json and curves.png (engine/logging.write_run_report), main process only."""
+        if not self.dist.is_main:
+            return
+        images_per_step = self.cfg.data.batch_size * self.dist.world_size
+        health = monitor.summary() if monitor is not None else None
+        logged, evals = read_metrics(self.output_dir / "metrics.jsonl")  # the whole run, earlier calls included
+        knn = {e["step"]: e["knn_top1"] for e in evals}
+        summary = {
+            "status": status,
+            "iterations": self.step,
+            "epochs": self.step / self.steps_per_epoch,
+            "images_seen": self.step * images_per_step,
+            "final_loss": logged[-1]["loss"] if logged else None,
+            "knn_top1": None if not knn else {
+                "random_init": knn.get(0), "trained": knn.get(self.stop_step) if status == "finished" else None,
+                "by_iteration": knn,
+            },
+            "health": None if health is None else {
+                "status": health["status"], "checks": health["checks"],
+                "findings": {k: {"name": f["name"], "first_step": f["first_step"], "last_step": f["last_step"]}
+                             for k, f in health["findings"].items()},
+                "details": "health.json",
+            },
+            "skipped_images": len(self.unreadable),
+            "this_call": {  # a resumed run: what this process did
+                "start_iteration": start_step,
+                "wall_time_s": result.wall_time_s,
+                "train_time_s": train_seconds,
+                "mean_img_per_s": (self.step - start_step) * images_per_step / train_seconds if train_seconds else None,
+            },
+            "device": str(self.device), "precision": self.precision, "world_size": self.dist.world_size,
+        }
+        write_run_report(self.output_dir, summary, self.cfg.health)
 
     def fit(self) -> TrainResult:
         cfg = self.cfg
         if self.step >= self.stop_step:  # a finished run re-run, or train.epochs lowered below the checkpoint
             return TrainResult(self.output_dir, self.step, already_complete=True,
                                skipped_images=len(self.unreadable))
+        started, start_step = time.perf_counter(), self.step
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:
             (self.output_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         result = TrainResult(self.output_dir, self.step)
-        if self.step == 0:
-            result.knn_init = self.knn()
         images_per_step = cfg.data.batch_size * self.dist.world_size
-        logger = RunLogger(self.output_dir, self.stop_step, self.step, images_per_step, self.dist.is_main)
+        logger = RunLogger(self.output_dir, self.stop_step, self.step, images_per_step, self.dist.is_main,
+                           self.device)
+        if self.step == 0:
+            self._knn_pass(result, logger)
+            result.knn_init = result.knn_history.get(0)
         watch = cfg.health.enabled
         monitor = HealthMonitor(cfg.health, verbose=self.dist.is_main) if watch else None
+        loop_start, knn_seconds = time.perf_counter(), 0.0
         try:
             while self.step < self.stop_step:
                 epoch = self.step // self.steps_per_epoch
@@ -400,8 +466,22 @@ class Trainer:
                     if keep and (self.step % cfg.train.ckpt_every == 0 or self.step == self.stop_step or last_of_epoch):
                         self.save()
                         self.saved_step = self.step
+                    if last_of_epoch and cfg.train.knn_every and (epoch + 1) % cfg.train.knn_every == 0:
+                        tick = time.perf_counter()
+                        self._knn_pass(result, logger)
+                        knn_seconds += time.perf_counter() - tick
                     if self.step >= self.stop_step:
                         break
+            train_seconds = time.perf_counter() - loop_start - knn_seconds
+            if self.step == self.stop_step:
+                self._knn_pass(result, logger)
+                result.knn_trained = result.knn_history.get(self.step)
+        except (NonFiniteLossError, TrainingHealthError) as exc:
+            result.wall_time_s = time.perf_counter() - started
+            why = "non-finite loss" if isinstance(exc, NonFiniteLossError) else "health.on_collapse=stop"
+            self._write_report(result, monitor, f"stopped: {why}", start_step,
+                               time.perf_counter() - loop_start - knn_seconds)
+            raise
         finally:
             logger.close()
         if monitor is not None:
@@ -411,8 +491,8 @@ class Trainer:
         if self.unreadable:
             log.warning("%s", self.unreadable.summary())
         result.steps_done, result.skipped_images = self.step, len(self.unreadable)
-        if self.step == self.stop_step:
-            result.knn_trained = self.knn()
+        result.wall_time_s = time.perf_counter() - started
+        self._write_report(result, monitor, "finished", start_step, train_seconds)
         return result
 
 

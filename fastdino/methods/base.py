@@ -40,6 +40,11 @@ class Method(nn.Module):
         """The network whose output is evaluated by k-NN (DINO: the teacher's backbone)."""
         raise NotImplementedError
 
+    def train_flops_per_image(self) -> float | None:
+        """Model FLOPs (2 per multiply-add) of one image's training step, for TFLOP/s and MFU figures; None
+        when the method does not count them."""
+        return None
+
     def student_module(self) -> nn.Module:
         """The student without any DDP wrapper (for checkpoints and EMA)."""
         student = self.student

@@ -18,9 +18,11 @@ from fastdino.data.multicrop import multicrop_transform
 from fastdino.losses.dino import TeacherCenter, dino_loss, resolve_loss_impl
 from fastdino.losses.signals import distribution_signals, feature_spread
 from fastdino.methods.base import Method
+from fastdino.models.flops import dino_train_flops_per_image
 from fastdino.models.heads import DINOHead
 from fastdino.models.vit import build_backbone
 from fastdino.schedules import cosine_schedule, teacher_temp_schedule
+from fastdino.telemetry import phase
 
 
 class MultiCropNetwork(nn.Module):
@@ -86,19 +88,22 @@ class DINO(Method):
     def forward(self, views: list[torch.Tensor], epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         d = self.cfg.dino
         teacher_temp = teacher_temp_schedule(epoch, d.warmup_teacher_temp, d.teacher_temp, d.warmup_teacher_temp_epochs)
-        with torch.no_grad():
+        with torch.no_grad(), phase("teacher forward"):
             if self.with_signals:
                 teacher_logits, teacher_features = self.teacher(views[:2], return_features=True)  # (2B, K), (2B, D)
             else:
                 teacher_logits = self.teacher(views[:2])  # (2B, K)
-        student_logits = self.student(views)  # (n_crops*B, K)
-        loss, teacher_sum = dino_loss(
-            student_logits, teacher_logits, self.center.center, d.student_temp, teacher_temp, impl=self.loss_impl
-        )
+        with phase("student forward"):
+            student_logits = self.student(views)  # (n_crops*B, K)
+        with phase("loss"):
+            loss, teacher_sum = dino_loss(
+                student_logits, teacher_logits, self.center.center, d.student_temp, teacher_temp, impl=self.loss_impl
+            )
         stats = {"teacher_temp": teacher_temp}
         if self.with_signals:  # log steps only; before the center update: the center this loss used
             stats.update(self.health_signals(loss, teacher_logits, teacher_features, teacher_temp))
-        self.center.update(teacher_sum, teacher_logits.shape[0])
+        with phase("center update"):
+            self.center.update(teacher_sum, teacher_logits.shape[0])
         return loss, stats
 
     @torch.no_grad()
@@ -137,3 +142,13 @@ class DINO(Method):
 
     def feature_backbone(self) -> nn.Module:
         return self.teacher.backbone
+
+    def train_flops_per_image(self) -> float:
+        """Student forward + backward over every crop, teacher forward over the 2 global crops (models/flops.py)."""
+        backbone, d = self.student_module().backbone, self.cfg.data
+        h = self.cfg.dino
+        return dino_train_flops_per_image(
+            dim=backbone.embed_dim, depth=len(backbone.blocks), patch=backbone.patch_size, global_size=d.global_size,
+            local_size=d.local_size, n_local=d.local_crops_number, hidden=h.hidden_dim, bottleneck=h.bottleneck_dim,
+            out_dim=h.out_dim,
+        )

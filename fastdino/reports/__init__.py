@@ -1,1 +1,2 @@
-"""Pictures people would rather look at than read: image grids, run curves, phase bars (matplotlib, Agg)."""
+"""Pictures and summaries of runs and evaluations (floor 2: reads files, arrays and numbers; never imports
+the engine's loop)."""

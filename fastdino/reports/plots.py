@@ -1,18 +1,23 @@
-"""PNG figures for the eval and report commands, drawn with matplotlib's object API (no pyplot state).
+"""PNG figures people would rather look at than read: image grids, attention maps, run curves, the profile's
+phase bars; one section per command, a section's functions together.
 
-Figures are built on `matplotlib.figure.Figure` and saved through the Agg canvas, so nothing needs a
-display and nothing touches pyplot's global figure list. Each section below belongs to one command;
-keep a section's functions together.
+matplotlib through `matplotlib.figure.Figure` (the Agg canvas behind `savefig`), never `pyplot`: no global
+backend switch, no display needed, no figure left open. Floor 2: inputs are files, arrays and plain numbers;
+the engine and eval/ call these functions, never the other way round.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+
+from fastdino.config import HealthConfig
 
 # ---------------------------------------------------------------------------------------------------------
 # Image grids (generic) and attention maps (`fastdino attention`, fastdino/eval/attention.py)
@@ -98,3 +103,200 @@ def save_attention_grid(
         n_kept = int(keep.sum()) // patch_size**2
         bottom.append(GridCell(shown, f"{mass:.0%} of mass: {n_kept}/{grid_h * grid_w} patches"))
     return save_image_grid([top, bottom], path, title)
+
+
+def _save(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
+# -- run curves and profile phases (issue 16, reports) -------------------------------------------------
+TROUBLE = "#d62728"  # red: a health threshold or a collapse zone
+
+
+def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
+    """metrics.jsonl -> (training records, evaluation records), each sorted by iteration.
+
+    Training records carry `loss`; evaluation records carry `knn_top1` (written by the trainer's k-NN
+    passes). A resumed run appends again the iterations logged after its checkpoint: the later record of an
+    iteration wins. Raises FileNotFoundError when `path` does not exist.
+    """
+    train: dict[int, dict] = {}
+    evals: dict[int, dict] = {}
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if "knn_top1" in record:
+            evals[int(record["step"])] = record
+        elif "loss" in record:
+            train[int(record["step"])] = record
+    return [train[s] for s in sorted(train)], [evals[s] for s in sorted(evals)]
+
+
+def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """(iterations, values) of the records holding a finite number under `key`."""
+    pairs = [(r["step"], r[key]) for r in records
+             if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def plot_run_curves(
+    metrics_path: str | Path, out_path: str | Path, health: HealthConfig | None = None, title: str = ""
+) -> Path:
+    """A grid of the run's curves against the iteration, from metrics.jsonl: loss (with log K, the loss of a
+    uniform teacher), k-NN top-1 when evaluated, img/s, learning rate, teacher momentum and temperature,
+    gradient norm, the collapse signals of engine/health.py with the `health` thresholds drawn in red, and the
+    NVML counters on a GPU. Panels without data are left out. Returns `out_path` (PNG); raises ValueError when
+    the file holds no training record.
+    """
+    train, evals = read_metrics(metrics_path)
+    if not train:
+        raise ValueError(f"{metrics_path} holds no logged iteration to plot")
+    panels = []
+
+    def panel(draw, needs: str | None = None):
+        if needs is None or _series(train, needs)[0]:
+            panels.append(draw)
+
+    def loss(ax):
+        ax.plot(*_series(train, "loss"), label="loss")
+        xs, ent = _series(train, "teacher_entropy")
+        _, ratio = _series(train, "teacher_entropy_ratio")
+        if ent and len(ent) == len(ratio) and ratio[0] > 0:
+            log_k = ent[0] / ratio[0]  # entropy / (entropy / log K)
+            ax.axhline(log_k, color="grey", ls="--", lw=1, label=f"log K = {log_k:.2f} (uniform teacher)")
+        ax.set_title("loss")
+        ax.legend(fontsize=8)
+
+    def knn(ax):
+        xs, ys = _series(evals, "knn_top1")
+        ax.plot(xs, ys, marker="o")
+        ax.margins(y=0.2)  # room for the value labels
+        for x, y in zip(xs, ys):
+            ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 5), ha="center", fontsize=7)
+        ax.set_title("k-NN top-1 (%), teacher")
+
+    def throughput(ax):
+        ax.plot(*_series(train, "img_per_s"))
+        ax.set_title("throughput (img/s)")
+        ax.set_ylim(bottom=0)
+
+    def lr(ax):
+        ax.plot(*_series(train, "lr"))
+        ax.set_title("learning rate")
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+
+    def teacher(ax):
+        ax.plot(*_series(train, "momentum"), color="C0", label="momentum (left)")
+        ax.set_title("teacher momentum and temperature")
+        xs, temp = _series(train, "teacher_temp")
+        if xs:
+            right = ax.twinx()
+            right.plot(xs, temp, color="C1", label="temperature (right)")
+            right.tick_params(labelsize=8)
+            ax.legend(handles=ax.get_lines() + right.get_lines(), fontsize=8, loc="lower right")
+
+    def grad_norm(ax):
+        xs, ys = _series(train, "grad_norm")
+        ax.plot(xs, ys)
+        if min(ys) > 0 and max(ys) > 20 * min(ys):  # a log scale only where it spans orders of magnitude
+            ax.set_yscale("log")
+        ax.set_title("gradient norm (before clipping)")
+
+    def entropy(ax):
+        ax.plot(*_series(train, "teacher_entropy_ratio"), label="per image")
+        ax.plot(*_series(train, "teacher_mean_entropy_ratio"), label="batch mean")
+        if health is not None:
+            ax.axhline(health.uniform_entropy_ratio, color=TROUBLE, ls="--", lw=1, label="collapse lines")
+            ax.axhline(health.one_dim_entropy_ratio, color=TROUBLE, ls="--", lw=1)
+        ax.set_ylim(0, 1.05)
+        ax.set_title("teacher entropy / log K")
+        ax.legend(fontsize=8)
+
+    def kl(ax):
+        ax.plot(*_series(train, "kl_student_teacher"))
+        ax.set_ylim(bottom=0)
+        ax.set_title("KL(teacher || student)")
+
+    def spread(ax):
+        ax.plot(*_series(train, "feature_std_ratio"))
+        if health is not None:
+            ax.axhline(health.feature_std_ratio, color=TROUBLE, ls="--", lw=1, label="feature collapse")
+            ax.legend(fontsize=8)
+        ax.set_ylim(bottom=0)
+        ax.set_title("feature spread (std ratio)")
+
+    def loss_scale(ax):
+        ax.plot(*_series(train, "loss_scale"))
+        ax.set_yscale("log")
+        ax.set_title("fp16 loss scale")
+
+    def gpu(ax):
+        ax.plot(*_series(train, "gpu_util_pct"), color="C0", label="utilisation % (left)")
+        ax.set_ylim(0, 105)
+        ax.set_title("GPU (NVML)")
+        xs, mem = _series(train, "gpu_mem_used_gib")
+        if xs:
+            right = ax.twinx()
+            right.plot(xs, mem, color="C1", label="memory GiB (right)")
+            right.set_ylim(bottom=0)
+            ax.legend(handles=ax.get_lines() + right.get_lines(), fontsize=8, loc="lower right")
+
+    panel(loss, "loss")
+    if _series(evals, "knn_top1")[0]:
+        panels.append(knn)
+    panel(throughput, "img_per_s")
+    panel(lr, "lr")
+    panel(teacher, "momentum")
+    panel(grad_norm, "grad_norm")
+    panel(entropy, "teacher_entropy_ratio")
+    panel(kl, "kl_student_teacher")
+    panel(spread, "feature_std_ratio")
+    panel(loss_scale, "loss_scale")
+    panel(gpu, "gpu_util_pct")
+
+    cols = 3
+    rows = math.ceil(len(panels) / cols)
+    fig = Figure(figsize=(4.4 * cols, 3.0 * rows))
+    fig.subplots_adjust(left=0.06, right=0.94, bottom=0.07, top=0.9, wspace=0.3, hspace=0.45)
+    fig.suptitle(f"{title + ': ' if title else ''}{train[-1]['step'] + 1} iterations", fontsize=12)
+    for i, draw in enumerate(panels):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        draw(ax)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=8)
+        ax.title.set_fontsize(10)
+        if i >= len(panels) - cols:
+            ax.set_xlabel("iteration", fontsize=9)
+    return _save(fig, out_path)
+
+
+def _ms(value: float) -> str:
+    """Milliseconds to read at a glance: 2915, 90.3, 0.0547."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def plot_phases(phases_ms: dict[str, float], out_path: str | Path, step_ms: float, title: str, clock: str) -> Path:
+    """Horizontal bars of the milliseconds per step of each phase, in step order, labelled with their share of
+    the step (`step_ms`); `clock` says how they were timed (e.g. 'CUDA events'). Returns `out_path` (PNG)."""
+    names = list(phases_ms)
+    values = [phases_ms[n] for n in names]
+    data_phases = ("data wait", "copy to device")
+    colors = ["#9e9e9e" if n == "other" else "C1" if n in data_phases else "C0" for n in names]
+    fig = Figure(figsize=(8, 0.45 * len(names) + 1.6), layout="constrained")
+    ax = fig.add_subplot()
+    bars = ax.barh(names, values, color=colors)
+    ax.invert_yaxis()  # the step reads top to bottom
+    for bar, v in zip(bars, values):
+        share = 100 * v / step_ms if step_ms > 0 else 0.0
+        label = f"{_ms(v)} ms ({share:.0f}%)" if share >= 1 else f"{_ms(v)} ms (<1%)"
+        ax.annotate(label, (bar.get_width(), bar.get_y() + bar.get_height() / 2), xytext=(4, 0),
+                    textcoords="offset points", va="center", fontsize=9)
+    ax.set_xlim(0, max(values, default=1.0) * 1.3 or 1.0)
+    ax.set_xlabel(f"ms per step ({clock})")
+    ax.set_title(f"{title}\none step: {_ms(step_ms)} ms", fontsize=11)
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, out_path)
