@@ -221,8 +221,8 @@ def torch_step_fn(case: Case, device: torch.device, cfg) -> tuple:
     return step, (student, teacher, optimizer, state)
 
 
-def fastdino_step_fn(case: Case, device: torch.device, cfg, data_dir: Path, out_dir: Path) -> tuple:
-    """The real Trainer.train_step at fastdino's best settings, from the same initial weights."""
+def fastdino_overrides(case: Case, device: torch.device, data_dir: Path, out_dir: Path) -> list[str]:
+    """The config of the fastdino provider: the case's shapes at fastdino's best settings (on CUDA)."""
     overrides = [
         f"model.arch={case.arch}", f"model.patch_size={case.patch}", f"model.img_size={case.global_size}",
         f"model.depth={case.depth}", f"model.drop_path_rate={case.drop_path}", "model.attention=sdpa",
@@ -234,6 +234,12 @@ def fastdino_step_fn(case: Case, device: torch.device, cfg, data_dir: Path, out_
     ]
     if device.type == "cuda":
         overrides += ["loss.impl=triton", "ema.impl=triton", "train.precision=bf16"]
+    return overrides
+
+
+def fastdino_step_fn(case: Case, device: torch.device, cfg, data_dir: Path, out_dir: Path) -> tuple:
+    """The real Trainer.train_step at fastdino's best settings, from the same initial weights."""
+    overrides = fastdino_overrides(case, device, data_dir, out_dir)
     trainer = Trainer(load_config(None, overrides))
     student, teacher = build_networks(case, "sdpa", device)
     trainer.method.student_module().load_state_dict(student.state_dict())
@@ -257,6 +263,9 @@ def run_provider(name: str, case: Case, device: torch.device, cfg, views, args, 
             step, objects = torch_step_fn(case, device, cfg)
         else:
             step, objects = fastdino_step_fn(case, device, cfg, *paths)
+        first = objects[0]
+        backbone = first.method.student_module().backbone if isinstance(first, Trainer) else first.backbone
+        row["gflop_per_img"] = flops_per_image(case, backbone) / 1e9
         row["loss_first"] = float(step(views))
         for _ in range(args.warmup - 1):
             step(views)
@@ -281,20 +290,20 @@ def run_provider(name: str, case: Case, device: torch.device, cfg, views, args, 
     return row
 
 
-def flops_per_image(case: Case) -> float:
-    dims = {"vit_tiny": (192, 12), "vit_small": (384, 12), "vit_base": (768, 12)}
-    dim, depth = dims[case.arch]
-    return dino_train_flops_per_image(dim=dim, depth=case.depth or depth, patch=case.patch,
+def flops_per_image(case: Case, backbone: torch.nn.Module) -> float:
+    """Model FLOPs of one image's training step (fastdino.models.flops) for the backbone as built."""
+    return dino_train_flops_per_image(dim=backbone.embed_dim, depth=len(backbone.blocks), patch=case.patch,
                                       global_size=case.global_size, local_size=case.local_size, n_local=case.n_local,
                                       hidden=case.hidden_dim, bottleneck=case.bottleneck_dim, out_dim=case.out_dim)
 
 
 def table_row(r: dict) -> str:
     if "error" in r:
-        return f"| {r['config']} | {r['provider']} | {r['error']} | | | | | |"
+        return f"| {r['config']} | {r['provider']} | {r['error']} | | | | | | |"
     peak = f"{r['peak_gib']:.1f}" if "peak_gib" in r else "-"
     return (f"| {r['config']} | {r['provider']} | {r['img_s']:.1f} | {r['ms_step']:.1f} | {peak} | "
-            f"{r['pct_floor']:.1f}% | {r.get('x_official', float('nan')):.2f} | {r['loss_first']:.4f} |")
+            f"{r['gflop_per_img']:.3g} | {r['pct_floor']:.1f}% | {r.get('x_official', float('nan')):.2f} | "
+            f"{r['loss_first']:.4f} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -327,8 +336,8 @@ def main(argv: list[str] | None = None) -> int:
               "steps": args.steps, "warmup": args.warmup, "smoke": args.smoke}
     print(f"# bench_step on {name}, torch {torch.__version__}; matmul rate ({rate_what}) {rate / 1e12:.4g} TFLOP/s; "
           f"{args.warmup} warm-up + {args.steps} timed steps" + ("; SMOKE RUN: not performance" if args.smoke else ""))
-    print("\n| config | provider | img/s | ms/step | peak GiB | % floor | x official | loss@1 |")
-    print("|---|---|---|---|---|---|---|---|", flush=True)
+    print("\n| config | provider | img/s | ms/step | peak GiB | GFLOP/img | % floor | x official | loss@1 |")
+    print("|---|---|---|---|---|---|---|---|---|", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         per_class = -(-max(c.batch for c in cases) // len(DEMO_CLASSES))
@@ -336,21 +345,21 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(None, [])  # the DINO hyper-parameters (temperatures, clip, center momentum) of the recipe
         for case in cases:
             views = make_views(case, device)
-            flops = flops_per_image(case)
             base = None
             for i, provider in enumerate(providers):
                 r = run_provider(provider, case, device, cfg, views, args, (data / "train", Path(tmp) / f"run{i}"))
                 if "error" not in r:
-                    r["gflop_per_img"] = flops / 1e9
-                    r["pct_floor"] = 100 * r["img_s"] * flops / rate
+                    r["pct_floor"] = 100 * r["img_s"] * r["gflop_per_img"] * 1e9 / rate
                     if provider == "official":
                         base = r["img_s"]
                     if base:
                         r["x_official"] = r["img_s"] / base
                 rows.append(r)
                 print(table_row(r), flush=True)
-                if args.json:
-                    Path(args.json).write_text(json.dumps({**header, "rows": rows}, indent=1))
+                if args.json:  # written whole then renamed: a run cut off keeps the rows so far, never half a file
+                    partial = Path(f"{args.json}.tmp")
+                    partial.write_text(json.dumps({**header, "rows": rows}, indent=1))
+                    partial.replace(args.json)
             del views
     return 0
 

@@ -1,6 +1,6 @@
 """Every GPU figure in one command, time-boxed to fit one short GPU loan (issue 17).
 
-    python perf/gpu_suite.py --out "$OUT"     # on a GPU machine: ~8 min at most, results in $OUT
+    python perf/gpu_suite.py --out DIR        # on a GPU machine: under 8 min, results in DIR
     python perf/gpu_suite.py --dry-run        # anywhere: what it would run, with each part's time box
 
 Why this shape: GPU time here is lent rarely and briefly (15 minutes of device time per session, machine start
@@ -15,8 +15,8 @@ Results, rewritten after every part so that a command cut off still returns what
                   seconds and output tables) ready to paste into perf/RESULTS.md (`--append` appends it there)
   gpu_suite.json  the same as data, with the JSON rows of bench_step and aot_report
   gpu_suite.log   every part's full stdout and stderr
-The output folder is --out, else $OUT when set, else perf/results/. Subprocesses get PYTHONPATH = the repository
-root (the package need not be installed) and TRITON_INTERPRET unset.
+The output folder is --out, else $OUT when set, else runs/gpu_suite/ (ignored by git). Subprocesses get
+PYTHONPATH = the repository root (the package need not be installed) and TRITON_INTERPRET unset.
 """
 
 from __future__ import annotations
@@ -117,7 +117,10 @@ def finish(part: Part, proc: subprocess.Popen, started: float, box_s: float, out
               "timed_out": timed_out, "stdout": stdout, "stderr": stderr}
     data = out / f"{part.name}.json"
     if data.exists():  # aot_report and bench_step write their rows; folded into gpu_suite.json
-        result["data"] = json.loads(data.read_text())
+        try:
+            result["data"] = json.loads(data.read_text())
+        except ValueError as exc:  # cut off mid-write
+            result["data_error"] = str(exc)
         data.unlink()
     return result
 
@@ -163,7 +166,7 @@ def write(out: Path, env: dict, results: list[dict], argv: list[str], budget: fl
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", help="results folder (default: $OUT if set, else perf/results)")
+    parser.add_argument("--out", help="results folder (default: $OUT if set, else runs/gpu_suite)")
     parser.add_argument("--dry-run", action="store_true", help="list the parts, their commands and time boxes")
     parser.add_argument("--only", help=f"comma-separated subset of {', '.join(p.name for p in PARTS)}")
     parser.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for everything (default %(default)s)")
@@ -178,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         parts = tuple(p for p in PARTS if p.name in names)
-    out = Path(args.out or os.environ.get("OUT") or ROOT / "perf" / "results")
+    out = Path(args.out or os.environ.get("OUT") or ROOT / "runs" / "gpu_suite")
     scale = min(1.0, args.budget / serial_seconds(parts))  # a smaller budget shrinks every box alike
 
     if args.dry_run:

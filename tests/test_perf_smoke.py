@@ -94,3 +94,15 @@ def test_gpu_suite_time_boxes_parts_and_keeps_their_output(tmp_path, monkeypatch
     assert "| a | b |" in md and "TIMED OUT" in md and "exit code 3" in md
     assert "Command: `python perf/gpu_suite.py --out" in md
     assert "started" in (tmp_path / "gpu_suite.log").read_text()
+
+
+@pytest.mark.parametrize("case", ["vits16_b128", "vits16_b64_global", "vits8_b32", "vitb16_b64"])
+def test_bench_step_cases_are_valid_fastdino_configs(case, tmp_path):
+    """The GPU cases cannot run here; their fastdino configs must at least load (a bad key would waste a GPU run)."""
+    from fastdino.config import load_config
+    from perf.bench_step import CASES, fastdino_overrides
+
+    c = CASES[case]
+    cfg = load_config(None, fastdino_overrides(c, torch.device("cpu"), tmp_path, tmp_path / "run"))
+    assert (cfg.model.arch, cfg.model.patch_size, cfg.data.batch_size, cfg.data.local_crops_number) == (
+        c.arch, c.patch, c.batch, c.n_local)
