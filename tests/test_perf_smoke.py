@@ -1,6 +1,7 @@
-"""The benchmarks stay runnable: bench_train and profile_step on the CPU with tiny shapes, kernel benches refuse
-cleanly."""
+"""The benchmarks stay runnable: bench_train, bench_step and profile_step on the CPU with tiny shapes, GPU-only
+benches refuse cleanly, the GPU suite's dry run lists every part."""
 
+import json
 import os
 import subprocess
 import sys
@@ -23,6 +24,24 @@ def run(*args):
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
 
 
+def test_bench_step_smoke_runs_three_providers_from_the_same_weights(tmp_path):
+    out = run("-m", "perf.bench_step", "--smoke", "--json", str(tmp_path / "step.json"))
+    assert out.returncode == 0, out.stderr
+    assert "SMOKE RUN: not performance" in out.stdout
+    rows = json.loads((tmp_path / "step.json").read_text())["rows"]
+    assert [r["provider"] for r in rows] == ["official", "torch", "fastdino"]
+    assert all("error" not in r and r["img_s"] > 0 and r["pct_floor"] > 0 for r in rows), rows
+    assert rows[0]["x_official"] == 1.0
+    # Same weights, crops and hyper-parameters, fp32 on the CPU: the three steps compute the same first loss.
+    losses = [r["loss_first"] for r in rows]
+    assert max(losses) - min(losses) <= 1e-4 * abs(losses[0]), losses
+
+
+def test_bench_step_refuses_unknown_case_in_one_line():
+    out = run("-m", "perf.bench_step", "--smoke", "--cases", "vits16_b1024")
+    assert out.returncode == 2 and "vits16_b1024" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_bench_train_cpu_smoke():
     out = run("perf/bench_train.py", "--device", "cpu", "--steps", "2", "--warmup", "1", *TINY)
     assert out.returncode == 0, out.stderr
@@ -42,3 +61,63 @@ def test_profile_step_cpu_smoke(tmp_path):
 def test_gpu_benchmarks_exit_cleanly_without_cuda(script):
     out = run(script)
     assert out.returncode == 2 and "Traceback" not in out.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_bench_step_without_smoke_needs_a_gpu():
+    out = run("-m", "perf.bench_step")
+    assert out.returncode == 2 and "--smoke" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_gpu_suite_dry_run_lists_every_part_within_the_budget():
+    from perf import gpu_suite
+
+    out = run("perf/gpu_suite.py", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    for part in gpu_suite.PARTS:
+        cmd = gpu_suite.shown(gpu_suite.command(part, gpu_suite.Path("$OUT")))
+        assert part.name in out.stdout and cmd in out.stdout
+    names = {p.name for p in gpu_suite.PARTS}
+    assert {"gpu_tests", "aot_report", "bench_dino_loss", "bench_ema", "bench_step", "bench_train"} <= names
+    # Everything inside one 10-minute command with ~2 minutes to spare (issue 17: at most 8 minutes in all).
+    assert gpu_suite.serial_seconds(gpu_suite.PARTS) <= gpu_suite.BUDGET_S <= 480
+
+
+def test_gpu_suite_time_boxes_parts_and_keeps_their_output(tmp_path, monkeypatch):
+    """The orchestration on the CPU with stand-in parts: a part past its box is killed and marked, the others'
+    tables, JSON rows and the background part's result all reach the results files."""
+    from perf import gpu_suite
+
+    Part = gpu_suite.Part
+    parts = (
+        Part("bg", ("-c", "import sys; open(sys.argv[1], 'w').write('{\"rows\": [1]}')", "{json}"), 20, "bg",
+             background=True),
+        Part("table", ("-c", "print('| a | b |')"), 20, "prints a table"),
+        Part("hangs", ("-c", "import time; print('started', flush=True); time.sleep(60)"), 3, "sleeps"),
+        Part("last", ("-c", "import sys; sys.exit(3)"), 20, "fails"),
+    )
+    monkeypatch.setattr(gpu_suite, "PARTS", parts)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert gpu_suite.main(["--out", str(tmp_path)]) == 1  # a part failed
+    data = json.loads((tmp_path / "gpu_suite.json").read_text())
+    by_name = {p["name"]: p for p in data["parts"]}
+    assert set(by_name) == {"bg", "table", "hangs", "last"}
+    assert by_name["bg"]["data"] == {"rows": [1]} and by_name["bg"]["returncode"] == 0
+    assert by_name["hangs"]["timed_out"] and by_name["hangs"]["seconds"] < 30
+    assert by_name["last"]["returncode"] == 3
+    md = (tmp_path / "gpu_suite.md").read_text()
+    assert "| a | b |" in md and "TIMED OUT" in md and "exit code 3" in md
+    assert "Command: `python perf/gpu_suite.py --out" in md
+    assert "started" in (tmp_path / "gpu_suite.log").read_text()
+
+
+@pytest.mark.parametrize("case", ["vits16_b128", "vits16_b64_global", "vits8_b32", "vitb16_b64"])
+def test_bench_step_cases_are_valid_fastdino_configs(case, tmp_path):
+    """The GPU cases cannot run here; their fastdino configs must at least load (a bad key would waste a GPU run)."""
+    from fastdino.config import load_config
+    from perf.bench_step import CASES, fastdino_overrides
+
+    c = CASES[case]
+    cfg = load_config(None, fastdino_overrides(c, torch.device("cpu"), tmp_path, tmp_path / "run"))
+    assert (cfg.model.arch, cfg.model.patch_size, cfg.data.batch_size, cfg.data.local_crops_number) == (
+        c.arch, c.patch, c.batch, c.n_local)

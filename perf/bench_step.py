@@ -1,0 +1,368 @@
+"""One DINO training step three ways, in one process on one GPU: official, plain modern PyTorch, fastdino (issue 17).
+
+    python -m perf.bench_step                          # the four issue-17 cases, 20 timed steps each
+    python -m perf.bench_step --cases vits16_b128 --steps 10 --warmup 3 --json out.json
+    python -m perf.bench_step --smoke                  # tiny model on whatever device there is (CPU in CI)
+
+Providers (same architecture, same initial weights, same input crops, same hyper-parameters):
+  official  a re-implementation of the official step (facebookresearch/dino, main_dino.py train_one_epoch):
+            fp16 autocast + GradScaler, eager attention (softmax(q k^T) v), the per-pair loss loop
+            (perf.bench_dino_loss.official_dino_loss), `math.isfinite(loss.item())`, per-parameter clipping with
+            a host-side `if` per parameter, the last-layer cancel loop, torch.optim.AdamW with its defaults,
+            the per-parameter EMA loop (perf.bench_ema.official_update) and the center update. Single process,
+            so no DDP wrapper and no all-reduce.
+  torch     the same step in plain modern PyTorch: SDPA attention, bf16 autocast (no scaler), fused AdamW,
+            per-parameter clipping on the device (torch._foreach_norm), torch._foreach_lerp_ EMA, the per-pair
+            loss loop, one `torch.isfinite(loss).item()` per step.
+  fastdino  fastdino's best configuration through the real `Trainer.train_step` (loss.impl=triton,
+            ema.impl=triton, model.attention=sdpa, train.precision=bf16, optim.fused=true).
+
+Columns: img/s = B x steps / wall time of `--steps` steps after `--warmup` (synchronised at both ends); ms/step;
+peak GiB = torch.cuda.max_memory_allocated over the timed steps (models, optimizer state, activations);
+% floor = achieved model FLOP/s (fastdino.models.flops, 2 per multiply-add, matmuls only) / the bf16 matmul rate
+measured in the same run (8192^3); x official = img/s / the official provider's img/s; loss@1 = the loss of the
+first step (the three start from the same weights, so it agrees to the precision's rounding). A provider that
+runs out of memory gets an "OOM" row. On the CPU (--smoke) every provider runs in fp32 with a disabled scaler
+and the floor is an fp32 matmul rate: the figures show the script runs, they are not performance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fastdino.config import load_config
+from fastdino.data.demo import DEMO_CLASSES, make_demo_dataset
+from fastdino.engine.ema import ema_foreach_
+from fastdino.engine.optim import clip_gradients_per_param, param_groups
+from fastdino.engine.trainer import Trainer
+from fastdino.methods.dino import MultiCropNetwork
+from fastdino.models.flops import dino_train_flops_per_image
+from fastdino.models.heads import DINOHead
+from fastdino.models.vit import build_backbone
+from fastdino.schedules import teacher_temp_schedule
+
+PROVIDERS = ("official", "torch", "fastdino")
+EPOCH = 1  # past the one-epoch last-layer freeze, so every provider updates every parameter
+WD, MOMENTUM = 0.04, 0.996  # the first step's weight decay and teacher momentum of the recipe (as the trainer's)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    arch: str
+    patch: int
+    batch: int
+    n_local: int
+    global_size: int = 224
+    local_size: int = 96
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    depth: int = 0  # 0: the architecture's own
+    drop_path: float = 0.1
+
+    def label(self) -> str:
+        crops = f"2x{self.global_size}" + (f"+{self.n_local}x{self.local_size}" if self.n_local else "")
+        return f"{self.arch}/{self.patch} B{self.batch} {crops}"
+
+
+CASES = {
+    "vits16_b128": Case("vits16_b128", "vit_small", 16, 128, 10),
+    "vits16_b64_global": Case("vits16_b64_global", "vit_small", 16, 64, 0),
+    "vits8_b32": Case("vits8_b32", "vit_small", 8, 32, 10),
+    "vitb16_b64": Case("vitb16_b64", "vit_base", 16, 64, 10),
+}
+# Tiny enough for a CI smoke run on a 2-core CPU; drop path off so the three first losses can be compared.
+SMOKE = Case("smoke", "vit_tiny", 8, 4, 2, global_size=32, local_size=16, out_dim=64, hidden_dim=32,
+             bottleneck_dim=16, depth=2, drop_path=0.0)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_rate(device: torch.device) -> tuple[float, str]:
+    """Measured matmul FLOP/s: bf16 8192^3 on a GPU, fp32 1024^3 on the CPU (smoke only)."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    reps = 20 if device.type == "cuda" else 3
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return reps * 2 * n**3 / (time.perf_counter() - start), f"{str(dtype).removeprefix('torch.')} {n}^3"
+
+
+def make_views(case: Case, device: torch.device) -> list[torch.Tensor]:
+    """Random crops in the multi-crop layout: 2 global (B, 3, G, G) then n_local (B, 3, L, L)."""
+    g = torch.Generator().manual_seed(0)
+    sizes = [case.global_size] * 2 + [case.local_size] * case.n_local
+    return [torch.randn(case.batch, 3, s, s, generator=g).to(device) for s in sizes]
+
+
+def build_networks(case: Case, attention: str, device: torch.device) -> tuple[MultiCropNetwork, MultiCropNetwork]:
+    """Student (drop path case.drop_path) and teacher (none) with the student's weights, as main_dino.py builds them."""
+    kwargs = {"patch_size": case.patch, "img_size": case.global_size, "attention": attention}
+    if case.depth:
+        kwargs["depth"] = case.depth
+
+    def net(drop_path: float) -> MultiCropNetwork:
+        torch.manual_seed(0)  # the same initial weights for every provider
+        backbone = build_backbone(case.arch, drop_path_rate=drop_path, **kwargs)
+        return MultiCropNetwork(backbone, DINOHead(backbone.embed_dim, case.out_dim, case.hidden_dim,
+                                                   case.bottleneck_dim))
+
+    student, teacher = net(case.drop_path).to(device), net(0.0).to(device)
+    teacher.requires_grad_(False)
+    return student, teacher
+
+
+def official_step_fn(case: Case, device: torch.device, cfg) -> tuple:
+    """The official step (module docstring): returns (step(views) -> loss, objects to free afterwards)."""
+    from perf.bench_dino_loss import official_dino_loss
+    from perf.bench_ema import official_update
+
+    student, teacher = build_networks(case, "math", device)
+    optimizer = torch.optim.AdamW(param_groups(student))  # the official optimizer: torch's defaults
+    half = device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=half)
+    center = torch.zeros(1, case.out_dim, device=device)
+    d = cfg.dino
+    teacher_temp = teacher_temp_schedule(EPOCH, d.warmup_teacher_temp, d.teacher_temp, d.warmup_teacher_temp_epochs)
+    state = {"center": center}
+    lr = cfg.optim.lr * case.batch / 256  # linear scaling rule, no warm-up: the trainer's first-step value
+
+    def step(views):
+        for i, group in enumerate(optimizer.param_groups):
+            group["lr"] = lr
+            if i == 0:
+                group["weight_decay"] = WD
+        with torch.autocast(device.type, dtype=torch.float16, enabled=half):
+            teacher_out = teacher(views[:2])  # (2B, K)
+            student_out = student(views)  # (n_crops*B, K)
+            loss, teacher_sum = official_dino_loss(student_out, teacher_out, state["center"], d.student_temp,
+                                                   teacher_temp)
+        # official DINOLoss.update_center: batch mean of the teacher output into the running center
+        state["center"] = state["center"] * d.center_momentum + teacher_sum[None] / teacher_out.shape[0] * (
+            1 - d.center_momentum)
+        if not math.isfinite(loss.item()):  # host sync
+            raise RuntimeError("non-finite loss")
+        optimizer.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        for p in student.parameters():  # per-parameter clipping with a host-side test: one sync per parameter
+            if p.grad is not None:
+                coef = cfg.optim.clip_grad / (p.grad.norm(2) + 1e-6)
+                if coef < 1:
+                    p.grad.mul_(coef)
+        for name, p in student.named_parameters():  # the last-layer cancel loop (a no-op after its epoch)
+            if EPOCH < d.freeze_last_layer_epochs and "last_layer" in name:
+                p.grad = None
+        scaler.step(optimizer)
+        scaler.update()
+        official_update(student, teacher, MOMENTUM)
+        sync(device)  # the official loop synchronises before logging, then reads loss.item() again
+        return loss.detach()
+
+    return step, (student, teacher, optimizer, scaler, state)
+
+
+def torch_step_fn(case: Case, device: torch.device, cfg) -> tuple:
+    """The official step in plain modern PyTorch (module docstring)."""
+    from perf.bench_dino_loss import official_dino_loss
+
+    student, teacher = build_networks(case, "sdpa", device)
+    optimizer = torch.optim.AdamW(param_groups(student), fused=device.type == "cuda" or None)
+    bf16 = device.type == "cuda"
+    d = cfg.dino
+    teacher_temp = teacher_temp_schedule(EPOCH, d.warmup_teacher_temp, d.teacher_temp, d.warmup_teacher_temp_epochs)
+    state = {"center": torch.zeros(case.out_dim, device=device)}
+    lr = cfg.optim.lr * case.batch / 256
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    teachers = [p.detach() for p in teacher.parameters()]
+    students = [p.detach() for p in student.parameters()]
+
+    def step(views):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+            if group["regularized"]:
+                group["weight_decay"] = WD
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with torch.no_grad():
+                teacher_out = teacher(views[:2])  # (2B, K)
+            student_out = student(views)  # (n_crops*B, K)
+            loss, teacher_sum = official_dino_loss(student_out, teacher_out, state["center"], d.student_temp,
+                                                   teacher_temp)
+        state["center"].lerp_(teacher_sum / teacher_out.shape[0], 1 - d.center_momentum)
+        if not torch.isfinite(loss).item():  # host sync, once per step
+            raise RuntimeError("non-finite loss")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip_gradients_per_param(params, cfg.optim.clip_grad)
+        optimizer.step()
+        ema_foreach_(teachers, students, MOMENTUM)
+        return loss.detach()
+
+    return step, (student, teacher, optimizer, state)
+
+
+def fastdino_overrides(case: Case, device: torch.device, data_dir: Path, out_dir: Path) -> list[str]:
+    """The config of the fastdino provider: the case's shapes at fastdino's best settings (on CUDA)."""
+    overrides = [
+        f"model.arch={case.arch}", f"model.patch_size={case.patch}", f"model.img_size={case.global_size}",
+        f"model.depth={case.depth}", f"model.drop_path_rate={case.drop_path}", "model.attention=sdpa",
+        f"data.batch_size={case.batch}", f"data.global_size={case.global_size}", f"data.local_size={case.local_size}",
+        f"data.local_crops_number={case.n_local}", f"dino.out_dim={case.out_dim}", f"dino.hidden_dim={case.hidden_dim}",
+        f"dino.bottleneck_dim={case.bottleneck_dim}", "data.num_workers=0", "train.knn_eval=false",
+        "optim.warmup_epochs=0", f"train.device={device.type}", f"data.path={data_dir}", f"train.output_dir={out_dir}",
+        "train.resume=none", "optim.fused=true",
+    ]
+    if device.type == "cuda":
+        overrides += ["loss.impl=triton", "ema.impl=triton", "train.precision=bf16"]
+    return overrides
+
+
+def fastdino_step_fn(case: Case, device: torch.device, cfg, data_dir: Path, out_dir: Path) -> tuple:
+    """The real Trainer.train_step at fastdino's best settings, from the same initial weights."""
+    overrides = fastdino_overrides(case, device, data_dir, out_dir)
+    trainer = Trainer(load_config(None, overrides))
+    student, teacher = build_networks(case, "sdpa", device)
+    trainer.method.student_module().load_state_dict(student.state_dict())
+    trainer.method.teacher.load_state_dict(teacher.state_dict())
+    del student, teacher
+
+    def step(views):
+        return trainer.train_step(views, epoch=EPOCH)["loss"]
+
+    return step, (trainer,)
+
+
+def run_provider(name: str, case: Case, device: torch.device, cfg, views, args, paths) -> dict:
+    """Build the provider, run warm-up and timed steps; one result row (errors and OOM become rows too)."""
+    row = {"case": case.name, "config": case.label(), "provider": name}
+    objects = ()
+    try:
+        if name == "official":
+            step, objects = official_step_fn(case, device, cfg)
+        elif name == "torch":
+            step, objects = torch_step_fn(case, device, cfg)
+        else:
+            step, objects = fastdino_step_fn(case, device, cfg, *paths)
+        first = objects[0]
+        backbone = first.method.student_module().backbone if isinstance(first, Trainer) else first.backbone
+        row["gflop_per_img"] = flops_per_image(case, backbone) / 1e9
+        row["loss_first"] = float(step(views))
+        for _ in range(args.warmup - 1):
+            step(views)
+        sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step(views)
+        sync(device)
+        seconds = time.perf_counter() - start
+        row.update(ms_step=1e3 * seconds / args.steps, img_s=args.steps * case.batch / seconds)
+        if device.type == "cuda":
+            row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    except torch.cuda.OutOfMemoryError:
+        row["error"] = "OOM"
+    finally:
+        del objects
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def flops_per_image(case: Case, backbone: torch.nn.Module) -> float:
+    """Model FLOPs of one image's training step (fastdino.models.flops) for the backbone as built."""
+    return dino_train_flops_per_image(dim=backbone.embed_dim, depth=len(backbone.blocks), patch=case.patch,
+                                      global_size=case.global_size, local_size=case.local_size, n_local=case.n_local,
+                                      hidden=case.hidden_dim, bottleneck=case.bottleneck_dim, out_dim=case.out_dim)
+
+
+def table_row(r: dict) -> str:
+    if "error" in r:
+        return f"| {r['config']} | {r['provider']} | {r['error']} | | | | | | |"
+    peak = f"{r['peak_gib']:.1f}" if "peak_gib" in r else "-"
+    return (f"| {r['config']} | {r['provider']} | {r['img_s']:.1f} | {r['ms_step']:.1f} | {peak} | "
+            f"{r['gflop_per_img']:.3g} | {r['pct_floor']:.1f}% | {r.get('x_official', float('nan')):.2f} | "
+            f"{r['loss_first']:.4f} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    parser.add_argument("--providers", default=",".join(PROVIDERS))
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per provider")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (at least 1)")
+    parser.add_argument("--smoke", action="store_true", help="a tiny model, 2 timed steps: checks the script runs")
+    parser.add_argument("--json", help="write the rows here (rewritten after every row, so a cut-off run keeps some)")
+    args = parser.parse_args(argv)
+    providers = args.providers.split(",")
+    unknown = [p for p in providers if p not in PROVIDERS] + [c for c in args.cases.split(",") if c not in CASES]
+    if unknown:
+        print(f"bench_step: unknown case or provider {unknown[0]!r}: cases {', '.join(CASES)}; providers "
+              f"{', '.join(PROVIDERS)}", file=sys.stderr)
+        return 2
+    if args.smoke:
+        cases, args.steps, args.warmup = [SMOKE], min(args.steps, 2), 1
+    elif not torch.cuda.is_available():
+        print("bench_step: needs a CUDA GPU (none found); `--smoke` runs a tiny model on the CPU", file=sys.stderr)
+        return 2
+    else:
+        cases = [CASES[c] for c in args.cases.split(",")]
+    args.warmup = max(1, args.warmup)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rate, rate_what = matmul_rate(device)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    header = {"device": name, "torch": torch.__version__, "matmul_rate_tflops": rate / 1e12, "matmul": rate_what,
+              "steps": args.steps, "warmup": args.warmup, "smoke": args.smoke}
+    print(f"# bench_step on {name}, torch {torch.__version__}; matmul rate ({rate_what}) {rate / 1e12:.4g} TFLOP/s; "
+          f"{args.warmup} warm-up + {args.steps} timed steps" + ("; SMOKE RUN: not performance" if args.smoke else ""))
+    print("\n| config | provider | img/s | ms/step | peak GiB | GFLOP/img | % floor | x official | loss@1 |")
+    print("|---|---|---|---|---|---|---|---|---|", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        per_class = -(-max(c.batch for c in cases) // len(DEMO_CLASSES))
+        data = make_demo_dataset(f"{tmp}/data", n_train_per_class=per_class, n_val_per_class=1, size=64)
+        cfg = load_config(None, [])  # the DINO hyper-parameters (temperatures, clip, center momentum) of the recipe
+        for case in cases:
+            views = make_views(case, device)
+            base = None
+            for i, provider in enumerate(providers):
+                r = run_provider(provider, case, device, cfg, views, args, (data / "train", Path(tmp) / f"run{i}"))
+                if "error" not in r:
+                    r["pct_floor"] = 100 * r["img_s"] * r["gflop_per_img"] * 1e9 / rate
+                    if provider == "official":
+                        base = r["img_s"]
+                    if base:
+                        r["x_official"] = r["img_s"] / base
+                rows.append(r)
+                print(table_row(r), flush=True)
+                if args.json:  # written whole then renamed: a run cut off keeps the rows so far, never half a file
+                    partial = Path(f"{args.json}.tmp")
+                    partial.write_text(json.dumps({**header, "rows": rows}, indent=1))
+                    partial.replace(args.json)
+            del views
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
