@@ -20,6 +20,7 @@ setup(
         "dev": ["pytest", "ruff"],
         "tensorboard": ["tensorboard"],
         "gpu": ["nvidia-ml-py"],
+        "dali": ["nvidia-dali-cuda130"],
     },
     entry_points={"console_scripts": ["fastdino=fastdino.cli:main"]},
 )
