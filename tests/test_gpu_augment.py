@@ -315,3 +315,17 @@ def test_cli_refuses_a_gpu_backend_without_a_gpu_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
     assert main([*argv[:-1], "data.backend=tpu"]) == 2
     assert "data.backend" in capsys.readouterr().err
+
+
+def test_bench_data_runs_on_the_cpu(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "perf/bench_data.py", "--folder", str(tmp_path), "--images", "2",
+                          "--width", "64", "--height", "48", "--batch", "1", "--workers", "0", "--steps", "1",
+                          "--warmup", "1", "--backends", "cpu,torch_gpu"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "img/s" not in line]
+    assert [row.split("|")[1].strip() for row in rows] == ["cpu", "torch_gpu"]
+    assert "not measured yet (no GPU)" in rows[1]

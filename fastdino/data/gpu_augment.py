@@ -207,8 +207,11 @@ def resample_weights(start: torch.Tensor, length: torch.Tensor, out_size: int, i
 
 def resized_crops(img: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """(3, H, W) float image, (n, S, H) row and (n, S, W) column weights -> (n, 3, S, S) crops clamped to [0, 1]."""
-    tmp = rows[:, None] @ img[None]  # (n, 3, S, W)
-    return (tmp @ cols[:, None].transpose(-1, -2)).clamp_(0, 1)  # (n, 3, S, S)
+    n, size, height = rows.shape
+    width = img.shape[2]
+    tmp = rows.reshape(n * size, height) @ img.transpose(0, 1).reshape(height, 3 * width)  # (n*S, 3*W): one matmul
+    out = tmp.view(n, size * 3, width) @ cols.transpose(1, 2)  # (n, S*3, S)
+    return out.view(n, size, 3, size).permute(0, 2, 1, 3).clamp_(0, 1)  # (n, 3, S, S)
 
 
 # -- colour, batched with per-sample factors (N,) ------------------------------------------------------------
