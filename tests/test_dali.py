@@ -113,7 +113,7 @@ def test_batches_are_deterministic_resume_exactly_and_skip_bad_files(tmp_path):
     again = list(dali.epoch(0))
     assert all(torch.equal(a, b) for (v1, _, _), (v2, _, _) in zip(first, again, strict=True)
                for a, b in zip(v1, v2, strict=True))
-    for views, labels, _ in first:
+    for views, _labels, _ in first:
         assert [tuple(v.shape) for v in views] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 2
         assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in views)
     everything = list(dali.epoch(1)) + list(dali.epoch(2)) + first
