@@ -11,9 +11,8 @@ setup(
     install_requires=[
         "torch>=2.5",
         "torchvision>=0.20",
-        "matplotlib",
+        "matplotlib>=3.5",  # PNG figures: curves, phase bars, attention grids (fastdino/reports/plots.py)
         "numpy",
-        "matplotlib",  # curves.png, the profile's phase bars (fastdino/reports/plots.py)
         "pillow",
         "pyyaml",
         "tqdm",
@@ -22,6 +21,7 @@ setup(
         "dev": ["pytest", "ruff"],
         "tensorboard": ["tensorboard"],
         "gpu": ["nvidia-ml-py"],  # pynvml: GPU telemetry in the training log, benchmarks and profile
+        "dali": ["nvidia-dali-cuda130"],  # data.backend=dali: decode and multi-crop on the GPU
     },
     entry_points={"console_scripts": ["fastdino=fastdino.cli:main"]},
 )

@@ -128,8 +128,14 @@ class DataConfig:
     batch_size: int = 64
     """Per process; the global batch is batch_size * world size."""
     num_workers: int = 8
+    backend: str = "auto"
+    """auto | cpu | torch_gpu | dali: where images are decoded and augmented (README, "Data backends"); auto
+    takes dali when installed and training runs on a GPU, else torch_gpu on a GPU, else cpu."""
 
     def __post_init__(self):
+        from fastdino.data.loader import DATA_BACKENDS
+
+        _choice("data.backend", self.backend, DATA_BACKENDS)
         _positive("data.global_size", self.global_size)
         _positive("data.local_size", self.local_size)
         _positive("data.batch_size", self.batch_size)

@@ -1,19 +1,29 @@
-"""One epoch's DataLoader: a seeded shuffle, sharded by rank, that can start mid-epoch on resume.
+"""One epoch's DataLoader: a seeded shuffle, sharded by rank, that can start mid-epoch on resume; and the
+choice of data backend (`data.backend`) behind one interface, `BatchSource`.
 
 The order depends only on (seed, epoch, rank, world_size) and each item's augmentation only on
 (seed, epoch, index) (see `files.py`), so a run resumed at step s of an epoch sees exactly the batches
-the uninterrupted run saw from step s on, with any number of workers.
+the uninterrupted run saw from step s on, with any number of workers. Every backend keeps that contract
+and yields the same batch: `(views, labels, unreadable)`, views a list of 2 + V float32 (B, 3, S, S)
+tensors (global crops first, ImageNet-normalised), labels (B,) int64, unreadable the batch's
+`(path, reason)` pairs.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from fastdino.data.files import DataError, collate_views
+from fastdino.config import ConfigError
+from fastdino.data.files import DataError, ImageFileDataset, collate_views
+from fastdino.errors import MissingDependencyError
+
+DATA_BACKENDS = ("auto", "cpu", "torch_gpu", "dali")
+Batch = tuple[list[torch.Tensor], torch.Tensor, list[tuple[str, str]]]
 
 
 def steps_per_epoch(n_images: int, batch_size: int, world_size: int = 1, drop_last: bool = True) -> int:
@@ -88,6 +98,7 @@ def build_loader(
     pin_memory: bool | None = None,
     drop_last: bool = True,
     shuffle: bool = True,
+    collate_fn: Callable = collate_views,
 ) -> DataLoader:
     """The loader for one epoch (build a new one each epoch); yields `collate_views` batches
     `(views, labels, unreadable)`: add `unreadable` to the run's `UnreadableImages` in the main process.
@@ -96,6 +107,7 @@ def build_loader(
     generator (seeded from seed, epoch, rank) seeds torch, `random` and numpy in each worker, and keeps the
     main process's global RNG untouched (without it DataLoader draws its base seed from the global RNG).
     shuffle=False with drop_last=False visits every image in index order (evaluation, one rank).
+    `collate_fn` replaces `collate_views` for datasets whose items are not decoded views (torch_gpu backend).
     """
     if hasattr(dataset, "set_epoch"):
         dataset.set_epoch(epoch)
@@ -111,9 +123,92 @@ def build_loader(
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
-        collate_fn=collate_views,
+        collate_fn=collate_fn,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         drop_last=drop_last,
         generator=generator,
         persistent_workers=False,
     )
+
+
+class BatchSource(Protocol):
+    """What the trainer iterates: one epoch's batches from any step, whatever the backend."""
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterable[Batch]:
+        """This rank's batches of `epoch` from `start_step` on: `(views, labels, unreadable)`."""
+        ...
+
+
+class CpuBatches:
+    """The CPU backend: decode (Pillow) and augment (torchvision) in DataLoader workers, `build_loader`."""
+
+    def __init__(
+        self, dataset: Dataset, batch_size: int, num_workers: int, seed: int, rank: int = 0, world_size: int = 1
+    ) -> None:
+        self.dataset, self.batch_size, self.num_workers, self.seed = dataset, batch_size, num_workers, seed
+        self.rank, self.world_size = rank, world_size
+
+    def epoch(self, epoch: int, start_step: int = 0) -> DataLoader:
+        return build_loader(
+            self.dataset, self.batch_size, self.num_workers, seed=self.seed, epoch=epoch, start_step=start_step,
+            rank=self.rank, world_size=self.world_size,
+        )
+
+
+def dali_available() -> bool:
+    """Whether NVIDIA DALI (`pip install -e ".[dali]"`) can be imported."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """`data.backend` -> the backend that runs on `device` (the training device).
+
+    auto: dali when DALI is installed and training runs on a GPU, else torch_gpu on a GPU, else cpu.
+    Raises ConfigError (key data.backend) for an unknown name or a GPU backend without a CUDA training device,
+    MissingDependencyError for dali without the package.
+    """
+    if name not in DATA_BACKENDS:
+        raise ConfigError(f"data.backend={name!r} is not one of {DATA_BACKENDS}", "data.backend")
+    on_gpu = device.type == "cuda"
+    if name == "auto":
+        return ("dali" if dali_available() else "torch_gpu") if on_gpu else "cpu"
+    if name == "dali" and not dali_available():
+        raise MissingDependencyError(
+            "data.backend=dali needs NVIDIA DALI: pip install -e \".[dali]\" (or use data.backend=auto|cpu|torch_gpu)"
+        )
+    if name != "cpu" and not on_gpu:
+        where = "no CUDA device is visible" if not torch.cuda.is_available() else "train.device is cpu"
+        raise ConfigError(
+            f"data.backend={name} decodes and augments on the GPU but {where}: use data.backend=cpu or auto",
+            "data.backend",
+        )
+    return name
+
+
+def build_batch_source(
+    backend: str,
+    dataset: ImageFileDataset,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str = "cpu",
+) -> BatchSource:
+    """The `BatchSource` of a resolved backend (`resolve_backend`) over `dataset`, whose transform is the
+    method's (the GPU backends read the multi-crop recipe from it). GPU backends put views on `device`."""
+    if backend == "cpu":
+        return CpuBatches(dataset, batch_size, num_workers, seed, rank, world_size)
+    if backend == "torch_gpu":
+        from fastdino.data.gpu_augment import TorchGpuBatches
+
+        return TorchGpuBatches(dataset, batch_size, num_workers, seed, rank, world_size, device)
+    if backend == "dali":
+        from fastdino.data.dali import DaliBatches
+
+        return DaliBatches(dataset, batch_size, num_workers, seed, rank, world_size, device)
+    raise ValueError(f"unresolved data backend {backend!r}: call resolve_backend first")

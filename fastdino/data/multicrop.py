@@ -99,6 +99,9 @@ class MultiCrop:
         _check_scale("global_scale", global_scale)
         _check_scale("local_scale", local_scale)
         self.global_size, self.local_size, self.n_local = global_size, local_size, n_local
+        # kept as the recipe the GPU backends read (fastdino/data/gpu_augment.py, dali.py)
+        self.global_scale, self.local_scale, self.blur_sigma = global_scale, local_scale, blur_sigma
+        self.color_strength = color_strength
         common = {"blur_sigma": blur_sigma, "color_strength": color_strength}
         self.global1 = _crop_pipeline(global_size, global_scale, blur_p=1.0, **common)
         self.global2 = _crop_pipeline(global_size, global_scale, blur_p=0.1, solarize_p=0.2, **common)

@@ -16,7 +16,7 @@ import yaml
 
 from fastdino.config import Config, ConfigError, config_to_dict, schedule_warnings
 from fastdino.data.files import DataError, ImageFileDataset, ImageIndex, UnreadableImages, index_image_folder
-from fastdino.data.loader import build_loader, steps_per_epoch
+from fastdino.data.loader import build_batch_source, resolve_backend, steps_per_epoch
 from fastdino.engine.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fastdino.engine.distributed import DistInfo, init_distributed, sync_batchnorm, wrap_ddp
 from fastdino.engine.ema import TeacherEMA
@@ -205,6 +205,7 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
         self.precision = resolve_precision(cfg.train.precision, self.device)
+        self.data_backend = resolve_backend(cfg.data.backend, self.device)
         self.output_dir = Path(cfg.train.output_dir)
 
         # Refuse bad data, bad checkpoints and changed settings before any model is built or step taken.
@@ -257,6 +258,10 @@ class Trainer:
         check_writable(self.output_dir)  # the last check (it creates the folder): nothing is written before
         self.method.student = wrap_ddp(self.method.student, self.dist, self.device)
         self.dataset = ImageFileDataset(self.index, self.method.data_transform(), seed=cfg.train.seed)
+        self.batches = build_batch_source(
+            self.data_backend, self.dataset, cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed,
+            self.dist.rank, self.dist.world_size, self.device,
+        )
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -440,12 +445,7 @@ class Trainer:
         try:
             while self.step < self.stop_step:
                 epoch = self.step // self.steps_per_epoch
-                self.dataset.set_epoch(epoch)
-                loader = build_loader(
-                    self.dataset, cfg.data.batch_size, cfg.data.num_workers, seed=cfg.train.seed, epoch=epoch,
-                    start_step=self.step % self.steps_per_epoch, rank=self.dist.rank,
-                    world_size=self.dist.world_size,
-                )
+                loader = self.batches.epoch(epoch, start_step=self.step % self.steps_per_epoch)
                 for views, _labels, unreadable in loader:
                     self.unreadable.add(unreadable)  # warns once per file per run
                     last_of_epoch = (self.step + 1) % self.steps_per_epoch == 0
