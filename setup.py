@@ -20,6 +20,7 @@ setup(
         "dev": ["pytest", "ruff"],
         "tensorboard": ["tensorboard"],
         "gpu": ["nvidia-ml-py"],
+        "deepspeed": ["deepspeed>=0.19"],
     },
     entry_points={"console_scripts": ["fastdino=fastdino.cli:main"]},
 )
