@@ -186,3 +186,30 @@ def test_two_processes_zero2_match_one_process(tmp_path):
     assert_states_close({f"s.{k}": v for k, v in a["student"].items()},
                         {f"s.{k}": v for k, v in b["student"].items()}, lr_bound=2e-3, where="2 processes")
     torch.testing.assert_close(b["center"]["center"], a["center"]["center"], rtol=1e-4, atol=1e-6)
+
+
+# The README's multi-node launch lines, run on one machine: --nnodes=1 / a hostfile of one host (no ssh here).
+LAUNCH_LINES = {
+    "torchrun_rendezvous": ["torchrun", "--nnodes=1", "--nproc_per_node=2", "--rdzv_backend=c10d",
+                            "--rdzv_endpoint=localhost:29571", "--rdzv_id=fastdino-test", "-m", "fastdino", "train"],
+    "deepspeed_hostfile": ["deepspeed", "--hostfile", "{hostfile}", "--no_ssh", "--node_rank=0",
+                           "--master_addr=localhost", "--master_port=29572", "--module", "fastdino", "train"],
+}
+
+
+@pytest.mark.parametrize("line", sorted(LAUNCH_LINES))
+def test_multi_node_launch_lines_with_one_node(tmp_path, line):
+    launcher = LAUNCH_LINES[line][0]
+    if shutil.which(launcher) is None:
+        pytest.skip(f"{launcher} is not on PATH")
+    images = image_folder(tmp_path / "images", 8)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    command = [part.format(hostfile=hostfile) for part in LAUNCH_LINES[line]]
+    overrides = [c for c in TINY if not c.startswith("data.batch_size")]
+    run = subprocess.run([*command, "configs/demo.yaml", *overrides, "data.batch_size=2", "train.max_steps=2",
+                          "dino.head_bn=false", f"data.path={images}", "train.engine=deepspeed",
+                          f"train.output_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["step"] == 2 and ckpt["world_size"] == 2
