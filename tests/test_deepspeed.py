@@ -33,7 +33,15 @@ TINY = [
     "train.device=cpu", "train.precision=fp32", "train.resume=none", "train.knn_eval=false", "loss.impl=torch",
     "ema.impl=foreach", "health.enabled=false",
 ]
-LAST = "head.last_layer.parametrizations.weight.original1"  # weight_v of the weight-normed last layer
+LAST = "head.last_layer.parametrizations.weight.original1"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_process_group():
+    """A 1-process DeepSpeed run opens a process group of one in this process: close it for later tests."""
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # weight_v of the weight-normed last layer
 
 
 def image_folder(root, n):
