@@ -22,6 +22,7 @@ setup(
         "tensorboard": ["tensorboard"],
         "gpu": ["nvidia-ml-py"],  # pynvml: GPU telemetry in the training log, benchmarks and profile
         "dali": ["nvidia-dali-cuda130"],  # data.backend=dali: decode and multi-crop on the GPU
+        "deepspeed": ["deepspeed>=0.19"],  # train.engine=deepspeed: ZeRO stage 1 / 2
     },
     entry_points={"console_scripts": ["fastdino=fastdino.cli:main"]},
 )

@@ -207,6 +207,13 @@ class TrainConfig:
     """auto | cpu | cuda."""
     precision: str = "auto"
     """auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (with a GradScaler)."""
+    engine: str = "ddp"
+    """ddp (torchrun / DDP, and the single process) | deepspeed (ZeRO stage 1 or 2 from train.deepspeed_config;
+    needs the `.[deepspeed]` extra). engine/backends/ holds one file per engine."""
+    deepspeed_config: str = "configs/deepspeed/zero2.json"
+    """DeepSpeed JSON (engine=deepspeed): ZeRO stage 1 or 2 and fp16 loss scaling; the batch sizes, precision,
+    optimizer and clipping come from this config and must not be set there. A relative path is looked up in
+    the working directory, then in the fastdino source tree."""
     log_every: int = 20
     ckpt_every: int = 500
     """Iterations between checkpoints (one is also written at each epoch end)."""
@@ -230,6 +237,7 @@ class TrainConfig:
             raise ConfigError(f"train.knn_every={self.knn_every} needs train.knn_eval=true (or set train.knn_every=0)")
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
         _choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        _choice("train.engine", self.engine, ("ddp", "deepspeed"))
 
 
 @dataclass(kw_only=True)

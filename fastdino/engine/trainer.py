@@ -6,7 +6,6 @@ import logging
 import os
 import random
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,13 +16,13 @@ import yaml
 from fastdino.config import Config, ConfigError, config_to_dict, schedule_warnings
 from fastdino.data.files import DataError, ImageFileDataset, ImageIndex, UnreadableImages, index_image_folder
 from fastdino.data.loader import build_batch_source, resolve_backend, steps_per_epoch
+from fastdino.engine.backends import Backend, build_backend
 from fastdino.engine.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from fastdino.engine.distributed import DistInfo, init_distributed, sync_batchnorm, wrap_ddp
+from fastdino.engine.distributed import DistInfo, init_distributed, sync_batchnorm
 from fastdino.engine.ema import TeacherEMA
-from fastdino.engine.health import HealthMonitor, TrainingHealthError, agree, loss_scale
+from fastdino.engine.health import HealthMonitor, TrainingHealthError, agree
 from fastdino.engine.interop import init_from_weights, read_dino_weights
 from fastdino.engine.logging import RunLogger, write_run_report
-from fastdino.engine.optim import build_optimizer, clip_gradients_per_param, set_schedules
 from fastdino.eval.knn import knn_evaluate
 from fastdino.methods import build_method
 from fastdino.methods.base import Method
@@ -207,6 +206,7 @@ class Trainer:
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self.data_backend = resolve_backend(cfg.data.backend, self.device)
         self.output_dir = Path(cfg.train.output_dir)
+        self.backend: Backend = build_backend(cfg, self.dist, self.device, self.precision)  # checks DeepSpeed's set-up
 
         # Refuse bad data, bad checkpoints and changed settings before any model is built or step taken.
         self.train_dir, self.val_dir = data_roots(cfg.data.path)
@@ -243,8 +243,6 @@ class Trainer:
         self.method.student = sync_batchnorm(self.method.student, self.dist, self.device)
         self.method.teacher = sync_batchnorm(self.method.teacher, self.dist, self.device)
         self.ema = TeacherEMA(self.method.student, self.method.teacher, impl=cfg.ema.impl)
-        self.optimizer = build_optimizer(self.method.student, cfg.optim.fused, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.step = 0
         self.unreadable = UnreadableImages()  # distinct bad files of the run, kept in the checkpoint
         self.saved_step: int | None = None
@@ -256,23 +254,30 @@ class Trainer:
         elif init is not None:
             init_from_weights(self.method, init, cfg.dino.norm_last_layer)
         check_writable(self.output_dir)  # the last check (it creates the folder): nothing is written before
-        self.method.student = wrap_ddp(self.method.student, self.dist, self.device)
+        self.backend.wrap(self.method)  # optimizer; DDP or the DeepSpeed engine around the student
+        if ckpt is not None:  # after the wrap: DeepSpeed's optimizer exists only now
+            self.backend.load_state_dict(ckpt, ckpt_path)
+            set_rng_state(ckpt["rng"])
         self.dataset = ImageFileDataset(self.index, self.method.data_transform(), seed=cfg.train.seed)
         self.batches = build_batch_source(
             self.data_backend, self.dataset, cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed,
             self.dist.rank, self.dist.world_size, self.device,
         )
 
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.backend.optimizer
+
     # -- checkpoints ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """The run's checkpoint; called on every rank (a DeepSpeed backend writes its own files here)."""
         return {
             "config": config_to_dict(self.cfg),
             "step": self.step,
             "student": self.method.student_module().state_dict(),
             "teacher": self.method.teacher.state_dict(),
             "center": self.method.center.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
+            **self.backend.state_dict(),  # ddp: optimizer, scaler; deepspeed: where its own checkpoint is
             "rng": rng_state(),
             "skipped_images": self.unreadable.state(),  # paths (an int before: from_state reads both)
             "world_size": self.dist.world_size,
@@ -284,9 +289,6 @@ class Trainer:
             self.method.student_module().load_state_dict(ckpt["student"])
             self.method.teacher.load_state_dict(ckpt["teacher"])
             self.method.center.load_state_dict(ckpt["center"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.scaler.load_state_dict(ckpt["scaler"])
-            set_rng_state(ckpt["rng"])
             self.step = int(ckpt["step"])
             self.unreadable = UnreadableImages.from_state(ckpt["skipped_images"])
         except (KeyError, RuntimeError, ValueError) as exc:
@@ -295,8 +297,9 @@ class Trainer:
 
     def save(self) -> Path:
         path = self.output_dir / "last.pt"
+        state = self.state_dict()
         if self.dist.is_main:
-            save_checkpoint(self.state_dict(), path)
+            save_checkpoint(state, path)
         return path
 
     # -- one iteration -------------------------------------------------------------------------------
@@ -309,17 +312,13 @@ class Trainer:
         lr = cosine_schedule(step, self.total_steps, cfg.optim.lr * global_batch / 256, cfg.optim.min_lr, warmup)
         wd = cosine_schedule(step, self.total_steps, cfg.optim.weight_decay, cfg.optim.weight_decay_end)
         momentum = method.teacher_momentum(step, self.total_steps)
-        set_schedules(self.optimizer, lr, wd)
+        self.backend.set_schedules(lr, wd)
 
         # forward teacher and student, loss, center update (inside the method)
         with phase("copy to device"):
             views = [v.to(self.device, non_blocking=True) for v in views]
-        autocast = (
-            torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
-            if self.precision != "fp32" else nullcontext()
-        )
         method.with_signals = with_signals
-        with autocast:
+        with self.backend.autocast():
             loss, stats = method(views, epoch)
         # host sync, once per step: a non-finite loss must stop training before it reaches the weights
         if not torch.isfinite(loss).item():
@@ -329,23 +328,14 @@ class Trainer:
                     "no checkpoint was written yet: lower optim.lr or use train.precision=bf16 and start again")
             raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at iteration {step} (epoch {epoch}); {kept}")
 
-        # backward
+        # backward (scaled under fp16; gradients reduced over processes)
         with phase("backward"):
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
+            self.backend.backward(loss)
 
-        # clip (per parameter, on unscaled gradients), frozen last layer
-        with phase("clip"):
-            self.scaler.unscale_(self.optimizer)
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            grad_norm = clip_gradients_per_param(params, cfg.optim.clip_grad)
-            method.before_optimizer_step(epoch)
-
-        # optimizer step
-        with phase("optimizer"):
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        if with_signals and (scale := loss_scale(self.scaler)) is not None:
+        # unscale, clip per parameter, cancel the method's frozen parameters, optimizer step (phases "clip",
+        # "optimizer" inside the backend)
+        grad_norm = self.backend.step(epoch)
+        if with_signals and (scale := self.backend.loss_scale()) is not None:
             stats["loss_scale"] = scale  # fp16 only: the scale the next step uses (a device scalar)
 
         # EMA teacher update

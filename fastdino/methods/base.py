@@ -33,8 +33,16 @@ class Method(nn.Module):
     def teacher_momentum(self, step: int, total_steps: int) -> float:
         raise NotImplementedError
 
+    def frozen_parameters(self, epoch: int) -> list[nn.Parameter]:
+        """Student parameters the optimizer must leave untouched in this epoch (DINO's last layer early on:
+        no update, no weight decay, no Adam state). Default: none. Backends read it: the DDP one through
+        `before_optimizer_step`, DeepSpeed through its partitioned gradients (engine/backends/)."""
+        return []
+
     def before_optimizer_step(self, epoch: int) -> None:
-        """Adjust gradients after clipping (e.g. DINO's frozen last layer). Default: nothing."""
+        """After clipping: cancel the gradients of `frozen_parameters(epoch)` (gradient None: AdamW skips them)."""
+        for p in self.frozen_parameters(epoch):
+            p.grad = None
 
     def feature_backbone(self) -> nn.Module:
         """The network whose output is evaluated by k-NN (DINO: the teacher's backbone)."""

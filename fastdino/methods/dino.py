@@ -132,13 +132,12 @@ class DINO(Method):
     def teacher_momentum(self, step: int, total_steps: int) -> float:
         return cosine_schedule(step, total_steps, self.cfg.dino.momentum_teacher, 1.0)
 
-    def before_optimizer_step(self, epoch: int) -> None:
-        """Freeze the last head layer during the first epochs (official: cancel its gradients)."""
+    def frozen_parameters(self, epoch: int) -> list[nn.Parameter]:
+        """The last head layer during the first `dino.freeze_last_layer_epochs` (official: its gradients are
+        cancelled after clipping)."""
         if epoch >= self.cfg.dino.freeze_last_layer_epochs:
-            return
-        for name, p in self.student_module().named_parameters():
-            if "last_layer" in name:
-                p.grad = None
+            return []
+        return [p for name, p in self.student_module().named_parameters() if "last_layer" in name]
 
     def feature_backbone(self) -> nn.Module:
         return self.teacher.backbone

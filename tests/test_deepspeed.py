@@ -1,0 +1,223 @@
+"""DeepSpeed ZeRO-1/2 backend on DeepSpeed's CPU accelerator, against the DDP backend on the same batches.
+
+Tolerances: the two backends run the same fp32 math except that ZeRO sums each parameter's squared
+gradient norm from its partition slices (float rounding). Adam divides by sqrt(v), so a gradient that
+is zero in exact arithmetic (the key part of the qkv bias: softmax ignores it) turns rounding noise
+into an update of up to about lr; that part is checked against that bound, everything else to 1e-5.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("deepspeed")
+
+from fastdino.cli import main  # noqa: E402
+from fastdino.config import ConfigError, load_config  # noqa: E402
+from fastdino.engine.checkpoint import load_checkpoint  # noqa: E402
+from fastdino.engine.trainer import Trainer  # noqa: E402
+
+TINY = [
+    "model.arch=vit_tiny", "model.depth=2", "model.patch_size=8", "model.img_size=32", "model.drop_path_rate=0",
+    "dino.out_dim=64", "dino.hidden_dim=64", "dino.bottleneck_dim=32", "dino.momentum_teacher=0.9",
+    "dino.freeze_last_layer_epochs=1", "data.global_size=32", "data.local_size=24", "data.local_crops_number=2",
+    "data.batch_size=3", "data.num_workers=0", "optim.lr=0.1", "optim.min_lr=1e-4", "optim.weight_decay=0.5",
+    "optim.weight_decay_end=2", "optim.clip_grad=3.0", "optim.warmup_epochs=2", "train.epochs=4",
+    "train.device=cpu", "train.precision=fp32", "train.resume=none", "train.knn_eval=false", "loss.impl=torch",
+    "ema.impl=foreach", "health.enabled=false",
+]
+LAST = "head.last_layer.parametrizations.weight.original1"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_process_group():
+    """A 1-process DeepSpeed run opens a process group of one in this process: close it for later tests."""
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # weight_v of the weight-normed last layer
+
+
+def image_folder(root, n):
+    root.mkdir()
+    for i in range(n):
+        Image.new("RGB", (40, 40), (20 * i, 100, 200)).save(root / f"{i}.png")
+    return root
+
+
+def steps(tmp_path, engine: str, n_steps: int, extra=()):
+    """n_steps of Trainer.train_step on seeded random views; yields (metrics, trainer) after each."""
+    images = tmp_path / "images"
+    if not images.exists():
+        image_folder(images, 9)  # 3 iterations per epoch: the last-layer freeze ends at step 3
+    cfg = load_config(None, TINY + [f"data.path={images}", f"train.output_dir={tmp_path / engine}",
+                                    f"train.engine={engine}", *extra])
+    trainer = Trainer(cfg)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(n_steps):
+        views = [torch.randn(3, 3, s, s, generator=gen) for s in (32, 32, 24, 24)]
+        trainer.step = step
+        yield trainer.train_step(views, step // trainer.steps_per_epoch), trainer
+
+
+def snapshot(trainer) -> dict[str, torch.Tensor]:
+    state = {f"student.{k}": v.clone() for k, v in trainer.method.student_module().state_dict().items()}
+    state.update({f"teacher.{k}": v.clone() for k, v in trainer.method.teacher.state_dict().items()})
+    return state
+
+
+def assert_states_close(a: dict, b: dict, lr_bound: float, where: str):
+    for name, x in a.items():
+        y = b[name]
+        if name.endswith("attn.qkv.bias"):  # the key third: zero gradient, Adam-normalised rounding noise
+            d = x.numel() // 3
+            assert (x[d:2 * d] - y[d:2 * d]).abs().max() <= lr_bound, f"{where}: {name} (key part)"
+            x, y = torch.cat((x[:d], x[2 * d:])), torch.cat((y[:d], y[2 * d:]))
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5, msg=f"{where}: {name}")
+
+
+@pytest.mark.parametrize("config", ["zero1", "zero2"])
+def test_one_process_step_matches_ddp_backend(tmp_path, config):
+    """8 steps across the end of the last-layer freeze: loss, grad norm, student, teacher, center."""
+    ddp = [(m, snapshot(t), t.method.center.center.clone()) for m, t in steps(tmp_path, "ddp", 8)]
+    extra = [f"train.deepspeed_config=configs/deepspeed/{config}.json"]
+    for step, (m, t) in enumerate(steps(tmp_path, "deepspeed", 8, extra)):
+        ref, ref_state, ref_center = ddp[step]
+        where = f"{config}, step {step}"
+        assert float(m["loss"]) == pytest.approx(float(ref["loss"]), rel=1e-5), where
+        assert float(m["grad_norm"]) == pytest.approx(float(ref["grad_norm"]), rel=1e-5), where
+        assert_states_close(ref_state, snapshot(t), lr_bound=2e-3, where=where)
+        torch.testing.assert_close(t.method.center.center, ref_center, rtol=1e-5, atol=1e-6)
+
+
+def test_zero2_freezes_last_layer_exactly_and_clips_per_parameter(tmp_path):
+    """At ZeRO-2 the gradient lives in the partition after backward (p.grad is None already, so the DDP
+    way of cancelling it cannot work); the frozen group is skipped by AdamW: the last layer is bitwise
+    unchanged for the whole first epoch despite a weight decay of 0.5, and moves from step 3."""
+    init = None
+    for step, (m, t) in enumerate(steps(tmp_path, "deepspeed", 4)):
+        last = t.method.student_module().state_dict()[LAST]
+        if init is None:
+            init = last.clone()
+            student = t.method.student_module()
+            assert all(p.grad is None for p in student.parameters())  # reduced into the partitions
+            assert float(m["grad_norm"]) > 3.0  # clipping at 3.0 per parameter was active
+        if step < 3:
+            assert torch.equal(last, init), f"step {step}: the frozen last layer moved"
+        else:
+            assert not torch.equal(last, init), "step 3: the last layer must train after the freeze"
+
+
+def test_bf16_keeps_fp32_student_weights_for_the_ema(tmp_path):
+    for _m, t in steps(tmp_path, "deepspeed", 1, ["train.precision=bf16"]):
+        dtypes = {p.dtype for p in t.method.student_module().parameters()}
+        assert dtypes == {torch.float32}, dtypes
+        assert t.backend.ds_config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+
+
+def _write(path, obj):
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def test_bad_deepspeed_settings_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    images = image_folder(tmp_path / "images", 9)
+    base = ["train", "configs/demo.yaml", f"data.path={images}", f"train.output_dir={tmp_path / 'run'}"]
+    cases = {
+        "zero3": (_write(tmp_path / "z3.json", {"zero_optimization": {"stage": 3}}), "ZeRO stage 3"),
+        "owned": (_write(tmp_path / "b.json", {"zero_optimization": {"stage": 2}, "train_batch_size": 8}),
+                  "train_batch_size"),
+        "missing": (tmp_path / "nope.json", "no such file"),
+    }
+    for name, (path, words) in cases.items():
+        assert main([*base, "train.engine=deepspeed", f"train.deepspeed_config={path}"]) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "train.deepspeed_config" in err and words in err, err
+    assert main([*base, "train.engine=horovod"]) == 2
+    assert "train.engine='horovod'" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # as if not installed
+    assert main([*base, "train.engine=deepspeed"]) == 2
+    err = capsys.readouterr().err
+    assert "fastdino[deepspeed]" in err and "train.engine" in err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    with pytest.raises(ConfigError, match="train.engine"):
+        load_config(None, ["train.engine=zero"])
+
+
+def _fit(tmp_path, out, max_steps, extra=()):
+    images = tmp_path / "images"
+    if not images.exists():
+        image_folder(images, 9)
+    cfg = load_config(None, TINY + [f"data.path={images}", f"train.output_dir={out}", "train.engine=deepspeed",
+                                    "train.resume=auto", f"train.max_steps={max_steps}", *extra])
+    return Trainer(cfg).fit()
+
+
+def test_resume_continues_a_deepspeed_run_exactly(tmp_path):
+    """Stop after 2 iterations, resume to 5 (across the freeze): bitwise the uninterrupted 5 on the CPU."""
+    _fit(tmp_path, tmp_path / "whole", 5)
+    _fit(tmp_path, tmp_path / "parts", 2)
+    assert _fit(tmp_path, tmp_path / "parts", 5).steps_done == 5
+    whole, parts = load_checkpoint(tmp_path / "whole" / "last.pt"), load_checkpoint(tmp_path / "parts" / "last.pt")
+    assert whole["step"] == parts["step"] == 5
+    for key in ("student", "teacher", "center"):
+        for name, value in whole[key].items():
+            assert torch.equal(parts[key][name], value), f"{key}.{name}"
+    assert parts["deepspeed"]["tag"] == "step5" and (tmp_path / "parts" / "deepspeed" / "step5").is_dir()
+    # the plain fastdino checkpoint: what `fastdino knn` reads
+    assert main(["export", str(tmp_path / "parts" / "last.pt"), "--format", "official-backbone",
+                 "--out", str(tmp_path / "b.pth")]) == 0
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+def test_two_processes_zero2_match_one_process(tmp_path):
+    """2 processes (torchrun, gloo) at batch 2 equal 1 process at batch 4 under ZeRO-2, within the tolerances above."""
+    images = image_folder(tmp_path / "images", 8)
+    common = [*TINY, f"data.path={images}", "train.engine=deepspeed", "train.resume=auto", "train.epochs=2"]
+    common = [c for c in common if not c.startswith("data.batch_size")]
+    one = subprocess.run([sys.executable, "-m", "fastdino", "train", "configs/demo.yaml", *common,
+                          "data.batch_size=4", f"train.output_dir={tmp_path / 'one'}", "dino.head_bn=false"],
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "-m", "fastdino", "train",
+                          "configs/demo.yaml", *common, "data.batch_size=2", f"train.output_dir={tmp_path / 'two'}",
+                          "dino.head_bn=false"], capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = load_checkpoint(tmp_path / "one" / "last.pt"), load_checkpoint(tmp_path / "two" / "last.pt")
+    assert a["step"] == b["step"] == 4
+    assert_states_close({f"s.{k}": v for k, v in a["student"].items()},
+                        {f"s.{k}": v for k, v in b["student"].items()}, lr_bound=2e-3, where="2 processes")
+    torch.testing.assert_close(b["center"]["center"], a["center"]["center"], rtol=1e-4, atol=1e-6)
+
+
+# The README's multi-node launch lines, run on one machine: --nnodes=1 / a hostfile of one host (no ssh here).
+LAUNCH_LINES = {
+    "torchrun_rendezvous": ["torchrun", "--nnodes=1", "--nproc_per_node=2", "--rdzv_backend=c10d",
+                            "--rdzv_endpoint=localhost:29571", "--rdzv_id=fastdino-test", "-m", "fastdino", "train"],
+    "deepspeed_hostfile": ["deepspeed", "--hostfile", "{hostfile}", "--no_ssh", "--node_rank=0",
+                           "--master_addr=localhost", "--master_port=29572", "--module", "fastdino", "train"],
+}
+
+
+@pytest.mark.parametrize("line", sorted(LAUNCH_LINES))
+def test_multi_node_launch_lines_with_one_node(tmp_path, line):
+    launcher = LAUNCH_LINES[line][0]
+    if shutil.which(launcher) is None:
+        pytest.skip(f"{launcher} is not on PATH")
+    images = image_folder(tmp_path / "images", 8)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    command = [part.format(hostfile=hostfile) for part in LAUNCH_LINES[line]]
+    overrides = [c for c in TINY if not c.startswith("data.batch_size")]
+    run = subprocess.run([*command, "configs/demo.yaml", *overrides, "data.batch_size=2", "train.max_steps=2",
+                          "dino.head_bn=false", f"data.path={images}", "train.engine=deepspeed",
+                          f"train.output_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["step"] == 2 and ckpt["world_size"] == 2
