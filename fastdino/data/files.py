@@ -12,11 +12,15 @@ number of worker processes and however often they are rebuilt.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import random
+import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +85,8 @@ class _Walk:
     `claimed` folders (the data root and every class folder, as real paths) are entered only as the start
     of their own walk, so a link from one class to another or back to the root neither loops nor moves
     images between classes. A real file reached by several paths keeps the first in sorted order.
+    It also notes what the index cache checks: the mtime of every folder listed (read before listing it, so
+    a later change moves it), the folder links followed, and whether every folder could be listed.
     """
 
     def __init__(self, claimed: Iterable[str]) -> None:
@@ -88,6 +94,9 @@ class _Walk:
         self.walked: set[str] = set()
         self.files: set[str] = set()
         self.duplicates = 0
+        self.listed: dict[str, int] = {}  # real folder path -> st_mtime_ns
+        self.links: dict[str, str] = {}  # folder link as reached -> its real path
+        self.complete = True
 
     def images(self, folder: Path, recursive: bool) -> list[str]:
         """Sorted image paths (as reached from `folder`, not resolved) in `folder` and, if `recursive`, below."""
@@ -100,8 +109,10 @@ class _Walk:
             path, real = stack.pop()
             self.walked.add(real)
             try:
+                self.listed[real] = os.stat(path).st_mtime_ns
                 entries = sorted(os.scandir(path), key=lambda e: e.name)
             except OSError as err:  # os.walk skipped these silently; say which folder is left out
+                self.complete = False
                 log.warning("cannot list folder %s (%s): its images are left out", path, err)
                 continue
             for entry in entries:
@@ -110,6 +121,8 @@ class _Walk:
                 # Only a link costs a realpath call: below a resolved folder a plain entry is resolved already.
                 entry_real = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real, entry.name)
                 if entry.is_dir():
+                    if entry.is_symlink():
+                        self.links[entry.path] = entry_real
                     if recursive and entry_real not in self.walked and entry_real not in self.claimed:
                         self.walked.add(entry_real)
                         stack.append((entry.path, entry_real))
@@ -125,6 +138,156 @@ class _Walk:
         return paths
 
 
+INDEX_CACHE_ENV = "FASTDINO_INDEX_CACHE"
+"""Environment variable: the folder of the image-index cache, or `off` to index every time (README, "Train on
+your own images"). Unset: `$XDG_CACHE_HOME/fastdino/index`, else `~/.cache/fastdino/index`."""
+_CACHE_MAGIC = b"fastdino image index v1\n"
+_RACY_NS = 2_000_000_000  # a folder changed this close to the walk may change again within its mtime's granularity
+
+
+@dataclass
+class _FolderScan:
+    """What a walk of a data folder found, before labels: what the index cache stores."""
+
+    per_class: dict[str, list[str]]  # class folder name -> its image paths (classes without images left out)
+    top_level: list[str]  # images directly in the root
+    duplicates: int  # paths dropped because they lead to a file indexed already
+    walk: _Walk | None = field(default=None, repr=False)  # None when read from the cache
+
+
+def _scan_folder(root: Path) -> _FolderScan:
+    root_mtime = os.stat(root).st_mtime_ns  # before listing the root: a later change moves it
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p.name))
+    walk = _Walk(claimed=[os.path.realpath(p) for p in (root, *subdirs)])
+    per_class = {d.name: walk.images(d, recursive=True) for d in subdirs}
+    top_level = walk.images(root, recursive=False)
+    walk.listed[os.path.realpath(root)] = root_mtime
+    walk.links.update((str(d), os.path.realpath(d)) for d in subdirs if d.is_symlink())
+    return _FolderScan({name: paths for name, paths in per_class.items() if paths}, top_level, walk.duplicates, walk)
+
+
+def index_cache_dir() -> Path | None:
+    """The index cache's folder (`INDEX_CACHE_ENV`, else the XDG cache folder), None when it is turned off."""
+    value = os.environ.get(INDEX_CACHE_ENV)
+    if value is not None:
+        return None if value.strip().lower() in ("", "off", "0", "false", "no") else Path(value).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fastdino" / "index"
+
+
+def _cache_file(cache_dir: Path, root: Path) -> Path:
+    # Keyed by the folder as given (the cached paths start with it) and where it really is.
+    key = f"{root}\0{os.path.realpath(root)}".encode(sys.getfilesystemencoding(), "surrogateescape")
+    return cache_dir / f"{hashlib.blake2b(key, digest_size=16).hexdigest()}.idx"
+
+
+def _extensions_key() -> str:
+    return ",".join(sorted(IMAGE_EXTENSIONS))  # another Pillow may index other suffixes
+
+
+def _encode(text: str) -> bytes:
+    return text.encode(sys.getfilesystemencoding(), "surrogateescape")
+
+
+def _write_cache(file: Path, root: Path, scan: _FolderScan) -> None:
+    """Store `scan` in `file` atomically: a header line (JSON) then the paths, relative to their folder, joined
+    by NUL (the one byte no file name holds)."""
+    groups, names = [], []
+    for name, folder, paths in [*((n, root / n, p) for n, p in scan.per_class.items()), (None, root, scan.top_level)]:
+        prefix = os.path.join(str(folder), "")
+        if not all(p.startswith(prefix) for p in paths):
+            prefix = ""
+        groups.append([name, prefix, len(paths)])
+        names += [p[len(prefix):] for p in paths]
+    blob = _encode("\0".join(names))
+    header = {"root": str(root), "real_root": os.path.realpath(root), "extensions": _extensions_key(),
+              "folders": sorted(scan.walk.listed.items()), "links": sorted(scan.walk.links.items()),
+              "groups": groups, "duplicates": scan.duplicates, "digest": hashlib.blake2b(blob).hexdigest()}
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(_CACHE_MAGIC + _encode(json.dumps(header)) + b"\n" + blob)
+        os.replace(tmp, file)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_cache(file: Path, root: Path) -> tuple[_FolderScan | None, str]:
+    """The cached scan of `root`, or None and why not (missing, unreadable, corrupt or out of date)."""
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError:
+        return None, "none yet"
+    except OSError as err:
+        return None, f"unreadable ({err})"
+    try:
+        if not data.startswith(_CACHE_MAGIC):
+            raise ValueError("not a fastdino index file")
+        header_end = data.index(b"\n", len(_CACHE_MAGIC))
+        header = json.loads(data[len(_CACHE_MAGIC):header_end])
+        blob = data[header_end + 1:]
+        if hashlib.blake2b(blob).hexdigest() != header["digest"]:
+            raise ValueError("checksum mismatch")
+        if (header["root"], header["real_root"]) != (str(root), os.path.realpath(root)):
+            raise ValueError("written for another folder")
+        if header["extensions"] != _extensions_key():
+            return None, "out of date (another set of image suffixes)"
+        for folder, mtime in header["folders"]:
+            try:
+                if os.stat(folder).st_mtime_ns != mtime:
+                    return None, f"out of date ({folder} changed)"
+            except OSError:
+                return None, f"out of date ({folder} is gone)"
+        for link, real in header["links"]:
+            if os.path.realpath(link) != real:
+                return None, f"out of date (link {link} moved)"
+        names = blob.decode(sys.getfilesystemencoding(), "surrogateescape").split("\0") if blob else []
+        if sum(count for _, _, count in header["groups"]) != len(names):
+            raise ValueError("path count mismatch")
+        per_class, top_level, start = {}, [], 0
+        for name, prefix, count in header["groups"]:
+            paths = [prefix + n for n in names[start:start + count]]
+            start += count
+            if name is None:
+                top_level = paths
+            else:
+                per_class[name] = paths
+        return _FolderScan(per_class, top_level, int(header["duplicates"])), "hit"
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeError) as err:  # JSONDecodeError is a ValueError
+        return None, f"corrupt ({err})"
+
+
+def _scan_folder_cached(root: Path) -> _FolderScan:
+    """`_scan_folder(root)`, read from the index cache while every listed folder keeps its mtime.
+
+    A cache that is missing, corrupt (checksum, format) or out of date is rebuilt, never trusted. The cache is
+    written only after a walk that listed every folder and saw none changed within `_RACY_NS` of its start
+    (a change in the same mtime tick would go unseen); writing is atomic, so ranks racing on one file are safe.
+    """
+    cache_dir = index_cache_dir()
+    if cache_dir is None:
+        return _scan_folder(root)
+    file = _cache_file(cache_dir, root)
+    scan, why = _read_cache(file, root)
+    if scan is not None:
+        log.info("%s: index read from the cache %s", root, file)
+        return scan
+    if why.startswith("corrupt"):
+        log.warning("index cache %s is %s: re-indexing %s", file, why, root)
+    elif why != "none yet":
+        log.info("index cache %s is %s: re-indexing %s", file, why, root)
+    started = time.time_ns()
+    scan = _scan_folder(root)
+    if scan.walk.complete and all(mtime < started - _RACY_NS for mtime in scan.walk.listed.values()):
+        try:
+            _write_cache(file, root, scan)
+        except OSError as err:
+            log.warning("cannot write the index cache %s (%s): set %s to a writable folder, or to off",
+                        file, err, INDEX_CACHE_ENV)
+    return scan
+
+
 def index_image_folder(root: str | Path, classes: Sequence[str] | None = None) -> ImageIndex:
     """Index `root`: each non-hidden sub-folder holding images is a class (sorted names, searched recursively).
 
@@ -135,20 +298,23 @@ def index_image_folder(root: str | Path, classes: Sequence[str] | None = None) -
     each real file is indexed once (a second path to it is dropped, with a warning) and no folder is entered
     twice, so a link back to a parent does not loop. Raises DataError naming `root` when it is missing, not
     a folder, or holds no image.
+
+    The walk is cached outside `root` (`index_cache_dir()`; `FASTDINO_INDEX_CACHE=off` turns it off), keyed by
+    `root` and its real path, and reused while every folder it listed keeps its mtime and every folder link
+    its target: adding, removing or renaming a file or folder anywhere below invalidates it. Not seen: a change
+    inside a file that keeps its name (the index holds paths only; the file is read when used), permissions
+    changed by chmod, and a file link whose target moves because a link outside the folder changed.
     """
     root = Path(root)
     if not root.exists():
         raise DataError(f"image folder {root} does not exist")
     if not root.is_dir():
         raise DataError(f"image folder {root} is not a folder")
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p.name))
-    walk = _Walk(claimed=[os.path.realpath(p) for p in (root, *subdirs)])
-    per_class = {d.name: walk.images(d, recursive=True) for d in subdirs}
-    per_class = {name: paths for name, paths in per_class.items() if paths}
-    top_level = walk.images(root, recursive=False)
-    if walk.duplicates:
+    scan = _scan_folder_cached(root)
+    per_class, top_level = scan.per_class, scan.top_level
+    if scan.duplicates:
         log.warning("%s: %d path(s) lead to files already indexed through another path; each file is indexed once",
-                    root, walk.duplicates)
+                    root, scan.duplicates)
     if per_class and top_level:
         log.warning("%s: ignoring %d image(s) beside the class sub-folders", root, len(top_level))
     if not per_class:
