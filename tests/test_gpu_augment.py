@@ -23,6 +23,8 @@ from fastdino.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, multicrop_trans
 from fastdino.errors import MissingDependencyError
 
 RECIPE = ga.CropRecipe(32, 16, 3, (0.4, 1.0), (0.05, 0.4), (0.1, 2.0), 1.0)
+# The decode paths run on the CPU here and on the GPU (nvJPEG) in `pytest -m gpu` (perf/gpu_suite.py).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def _pixels(n: int, size: int = 24, seed: int = 0) -> torch.Tensor:
@@ -131,19 +133,88 @@ def _photo(width: int = 40, height: int = 24) -> Image.Image:
     return Image.fromarray(rgb)
 
 
+def _pillow_chw(path) -> torch.Tensor:
+    return torch.from_numpy(np.array(decode_rgb(str(path)))).permute(2, 0, 1)  # (3, H, W) uint8
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("orientation", range(1, 9))
-def test_gpu_decode_path_applies_exif_orientation_as_pillow(tmp_path, orientation):
+def test_gpu_decode_path_applies_exif_orientation_as_pillow(tmp_path, orientation, device):
     path = tmp_path / "o.jpg"
     path.write_bytes(_jpeg_bytes(_photo(), orientation))
     ds = ga.EncodedImages(ImageFileDataset(index_image_folder(tmp_path), multicrop_transform()), RECIPE)
     item = ds[0]
     assert item.jpeg is not None  # the GPU decoder's path
-    source = ga.TorchGpuBatches(ds.base, 1, 0, 0, device="cpu")
-    images, _ = source._decode([item])
-    want = torch.from_numpy(np.array(decode_rgb(str(path)))).permute(2, 0, 1)
+    source = ga.TorchGpuBatches(ds.base, 1, 0, 0, device=device)
+    images, decoded = source._decode([item])
+    assert decoded[0].pixels is None and images[0].device.type == device  # not a CPU fallback
+    want = _pillow_chw(path)
     assert images[0].shape == want.shape == (3, *item.size)
-    assert (images[0].float() - want.float()).abs().mean() < 2  # JPEG decoders differ by rounding only
+    assert (images[0].cpu().float() - want.float()).abs().mean() < 2  # JPEG decoders differ by rounding only
     assert ImageOps.exif_transpose(Image.open(path)).size == (want.shape[2], want.shape[1])
+
+
+def _smooth(width: int, height: int, seed: int) -> Image.Image:
+    """Photo-like: smooth fields, so JPEG decoders differ by rounding only, not by ringing at sharp edges."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    rgb = np.stack([255 * xx / width, 255 * yy / height, 127.5 + 100 * np.sin(xx / 9 + yy / 13 + seed)], -1)
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batched_decode_equals_the_pillow_decode_within_jpeg_rounding(tmp_path, device):
+    sizes = [(64, 48), (57, 33), (120, 80), (33, 65), (500, 375)]
+    for k, (w, h) in enumerate(sizes):  # 4:4:4, 4:2:2 and 4:2:0 chroma, odd sizes
+        _smooth(w, h, k).save(tmp_path / f"{k}.jpg", quality=90, subsampling=k % 3)
+    ds = ga.EncodedImages(ImageFileDataset(index_image_folder(tmp_path), multicrop_transform()), RECIPE)
+    items = [ds[i] for i in range(len(ds))]
+    assert all(it.jpeg is not None for it in items)
+    images, decoded = ga.TorchGpuBatches(ds.base, len(items), 0, 0, device=device)._decode(list(items))
+    for img, item, path in zip(images, decoded, ds.base.index.paths, strict=True):
+        assert item.pixels is None  # one batched decode on the device, no CPU fallback
+        assert img.device.type == device and img.dtype == torch.uint8
+        want = _pillow_chw(path)
+        assert img.shape == want.shape
+        diff = (img.cpu().float() - want.float()).abs()  # grey levels: IDCT and chroma upsampling round differently
+        assert diff.mean() < 1.5 and torch.quantile(diff.flatten(), 0.999) <= 12, (path, diff.mean(), diff.max())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_formats_the_gpu_decoder_is_not_given_are_decoded_exactly_by_pillow(tmp_path, device):
+    photo = _smooth(40, 24, 0)
+    photo.save(tmp_path / "0.png")
+    (tmp_path / "1_cmyk.jpg").write_bytes(_jpeg_bytes(photo.convert("CMYK")))
+    (tmp_path / "2_gray.jpg").write_bytes(_jpeg_bytes(photo.convert("L")))
+    Image.fromarray(np.asarray(photo.convert("L"), dtype=np.uint16) * 257).save(tmp_path / "3_16bit.png")
+    (tmp_path / "4_rgb.jpg").write_bytes(_jpeg_bytes(photo, orientation=6))
+    ds = ga.EncodedImages(ImageFileDataset(index_image_folder(tmp_path), multicrop_transform(32, 16, 2)), RECIPE)
+    items = [ds[i] for i in range(len(ds))]
+    assert [it.jpeg is None for it in items] == [True, True, True, True, False]
+    source = ga.TorchGpuBatches(ds.base, len(items), 0, 0, device=device)
+    images, _ = source._decode(list(items))
+    for img, path in zip(images[:4], ds.base.index.paths, strict=False):
+        assert img.device.type == device and torch.equal(img.cpu(), _pillow_chw(path)), path
+    views, bad = source.views(items)
+    assert bad == [] and [tuple(v.shape) for v in views] == [(5, 3, 32, 32)] * 2 + [(5, 3, 16, 16)] * 2
+    assert all(v.device.type == device and torch.isfinite(v).all() for v in views)
+
+
+@pytest.mark.gpu
+def test_a_gpu_batch_has_the_cpu_backends_shapes_dtypes_ranges_and_labels(tmp_path):
+    dataset = ImageFileDataset(index_image_folder(_folder(tmp_path)), multicrop_transform(32, 16, 2), seed=3)
+    cpu_views, cpu_labels, _ = next(iter(loader.CpuBatches(dataset, 4, 0, seed=3).epoch(0)))
+    gpu = ga.TorchGpuBatches(dataset, 4, 0, seed=3, device="cuda")
+    views, labels, bad = next(iter(gpu.epoch(0)))
+    assert [v.shape for v in views] == [v.shape for v in cpu_views] and bad == []
+    assert all(v.dtype == torch.float32 and v.device.type == "cuda" and v.is_contiguous() for v in views)
+    assert torch.equal(labels, cpu_labels)  # same sampler: the same images in the same order
+    for v in views:
+        for c, (m, s) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)):
+            assert (0 - m) / s - 1e-4 <= v[:, c].min() and v[:, c].max() <= (1 - m) / s + 1e-4
+    # the same batch with every op on CPU tensors: the GPU changes the decode's rounding, not the recipe
+    host = next(iter(ga.TorchGpuBatches(dataset, 4, 0, seed=3, device="cpu").epoch(0)))[0]
+    for v, h in zip(views, host, strict=True):
+        assert (v.cpu() - h).abs().mean() < 0.05  # normalised units: about one grey level is 0.017
 
 
 # --- random parameters against SPEC ---
