@@ -9,11 +9,17 @@ import torch
 from PIL import Image
 
 from fastdino.data import gpu_augment as ga
-from fastdino.data.files import ImageFileDataset, index_image_folder
+from fastdino.data.files import ImageFileDataset, decode_rgb, index_image_folder
+from fastdino.data.loader import CpuBatches
 from fastdino.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, multicrop_transform
 
 pytest.importorskip("nvidia.dali")
-from fastdino.data.dali import DaliBatches, dali_rows  # noqa: E402
+from nvidia.dali import fn, pipeline_def, types  # noqa: E402
+
+from fastdino.data.dali import DaliBatches, _encoded, dali_rows  # noqa: E402
+
+# CPU operators here; nvJPEG ("mixed") and the GPU operators in `pytest -m gpu` (perf/gpu_suite.py).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def _photo(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -35,10 +41,10 @@ def _folder(root, n=8):
     return root
 
 
-def _sources(root, **kw):
+def _sources(root, device="cpu", **kw):
     dataset = ImageFileDataset(index_image_folder(root), multicrop_transform(32, 16, 2, blur_sigma=(0.1, 0.5)),
                                seed=5)
-    dali = DaliBatches(dataset, batch_size=4, num_workers=0, seed=5, device="cpu", num_threads=1, **kw)
+    dali = DaliBatches(dataset, batch_size=4, num_workers=0, seed=5, device=device, num_threads=1, **kw)
     torch_gpu = ga.TorchGpuBatches(dataset, batch_size=4, num_workers=0, seed=5, device="cpu", **kw)
     return dali, torch_gpu
 
@@ -119,3 +125,90 @@ def test_batches_are_deterministic_resume_exactly_and_skip_bad_files(tmp_path):
     everything = list(dali.epoch(1)) + list(dali.epoch(2)) + first
     reported = {p.rsplit("/", 1)[-1] for _, _, bad in everything for p, _ in bad}
     assert reported <= {"9_empty.jpg", "9_truncated.jpg"} and reported  # met in some epoch, never a crash
+
+
+def _jpeg(img, orientation=1, **kw) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=95, exif=exif, **kw)
+    return buf.getvalue()
+
+
+def _decoded_by_dali(blobs, device):
+    """The backend's decode op alone (`fn.decoders.image` as in dali.build_pipeline): (H, W, 3) uint8 arrays."""
+    gpu = device == "cuda"
+
+    @pipeline_def(batch_size=len(blobs), num_threads=1, device_id=0 if gpu else None, exec_async=False,
+                  exec_pipelined=False)
+    def decode():
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+        return fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
+
+    pipe = decode()
+    pipe.build()
+    pipe.feed_input("encoded", blobs)
+    (out,) = pipe.run()
+    out = out.as_cpu() if gpu else out
+    return [np.array(out.at(k)) for k in range(len(blobs))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_decoder_equals_pillow_within_jpeg_rounding_and_fallbacks_exactly(tmp_path, device):
+    for k, (w, h) in enumerate([(64, 48), (57, 33), (500, 375)]):  # 4:4:4, 4:2:2, 4:2:0 chroma
+        _photo(w, h, seed=k).save(tmp_path / f"0_{k}.jpg", quality=90, subsampling=k)
+    photo = _photo(40, 24)
+    (tmp_path / "1_exif6.jpg").write_bytes(_jpeg(photo, orientation=6))
+    (tmp_path / "1_exif7.jpg").write_bytes(_jpeg(photo, orientation=7))
+    photo.save(tmp_path / "2.png")
+    (tmp_path / "2_cmyk.jpg").write_bytes(_jpeg(photo.convert("CMYK")))
+    (tmp_path / "2_gray.jpg").write_bytes(_jpeg(photo.convert("L")))
+    Image.fromarray(np.asarray(photo.convert("L"), dtype=np.uint16) * 257).save(tmp_path / "2_16bit.png")
+    dali, _ = _sources(tmp_path)
+    items = [dali.encoded[i] for i in range(len(dali.encoded))]
+    paths = dali.encoded.base.index.paths
+    assert [it.jpeg is None for it in items] == [False] * 5 + [True] * 4  # fallbacks: Pillow, then BMP
+    for got, it, path in zip(_decoded_by_dali([_encoded(it) for it in items], device), items, paths, strict=True):
+        want = np.array(decode_rgb(path))
+        assert got.shape == want.shape == (*it.size, 3), path  # EXIF orientation applied
+        diff = np.abs(got.astype(np.float64) - want)
+        if it.jpeg is None:
+            assert diff.max() == 0, path  # lossless hand-over of Pillow's pixels
+        else:  # grey levels: IDCT and chroma upsampling round differently
+            assert diff.mean() < 1.5 and np.quantile(diff, 0.999) <= 12, (path, diff.mean(), diff.max())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_views_follow_the_exif_orientation_and_the_torch_gpu_geometry(tmp_path, device):
+    for o in range(1, 9):
+        (tmp_path / f"{o}.jpg").write_bytes(_jpeg(_photo(56, 40, seed=o), orientation=o))
+    dali, torch_gpu = _sources(tmp_path, device=device)
+    items = [dali.encoded[i] for i in range(4, 8)]  # orientations 5-8: transposed, height and width swap
+    for it in items:
+        it.params[:, [ga.P_JITTER, ga.P_GRAY, ga.P_BLUR, ga.P_SOLARIZE]] = 0  # geometry only
+        it.params[::2, ga.P_FLIP] = 1
+        it.params[1::2, ga.P_FLIP] = 0
+    got = [_unnormalise(v.cpu()) for v in dali.views(items)]
+    want = [_unnormalise(v) for v in torch_gpu.views(items)[0]]
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        assert (g - w).abs().mean() < 3
+        assert (g - w.transpose(-1, -2)).abs().mean() > 10  # an orientation left unapplied would be caught
+
+
+@pytest.mark.gpu
+def test_a_gpu_batch_has_the_cpu_backends_shapes_dtypes_ranges_and_labels(tmp_path):
+    root = _folder(tmp_path)
+    dali, _ = _sources(root, device="cuda")
+    views, labels, bad = next(iter(dali.epoch(0)))
+    cpu_views, cpu_labels, _ = next(iter(CpuBatches(dali.encoded.base, 4, 0, seed=5).epoch(0)))
+    assert [v.shape for v in views] == [v.shape for v in cpu_views] and bad == []
+    assert all(v.dtype == torch.float32 and v.device.type == "cuda" for v in views)
+    assert torch.equal(labels, cpu_labels)  # same sampler: the same images in the same order
+    for v in views:
+        for c, (m, s) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)):
+            assert (0 - m) / s - 1e-3 <= v[:, c].min() and v[:, c].max() <= (1 - m) / s + 1e-3
+    # the same batch on DALI's CPU operators: nvJPEG and the GPU kernels round differently, the recipe is the same
+    host = next(iter(_sources(root)[0].epoch(0)))[0]
+    for v, h in zip(views, host, strict=True):
+        assert (_unnormalise(v.cpu()) - _unnormalise(h)).abs().mean() < 4  # grey levels
