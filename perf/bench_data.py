@@ -12,9 +12,13 @@ over `--steps` batches after `--warmup` batches:
   cpu        data.backend=cpu (fastdino.data.loader.CpuBatches)
   torch_gpu  data.backend=torch_gpu on --device (on the CPU its batched ops run on CPU tensors)
   dali       data.backend=dali (needs `pip install -e ".[dali]"`; CPU operators without a GPU)
-For a GPU backend it also reports the GPU time per image of its decode + augmentation (CUDA events around the
-main-process part, fed from already-read batches): what it takes from the training step. Backends that cannot
-run here print why instead of a figure.
+For a GPU backend on a GPU it also reports the GPU time per image of its decode + augmentation, what it takes
+from the training step (`gpu_ms_per_image`): CUDA events on the training stream (the current one, which the
+trainer steps on) around the backend's main-process work on one batch already read by the workers, repeated
+--steps times with the GPU otherwise idle. It is elapsed stream time, so it also counts the gaps where the GPU
+waits for the host (launches, a CPU fallback decode): an upper bound of the GPU's busy time. torch_gpu's work
+is queued on that stream; dali's runs on DALI's own stream, and the window spans `pipe.run()` and the copy of its
+outputs onto the training stream. Backends that cannot run here print why instead of a figure.
 """
 
 from __future__ import annotations
@@ -126,17 +130,21 @@ def time_batches(batches, n_steps: int, n_warmup: int, batch: int, device: torch
 
 
 def gpu_ms_per_image(source, n_steps: int, batch: int) -> str:
-    """Device time of the main-process decode + augmentation per image (CUDA events), from read batches."""
+    """ms of the training stream per image that a GPU backend's main-process decode + augmentation takes
+    (`TorchGpuBatches` or `DaliBatches` on a CUDA device): CUDA events on the current stream around `source.views`
+    of one read batch, run n_steps times after one untimed run."""
     from fastdino.data.gpu_augment import collate_encoded
 
     items = next(iter(build_loader(source.encoded, batch, 0, seed=0, epoch=0, collate_fn=collate_encoded)))[0]
-    source.views(items)
+    source.views(items)  # warm-up: nvJPEG handles, DALI's buffers, cuBLAS
+    stream = torch.cuda.current_stream(source.device)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+    torch.cuda.synchronize(source.device)
+    start.record(stream)
     for _ in range(n_steps):
         source.views(items)
-    end.record()
-    torch.cuda.synchronize()
+    end.record(stream)
+    torch.cuda.synchronize(source.device)
     return f"{start.elapsed_time(end) / (n_steps * batch):.3f}"
 
 
@@ -189,7 +197,10 @@ def main(argv: list[str] | None = None) -> int:
 
             source = DaliBatches(dataset, args.batch, args.workers, seed=0, device=device)
             batches, where = source.epoch(0), device.type
-            gpu_ms = "not measured yet" if device.type == "cuda" else "not measured yet (no GPU)"
+            if device.type == "cuda":
+                gpu_ms = gpu_ms_per_image(source, args.steps, args.batch)
+            else:
+                gpu_ms = "not measured yet (no GPU)"
         else:
             parser.error(f"unknown backend {name!r}")
         rate = time_batches(batches, args.steps, args.warmup, args.batch, device)

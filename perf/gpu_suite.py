@@ -6,7 +6,8 @@
 Why this shape: GPU time here is lent rarely and briefly (15 minutes of device time per session, machine start
 included, 10 minutes per command), so one command must measure everything, and no part may eat the others'
 time. Parts run in order, each in its own process group with its own time box (`PARTS`; the last part, bench_step,
-gets whatever the budget has left, at least its own box when earlier parts ran short); the ahead-of-time compile
+gets whatever the budget has left, at least its own box when earlier parts ran short; bench_data prints each
+backend's row as it ends, so a cut-off run keeps the rows measured); the ahead-of-time compile
 report needs no GPU, so it runs beside the GPU tests. The sum of the boxes is the budget (470 s by default, under
 8 minutes, leaving a 10-minute command ~2 minutes for start-up and the copy back).
 
@@ -58,7 +59,10 @@ PARTS = (
          "teacher EMA: official loop vs foreach vs Triton, ViT-S/16 and ViT-B/16 + K=65536 head"),
     Part("bench_train", ("perf/bench_train.py", "--steps", "20", "--warmup", "5"), 70,
          "Trainer.train_step, ViT-S/16 2x224+10x96 B128 bf16: img/s, MFU, peak memory"),
-    Part("bench_step", ("-m", "perf.bench_step", "--steps", "10", "--warmup", "3", "--json", "{json}"), 200,
+    Part("bench_data", ("-m", "perf.bench_data", "--images", "768", "--batch", "64", "--workers", "12", "--steps",
+                        "8", "--warmup", "2"), 60,
+         "data backends: 2x224 + 10x96 img/s vs an official-style pipeline, GPU ms per image (768 JPEGs 500x375)"),
+    Part("bench_step", ("-m", "perf.bench_step", "--steps", "10", "--warmup", "3", "--json", "{json}"), 140,
          "official vs plain PyTorch vs fastdino step, the four issue-17 cases (10 timed steps each)"),
 )
 
