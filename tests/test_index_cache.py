@@ -111,7 +111,7 @@ def test_a_change_below_the_folder_invalidates_the_cache(tmp_path, cache, monkey
     assert _same(after, _fresh(root, monkeypatch))
 
 
-def test_a_moved_folder_link_invalidates_the_cache_and_links_do_not_loop(tmp_path, cache, monkeypatch):
+def test_a_moved_or_new_link_target_invalidates_the_cache_and_links_do_not_loop(tmp_path, cache, monkeypatch):
     root = _tree(tmp_path)
     outside = tmp_path / "outside"
     _touch(outside / "one/9.jpg")
@@ -119,6 +119,7 @@ def test_a_moved_folder_link_invalidates_the_cache_and_links_do_not_loop(tmp_pat
     (outside / "current").symlink_to(outside / "one")
     (root / "c").symlink_to(outside / "current")  # a class folder reached through two links
     (root / "a/sub/loop").symlink_to(root)  # a link back to the root
+    (root / "b/later").symlink_to(outside / "later")  # dangling for now
     _backdate(tmp_path)
     before = index_image_folder(root)
     assert _same(before, _fresh(root, monkeypatch)) and str(root / "c/9.jpg") in before.paths
@@ -130,6 +131,10 @@ def test_a_moved_folder_link_invalidates_the_cache_and_links_do_not_loop(tmp_pat
     after = index_image_folder(root)
     assert str(root / "c/10.jpg") in after.paths and str(root / "c/9.jpg") not in after.paths
     assert _same(after, _fresh(root, monkeypatch))
+    _backdate(tmp_path)
+    index_image_folder(root)
+    _touch(outside / "later/11.jpg")  # the dangling link's target appears
+    assert str(root / "b/later/11.jpg") in index_image_folder(root).paths
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "flipped path byte", "bad header", "empty"])

@@ -86,7 +86,8 @@ class _Walk:
     of their own walk, so a link from one class to another or back to the root neither loops nor moves
     images between classes. A real file reached by several paths keeps the first in sorted order.
     It also notes what the index cache checks: the mtime of every folder listed (read before listing it, so
-    a later change moves it), the folder links followed, and whether every folder could be listed.
+    a later change moves it), the links that are not image files (to folders, dangling, to other files) with
+    their targets, and whether every folder could be listed.
     """
 
     def __init__(self, claimed: Iterable[str]) -> None:
@@ -95,7 +96,7 @@ class _Walk:
         self.files: set[str] = set()
         self.duplicates = 0
         self.listed: dict[str, int] = {}  # real folder path -> st_mtime_ns
-        self.links: dict[str, str] = {}  # folder link as reached -> its real path
+        self.links: dict[str, tuple[str, bool]] = {}  # link as reached -> (its real path, whether a folder)
         self.complete = True
 
     def images(self, folder: Path, recursive: bool) -> list[str]:
@@ -120,13 +121,14 @@ class _Walk:
                     continue
                 # Only a link costs a realpath call: below a resolved folder a plain entry is resolved already.
                 entry_real = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real, entry.name)
+                is_image = os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
+                if entry.is_symlink() and (entry.is_dir() or not is_image):  # its target may appear or move
+                    self.links[entry.path] = (entry_real, entry.is_dir())
                 if entry.is_dir():
-                    if entry.is_symlink():
-                        self.links[entry.path] = entry_real
                     if recursive and entry_real not in self.walked and entry_real not in self.claimed:
                         self.walked.add(entry_real)
                         stack.append((entry.path, entry_real))
-                elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                elif is_image:
                     found.append((entry.path, entry_real))
         paths = []
         for path, real in sorted(found):
@@ -162,7 +164,7 @@ def _scan_folder(root: Path) -> _FolderScan:
     per_class = {d.name: walk.images(d, recursive=True) for d in subdirs}
     top_level = walk.images(root, recursive=False)
     walk.listed[os.path.realpath(root)] = root_mtime
-    walk.links.update((str(d), os.path.realpath(d)) for d in subdirs if d.is_symlink())
+    walk.links.update((str(d), (os.path.realpath(d), True)) for d in subdirs if d.is_symlink())
     return _FolderScan({name: paths for name, paths in per_class.items() if paths}, top_level, walk.duplicates, walk)
 
 
@@ -200,9 +202,10 @@ def _write_cache(file: Path, root: Path, scan: _FolderScan) -> None:
         groups.append([name, prefix, len(paths)])
         names += [p[len(prefix):] for p in paths]
     blob = _encode("\0".join(names))
+    links = [[link, real, is_dir] for link, (real, is_dir) in sorted(scan.walk.links.items())]
     header = {"root": str(root), "real_root": os.path.realpath(root), "extensions": _extensions_key(),
-              "folders": sorted(scan.walk.listed.items()), "links": sorted(scan.walk.links.items()),
-              "groups": groups, "duplicates": scan.duplicates, "digest": hashlib.blake2b(blob).hexdigest()}
+              "folders": sorted(scan.walk.listed.items()), "links": links, "groups": groups,
+              "duplicates": scan.duplicates, "digest": hashlib.blake2b(blob).hexdigest()}
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
     try:
@@ -239,8 +242,8 @@ def _read_cache(file: Path, root: Path) -> tuple[_FolderScan | None, str]:
                     return None, f"out of date ({folder} changed)"
             except OSError:
                 return None, f"out of date ({folder} is gone)"
-        for link, real in header["links"]:
-            if os.path.realpath(link) != real:
+        for link, real, is_dir in header["links"]:
+            if (os.path.realpath(link), os.path.isdir(link)) != (real, is_dir):
                 return None, f"out of date (link {link} moved)"
         names = blob.decode(sys.getfilesystemencoding(), "surrogateescape").split("\0") if blob else []
         if sum(count for _, _, count in header["groups"]) != len(names):
@@ -300,10 +303,11 @@ def index_image_folder(root: str | Path, classes: Sequence[str] | None = None) -
     a folder, or holds no image.
 
     The walk is cached outside `root` (`index_cache_dir()`; `FASTDINO_INDEX_CACHE=off` turns it off), keyed by
-    `root` and its real path, and reused while every folder it listed keeps its mtime and every folder link
-    its target: adding, removing or renaming a file or folder anywhere below invalidates it. Not seen: a change
-    inside a file that keeps its name (the index holds paths only; the file is read when used), permissions
-    changed by chmod, and a file link whose target moves because a link outside the folder changed.
+    `root` and its real path, and reused while every folder it listed keeps its mtime and every link that is not
+    an image file (to a folder, dangling, ...) its target: adding, removing or renaming a file or folder anywhere
+    below invalidates it. Not seen: a change inside a file that keeps its name (the index holds paths only; the
+    file is read when used), permissions changed by chmod, and an image-file link whose target moves because a
+    link outside the folder changed (it only decides which of two paths to one file is kept).
     """
     root = Path(root)
     if not root.exists():
