@@ -23,3 +23,15 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _index_cache(tmp_path_factory):
+    """The tests' image-index caches (fastdino.data.files) go to a temporary folder, not the user's ~/.cache."""
+    before = os.environ.get("FASTDINO_INDEX_CACHE")
+    os.environ["FASTDINO_INDEX_CACHE"] = str(tmp_path_factory.mktemp("index_cache"))
+    yield
+    if before is None:
+        os.environ.pop("FASTDINO_INDEX_CACHE")
+    else:
+        os.environ["FASTDINO_INDEX_CACHE"] = before
