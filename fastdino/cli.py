@@ -8,6 +8,7 @@ import argparse
 import json
 import logging
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -85,9 +86,10 @@ def _print_knn(result, cfg) -> None:
 
 def _demo(args: argparse.Namespace) -> int:
     from fastdino.data.demo import make_demo_dataset
-    from fastdino.engine.trainer import train
+    from fastdino.engine.trainer import resolve_device, resolve_precision, train
 
     cfg = load_config(CONFIG_DIR / "demo.yaml", args.overrides)
+    resolve_precision(cfg.train.precision, resolve_device(cfg.train.device))  # refuse before writing any data
     data_dir = Path(cfg.data.path)
     print(f"demo data set: {make_demo_dataset(data_dir)}")
     result = train(cfg)
@@ -274,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="crop size; 0 = the size the model was built for")
     p.add_argument("--arch", default=None, help="official backbone-only files: checked against the file's tensors")
     p.add_argument("--patch-size", type=positive_int, default=None, help="checked against the file's tensors")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--num-workers", type=nonnegative_int, default=4)
     p.set_defaults(func=_linear)
@@ -304,6 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(exc: BaseException) -> str:
+    """The exception's message as one line. A DataLoader worker re-raises a user error with the worker's
+    traceback appended: keep the original message (its last line, after `module.Class: `)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "Original Traceback" in text and lines:
+        return lines[-1].split(": ", 1)[-1]
+    return " ".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -317,7 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as exc:
-        print(f"fastdino: error: {exc}", file=sys.stderr)
+        print(f"fastdino: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a path the user gave that cannot be read or written (a folder, no permission, ...)
+        print(f"fastdino: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except NonFiniteLossError as exc:
         print(f"fastdino: training stopped: {exc}", file=sys.stderr)

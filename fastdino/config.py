@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -236,6 +237,12 @@ class TrainConfig:
         if self.knn_every and not self.knn_eval:
             raise ConfigError(f"train.knn_every={self.knn_every} needs train.knn_eval=true (or set train.knn_every=0)")
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        if not self.output_dir.strip():
+            raise ConfigError("train.output_dir is empty: name the run's folder (e.g. runs/my_run)", "train.output_dir")
+        if not self.resume.strip():
+            raise ConfigError("train.resume is empty: use auto, none or a checkpoint path", "train.resume")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"train.seed={self.seed} must be in [0, 2**32)", "train.seed")
         _choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _choice("train.engine", self.engine, ("ddp", "deepspeed"))
 
@@ -368,6 +375,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             except ValueError:
                 pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}={value!r} must be a finite number", key)
             return float(value)
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -452,12 +461,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     values: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a folder: name a YAML file (e.g. configs/vit_small16.yaml)")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
             values = yaml.safe_load(path.read_text()) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not a text file: name a YAML file") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+            where = getattr(exc, "problem_mark", None)
+            at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"config file {path} is not valid YAML{at}: {problem}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
     from_command_line = parse_overrides(list(overrides))

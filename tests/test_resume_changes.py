@@ -1,6 +1,8 @@
 """Resuming after a change of settings (issue 12, s. 4): finished runs, longer runs, changed batch, data or recipe."""
 
 import logging
+import os
+import shutil
 
 import pytest
 import torch
@@ -104,3 +106,27 @@ def test_a_checkpoint_from_before_the_resume_checks_resumes(demo_root, finished,
     cfg = demo_cfg(TINY + [f"data.path={demo_root}", f"train.resume={tmp_path / 'old.pt'}",
                                     "train.epochs=3", f"train.output_dir={tmp_path / 'r'}"])
     assert Trainer(cfg).step == 6
+
+
+def test_other_images_of_the_same_count_are_refused_but_a_moved_folder_resumes(demo_root, finished, tmp_path):
+    moved = tmp_path / "moved"
+    shutil.copytree(demo_root, moved)
+    cfg = demo_cfg(TINY + [f"data.path={moved}", f"train.resume={finished / 'last.pt'}", "train.epochs=3",
+                           f"train.output_dir={tmp_path / 'r'}"])
+    assert Trainer(cfg).step == 6  # the same images elsewhere
+    renamed = next((moved / "train").glob("*/*.jpg"))
+    renamed.rename(renamed.with_name("renamed.jpg"))
+    with pytest.raises(DataError, match="other training images"):
+        Trainer(cfg)
+
+
+def test_lowering_epochs_on_a_finished_run_says_only_that_it_is_complete(demo_root, finished, caplog):
+    with caplog.at_level(logging.WARNING, logger="fastdino"):
+        result = train(demo_cfg(TINY + [f"data.path={demo_root}", f"train.output_dir={finished}", "train.epochs=1"]))
+    assert result.already_complete and "schedules now span" not in caplog.text
+
+
+def test_checkpoints_are_readable_as_a_plain_file_would_be(finished):
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (finished / "last.pt").stat().st_mode & 0o777 == 0o666 & ~mask

@@ -1,12 +1,14 @@
 """Every user mistake ends in one line naming the key, flag or file, exit code 2, before any work (issue 12, s. 3)."""
 
+import shutil
+
 import pytest
 import torch
 
 from fastdino.cli import main
 from fastdino.config import ConfigError, load_config, schedule_warnings
 from fastdino.data.demo import make_demo_dataset
-from fastdino.data.files import DataError
+from fastdino.data.files import DataError, index_image_folder
 from fastdino.engine.checkpoint import CheckpointError
 from fastdino.engine.trainer import NonFiniteLossError, train
 from fastdino.errors import MissingDependencyError, UserError
@@ -125,3 +127,89 @@ def test_non_finite_loss_in_a_fresh_run_says_no_checkpoint_exists(demo_root, tmp
         train(load_config(None, TINY + [f"data.path={demo_root}", f"train.output_dir={out}"]))
     assert "intact" not in str(info.value)
     assert not (out / "last.pt").exists()
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["train.output_dir="], ["train.output_dir is empty"]),
+    (["train.resume="], ["train.resume is empty"]),
+    (["train.seed=-1"], ["train.seed=-1"]),
+    (["optim.lr=.nan"], ["optim.lr=nan must be a finite number"]),
+    (["data.color_strength=.inf"], ["data.color_strength=inf must be a finite number"]),
+])
+def test_empty_paths_bad_seeds_and_non_finite_numbers_are_refused(demo_root, tmp_path, capsys, extra, words):
+    _one_line_refusal(capsys, ["train", "configs/demo.yaml", *TINY, f"data.path={demo_root}",
+                               f"train.output_dir={tmp_path}/r", *extra], *words)
+    assert not (tmp_path / "r").exists()
+
+
+def test_unreadable_config_files_are_one_line(tmp_path, capsys):
+    (tmp_path / "garbage.yaml").write_bytes(bytes(range(256)))
+    _one_line_refusal(capsys, ["train", str(tmp_path / "garbage.yaml")], "garbage.yaml", "not a text file")
+    (tmp_path / "broken.yaml").write_text("model: {arch: vit_tiny\n")
+    _one_line_refusal(capsys, ["train", str(tmp_path / "broken.yaml")], "broken.yaml", "not valid YAML", "line")
+    _one_line_refusal(capsys, ["train", str(tmp_path)], "is a folder")
+
+
+def test_resume_from_a_foreign_file_or_a_folder_is_one_line(demo_root, tmp_path, capsys):
+    torch.save({"net": torch.nn.Linear(2, 2)}, tmp_path / "pickled.pth")  # a pickled module: never loaded
+    base = ["train", "configs/demo.yaml", *TINY, f"data.path={demo_root}", f"train.output_dir={tmp_path}/r"]
+    _one_line_refusal(capsys, [*base, f"train.resume={tmp_path / 'pickled.pth'}"], "pickled.pth", "never loads")
+    (tmp_path / "garbage.pt").write_bytes(b"\x00" * 64)
+    _one_line_refusal(capsys, [*base, f"train.resume={tmp_path / 'garbage.pt'}"], "garbage.pt", "unreadable")
+    _one_line_refusal(capsys, [*base, f"train.resume={tmp_path}"], "is a folder")
+
+
+def test_triton_kernels_on_the_cpu_are_refused_outside_the_interpreter(demo_root, tmp_path, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("checks the refusal on a machine without a GPU")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for key in ("loss.impl", "ema.impl"):
+        cfg = load_config(None, TINY + [f"data.path={demo_root}", f"train.output_dir={tmp_path}/r", f"{key}=triton"])
+        with pytest.raises(ConfigError, match=rf"{key}=triton needs a CUDA device"):
+            train(cfg)
+    assert not (tmp_path / "r").exists()
+
+
+def test_validation_classes_are_checked_before_training(tmp_path, capsys):
+    root = make_demo_dataset(tmp_path / "d", n_train_per_class=2, n_val_per_class=1, size=16)
+    (root / "val" / "elephants").mkdir()
+    shutil.copy(next((root / "val").glob("*/*.jpg")), root / "val" / "elephants" / "0.jpg")
+    _one_line_refusal(capsys, ["train", "configs/demo.yaml", *TINY, f"data.path={root}", "train.knn_eval=true",
+                               f"train.output_dir={tmp_path}/r"], "elephants", "train.knn_eval=false")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_folder_of_only_unreadable_images_is_one_line_with_workers(tmp_path, capsys):
+    for i in range(8):
+        (tmp_path / "bad" / f"{i}.jpg").parent.mkdir(exist_ok=True)
+        (tmp_path / "bad" / f"{i}.jpg").write_bytes(b"")
+    # found only by decoding (after the progress bar started): the error is still one line, not the worker's
+    # re-raised traceback
+    assert main(["train", "configs/demo.yaml", *TINY, f"data.path={tmp_path / 'bad'}", "data.num_workers=1",
+                 f"train.output_dir={tmp_path}/r"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fastdino: error: no readable image among 8 files"), err
+    assert not any("Traceback" in line or "DataLoader worker" in line for line in err)
+
+
+def test_the_demo_never_overwrites_a_users_folder(tmp_path, capsys):
+    mine = tmp_path / "mine" / "train" / "cats" / "mycat.jpg"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"my photo")
+    with pytest.raises(DataError, match="not the demo data set"):
+        make_demo_dataset(tmp_path / "mine", n_train_per_class=1, n_val_per_class=1, size=16)
+    assert mine.read_bytes() == b"my photo"
+    _one_line_refusal(capsys, ["demo", f"data.path={tmp_path / 'mine'}", f"train.output_dir={tmp_path}/r"],
+                      "not the demo data set")
+    assert mine.read_bytes() == b"my photo" and not (tmp_path / "r").exists()
+    if not torch.cuda.is_available():  # a bad setting is refused before the demo writes its data
+        _one_line_refusal(capsys, ["demo", f"data.path={tmp_path / 'new'}", "train.device=cuda"], "train.device")
+        assert not (tmp_path / "new").exists()
+
+
+def test_a_symlink_loop_in_the_data_folder_is_skipped(demo_root, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(demo_root / "train", data)
+    (data / "l1").symlink_to(data / "l2")
+    (data / "l2").symlink_to(data / "l1")
+    assert len(index_image_folder(data).paths) == 12

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fastdino.data.files import DataError
+
 DEMO_CLASSES = ("checkerboard", "diamonds", "dots", "grid", "hstripes", "vstripes")
 SPLITS = ("train", "val")
 MANIFEST = "demo_manifest.json"
@@ -89,7 +91,8 @@ def make_demo_dataset(
 ) -> Path:
     """Write root/{train,val}/<class>/NNNN.jpg unless a matching manifest and all files are already there.
 
-    Returns root. Regenerates from scratch when the parameters (or the generator version) differ or a
+    Returns root. Raises DataError when root holds anything but a demo data set (no manifest): the user's own
+    images are never overwritten. Regenerates from scratch when the parameters (or the generator version) differ or a
     file is missing; the manifest is written last, so an interrupted generation is redone. Not safe to
     run from several processes at once: call it on one rank, then barrier.
     """
@@ -112,6 +115,12 @@ def make_demo_dataset(
     if manifest.is_file() and json.loads(manifest.read_text()) == params and all(p.is_file() for p, *_ in files):
         return root
 
+    if not manifest.is_file() and root.is_dir() and any(root.iterdir()):
+        raise DataError(
+            f"data.path {root} holds files that are not the demo data set: the demo writes its own images and "
+            "would replace its train/ and val/; point data.path at a new or empty folder (default runs/demo/data), "
+            "and train on your own images with `fastdino train`"
+        )
     log.info("generating the demo data set in %s (%d images of %d px)", root, len(files), size)
     manifest.unlink(missing_ok=True)
     for split in SPLITS:

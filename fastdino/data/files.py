@@ -119,6 +119,11 @@ class _Walk:
             for entry in entries:
                 if _is_hidden(entry.name):
                     continue
+                try:
+                    entry.is_dir()  # a link loop (a -> b -> a) raises here: leave the entry out, say so
+                except OSError as err:
+                    log.warning("skipping %s (%s)", entry.path, err.strerror or err)
+                    continue
                 # Only a link costs a realpath call: below a resolved folder a plain entry is resolved already.
                 entry_real = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real, entry.name)
                 is_image = os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS

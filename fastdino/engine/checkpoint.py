@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -30,6 +31,7 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600: give it the mode a plain open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -41,15 +43,31 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
         os.close(dir_fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """torch.load with weights_only=True (no pickled code runs); errors name the file."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder: name the checkpoint file (e.g. {path / 'last.pt'})")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc):  # garbage, not a refused object
+            raise CheckpointError(f"checkpoint {path} is unreadable: not a torch checkpoint file") from None
+        raise CheckpointError(
+            f"checkpoint {path} holds pickled objects other than tensors, which fastdino never loads (they could "
+            "run code): it is not a fastdino checkpoint; an official DINO file starts a run with train.init_from"
+        ) from None
     except Exception as exc:  # torch raises many types for corrupt files
-        raise CheckpointError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc})") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {first})") from exc
     if not isinstance(state, dict) or "config" not in state:
         raise CheckpointError(f"checkpoint {path} is not a fastdino checkpoint (no 'config' entry)")
     return state

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -86,6 +87,24 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def check_kernels(cfg: Config, device: torch.device) -> None:
+    """The Triton kernels run on CUDA tensors (on the CPU only inside Triton's interpreter, for tests)."""
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    for key, value in (("loss.impl", cfg.loss.impl), ("ema.impl", cfg.ema.impl)):
+        if value == "triton":
+            raise ConfigError(f"{key}=triton needs a CUDA device: use {key}=auto on the CPU", key)
+
+
+def index_fingerprint(index: ImageIndex, root: Path) -> str:
+    """SHA-1 of the images' paths relative to the data folder and their labels: which images, in which
+    order, not where the folder lives (a moved data set still resumes)."""
+    digest = hashlib.sha1()
+    for path, label in zip(index.paths, index.labels):
+        digest.update(f"{os.path.relpath(path, root)}\0{label}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
 def data_roots(path: str) -> tuple[Path, Path | None]:
     """Training images: path/train when it exists, else path; k-NN validation: path/val when it exists."""
     if not path:
@@ -146,7 +165,8 @@ FREE_KEYS = {
 }
 
 
-def check_resume(saved: dict, cfg: Config, path: Path, world_size: int, n_images: int) -> list[str]:
+def check_resume(saved: dict, cfg: Config, path: Path, world_size: int, n_images: int, fingerprint: str,
+                 stop_step: int) -> list[str]:
     """Refuse a resume whose settings would silently change the run; return notices for allowed changes.
 
     saved: the checkpoint (its `config`, and `world_size` / `n_images`, absent before 2026-11-30: those
@@ -174,6 +194,12 @@ def check_resume(saved: dict, cfg: Config, path: Path, world_size: int, n_images
             f"on {saved['n_images']}: the epoch length and data order would change; resume on the same images or "
             "start afresh (train.resume=none or another train.output_dir)"
         )
+    if saved.get("index_fingerprint") not in (None, fingerprint):
+        raise DataError(
+            f"data.path {cfg.data.path} holds other training images (names or classes) than the run in checkpoint "
+            f"{path} was trained on: the data order would change; resume on the same images or start afresh "
+            "(train.resume=none or another train.output_dir)"
+        )
     changed = [
         f"{section}.{key}={now[section][key]!r} (checkpoint: {old!r})"
         for section, values in now.items() if section not in FREE_SECTIONS
@@ -189,7 +215,7 @@ def check_resume(saved: dict, cfg: Config, path: Path, world_size: int, n_images
         )
     notices = [f"resuming with changed settings (train.allow_config_change=true): {', '.join(changed)}"]
     notices = notices if changed else []
-    if was["train"]["epochs"] != cfg.train.epochs:
+    if was["train"]["epochs"] != cfg.train.epochs and saved["step"] < stop_step:
         notices.append(f"train.epochs changed from {was['train']['epochs']} to {cfg.train.epochs}: the lr, "
                        "weight-decay and teacher-momentum schedules now span the new length")
     return notices
@@ -204,6 +230,7 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
         self.precision = resolve_precision(cfg.train.precision, self.device)
+        check_kernels(cfg, self.device)
         self.data_backend = resolve_backend(cfg.data.backend, self.device)
         self.output_dir = Path(cfg.train.output_dir)
         self.backend: Backend = build_backend(cfg, self.dist, self.device, self.precision)  # checks DeepSpeed's set-up
@@ -212,6 +239,13 @@ class Trainer:
         self.train_dir, self.val_dir = data_roots(cfg.data.path)
         self.index: ImageIndex = index_image_folder(self.train_dir)
         n_images = len(self.index.paths)
+        self.fingerprint = index_fingerprint(self.index, self.train_dir)
+        if cfg.train.knn_eval and self.val_dir is not None and len(self.index.classes) > 1:
+            try:  # the end-of-run k-NN needs val/ in train/'s classes: find out now, not after training
+                index_image_folder(self.val_dir, classes=self.index.classes)
+            except DataError as exc:
+                raise DataError(f"{exc} (train/ has {self.index.classes}); fix val/ or set train.knn_eval=false") \
+                    from None
         self.steps_per_epoch = steps_per_epoch(n_images, cfg.data.batch_size, self.dist.world_size)
         if self.steps_per_epoch == 0:
             raise DataError(
@@ -226,7 +260,8 @@ class Trainer:
         notices = schedule_warnings(cfg, self.steps_per_epoch)
         if ckpt is not None:
             check_architecture(ckpt["config"], cfg, ckpt_path)
-            notices += check_resume(ckpt, cfg, ckpt_path, self.dist.world_size, n_images)
+            notices += check_resume(ckpt, cfg, ckpt_path, self.dist.world_size, n_images, self.fingerprint,
+                                    self.stop_step)
         if self.dist.is_main:
             for line in notices:
                 log.warning("%s", line)
@@ -282,6 +317,7 @@ class Trainer:
             "skipped_images": self.unreadable.state(),  # paths (an int before: from_state reads both)
             "world_size": self.dist.world_size,
             "n_images": len(self.index.paths),
+            "index_fingerprint": self.fingerprint,
         }
 
     def _restore(self, ckpt: dict, path: Path) -> None:
