@@ -64,3 +64,31 @@ def test_sync_batchnorm_only_for_cuda_processes():
     synced = sync_batchnorm(head, two, torch.device("cuda"))  # conversion itself needs no GPU
     assert [type(m).__name__ for m in synced.mlp].count("SyncBatchNorm") == 2
     assert synced.state_dict().keys() == head.state_dict().keys()  # checkpoints load either way
+
+
+def _center_worker(rank: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from fastdino.losses.dino import TeacherCenter
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        rows = torch.Generator().manual_seed(0)
+        teacher = torch.randn(8, 16, generator=rows)[:3] if rank == 0 else torch.randn(8, 16, generator=rows)[3:]
+        center = TeacherCenter(16, momentum=0.7)
+        center.center.copy_(torch.linspace(-1, 1, 16))
+        center.update(teacher.sum(0), teacher.shape[0])  # rank 0: 3 rows, rank 1: 5 rows
+        torch.save(center.center.clone(), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_center_all_reduce_with_different_local_batches_is_the_global_mean(tmp_path):
+    """3 rows on rank 0, 5 on rank 1: every rank's center moves towards the mean of the 8 rows (not of 3 + 5 rows
+    each counted as 4)."""
+    torch.multiprocessing.spawn(_center_worker, args=(str(tmp_path / "init"), str(tmp_path / "center")), nprocs=2)
+    teacher = torch.randn(8, 16, generator=torch.Generator().manual_seed(0)).double()
+    expected = 0.7 * torch.linspace(-1, 1, 16).double() + 0.3 * teacher.mean(0)  # float64 reference
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"center.{rank}")
+        torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-6)
