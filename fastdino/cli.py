@@ -364,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_float32_matmul_precision("high")
+    from fastdino.engine.checkpoint import CheckpointWriteError
     from fastdino.engine.health import TrainingHealthError
     from fastdino.engine.trainer import NonFiniteLossError
 
@@ -378,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingHealthError as exc:
         print(f"fastdino: training stopped: {exc}", file=sys.stderr)
         return 4
+    except CheckpointWriteError as exc:
+        print(f"fastdino: training stopped: {exc}", file=sys.stderr)
+        return 5
     except KeyboardInterrupt:
         print("fastdino: interrupted; the last checkpoint written is intact (train.resume=auto continues from it)",
               file=sys.stderr)
