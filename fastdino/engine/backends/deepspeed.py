@@ -8,8 +8,16 @@ and the center (all-reduced by TeacherCenter over torch.distributed, which DeepS
 How, given ZeRO:
 - Precision: bf16 runs DeepSpeed's `torch_autocast` mode, which keeps the student's weights in fp32
   (its `bf16` mode keeps them in bf16, and an EMA step of 1 - m = 4e-3 read from them would be lost).
-  fp16 is refused for now (ConfigError on train.precision): DeepSpeed's fp16 mode keeps fp16 weights,
-  so the EMA would need the fp32 master partitions gathered every step; not built yet.
+  fp16 is refused (ConfigError on train.precision), because neither of DeepSpeed's two fp16 routes is
+  correct for this step as it stands (DeepSpeed 0.19) and neither can be tested here: DeepSpeed's CPU
+  accelerator has no fp16 (`supported_dtypes()` is fp32 and bf16), and fastdino refuses fp16 on the CPU.
+  (1) Its `fp16` mode keeps fp16 module weights: the EMA would have to read the fp32 master partitions,
+  all-gathered every step. (2) Its `torch_autocast` fp16 mode keeps fp32 weights but steps a torch
+  GradScaler once per parameter group, after `unscale_and_clip_grads`: our per-parameter clipping would
+  see scaled gradients, and an overflow in one group would skip that group's step only. The route to
+  build: torch_autocast fp16 with that GradScaler removed, DeepSpeed's global overflow check
+  (`check_grad_overflow`) and dynamic loss scaler kept, the clipping hook unscaling by the scale the
+  backward pass used; validated on a GPU.
 - Clipping: ZeRO reduces gradients into flat partitions, one per rank, and a parameter may straddle
   two. Just before the inner optimizer step of each group (DeepSpeed's `unscale_and_clip_grads`, which
   we replace on the optimizer instance; DeepSpeed's own global clipping is off), each rank sums the
@@ -118,8 +126,9 @@ def deepspeed_config(name: str, batch_size: int, world_size: int, precision: str
                           "remove zero_optimization.offload_optimizer", KEY)
     if precision == "fp16":
         raise ConfigError("train.precision=fp16 with train.engine=deepspeed is not supported yet (DeepSpeed's fp16 "
-                          "mode keeps fp16 weights, too coarse for the EMA teacher): use train.precision=bf16",
-                          "train.precision")
+                          "mode keeps fp16 weights, too coarse for the EMA teacher, and its torch-autocast fp16 "
+                          "scaler would clip scaled gradients): use train.precision=bf16, or fp16 with "
+                          "train.engine=ddp", "train.precision")
     ds.pop("fp16", None)
     ds.update(train_batch_size=batch_size * world_size, train_micro_batch_size_per_gpu=batch_size,
               gradient_accumulation_steps=1, gradient_clipping=0.0, zero_allow_untested_optimizer=True)
