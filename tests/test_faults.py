@@ -108,3 +108,36 @@ def test_killed_rank_ends_the_run_naming_it_and_resume_continues(tmp_path):
     assert resume.returncode == 0, resume.stderr[-3000:]
     assert f"resumed from {out / 'last.pt'} at iteration {saved}" in resume.stderr
     assert load_checkpoint(out / "last.pt")["step"] == saved + 2
+
+
+def _hanging_peer_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import torch.distributed as dist
+
+    from fastdino.engine.distributed import init_distributed
+
+    init_distributed(torch.device("cpu"), timeout_s=2)
+    if rank == 1:  # alive but silent: never joins the next all-reduce
+        time.sleep(12)
+        os._exit(0)
+    start = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(3))
+        Path(out).write_text("no error")
+    except RuntimeError as exc:
+        Path(out).write_text(f"{time.monotonic() - start:.1f} {exc}")
+    os._exit(0)
+
+
+def test_dist_timeout_bounds_the_wait_for_a_hanging_peer(tmp_path):
+    """train.dist_timeout reaches the process group: a collective waiting for a silent peer raises after it."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "rank0.txt"
+    torch.multiprocessing.start_processes(_hanging_peer_worker, args=(port, str(out)), nprocs=2, start_method="spawn")
+    waited, message = out.read_text().split(" ", 1)
+    assert 1.5 <= float(waited) < 10, message
