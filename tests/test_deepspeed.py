@@ -260,6 +260,11 @@ def test_fp16_follows_the_ddp_grad_scaler_and_skips_overflows_everywhere(tmp_pat
     hook.remove()
     assert not torch.isfinite(m["grad_norm"])
     assert t.backend.scaler.scale == scale / 2
+    saved = t.backend.state_dict()  # the loss scale travels with DeepSpeed's files in last.pt
+    assert saved["deepspeed"]["loss_scale"] == {"scale": scale / 2, "good_steps": 0}
+    t.backend.scaler.scale = 1.0
+    t.backend.load_state_dict(saved, t.output_dir / "last.pt")
+    assert t.backend.scaler.scale == scale / 2
     after = snapshot(t)
     for name, value in before.items():
         if name.startswith("student."):  # no group stepped, weight decay included
