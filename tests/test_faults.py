@@ -1,6 +1,6 @@
 """Faults: a checkpoint write that fails (disk full), and one of two processes killed mid-run.
 
-What happens, as documented in the README ("When something fails"):
+What happens, as documented in the README ("When a process fails", "What happens with bad input"):
 - A failed checkpoint write stops training (exit code 5) with one line naming the file, the OS error and the
   iteration the previous `last.pt` holds; that file is untouched (atomic write: temporary file, rename).
 - Under torchrun, a process that dies makes torchrun's elastic agent stop the others at once and exit non-zero,
