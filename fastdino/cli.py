@@ -1,4 +1,4 @@
-"""Command line: `fastdino train | demo | knn | export | linear | attention | profile`.
+"""Command line: `fastdino train | demo | knn | export | linear | attention | profile | budget`.
 
 Bad input ends with one clear line, not a traceback."""
 
@@ -217,6 +217,45 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gpu_counts(text: str) -> list[int]:
+    try:
+        counts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        counts = []
+    if not counts or any(g < 1 for g in counts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of GPU counts, e.g. 1,8,16")
+    return counts
+
+
+def _budget(args: argparse.Namespace) -> int:
+    from fastdino.engine.budget import IMAGENET_1K_TRAIN, budget, format_table, last_bench_img_per_s
+    from fastdino.engine.trainer import data_roots
+
+    cfg = load_config(args.config, args.overrides)
+    if args.img_per_s is not None:
+        img_per_s, source = args.img_per_s, "--img-per-s"
+    else:
+        img_per_s, record = last_bench_img_per_s(cfg, Path(args.results) if args.results else None)
+        source = (f"last perf/bench_train.py result for this config ({record.get('date', '?')}, "
+                  f"{record.get('device', '?')}, engine {record.get('engine', 'ddp')})")
+    if args.images is not None:
+        n_images, images = args.images, "--images"
+    elif cfg.data.path and Path(cfg.data.path).is_dir():
+        from fastdino.data.files import index_image_folder
+
+        train_dir, _ = data_roots(cfg.data.path)
+        n_images, images = len(index_image_folder(train_dir).paths), f"indexed in {train_dir}"
+    else:
+        n_images = IMAGENET_1K_TRAIN
+        images = "ImageNet-1k's training split, the default: data.path is not set or not a folder; --images N to change"
+    rows = budget(cfg.train.epochs, n_images, img_per_s, args.gpus, args.scaling)
+    print(f"{args.config}: {cfg.train.epochs} epochs x {n_images:,} images ({images}) = "
+          f"{cfg.train.epochs * n_images:,} images")
+    print(f"one GPU: {img_per_s:.1f} img/s ({source}); scaling {args.scaling} per GPU beyond one")
+    print("\n".join(format_table(rows)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fastdino", description=__doc__)
     # the DeepSpeed launcher passes --local_rank=N before the command; LOCAL_RANK in the environment says the same
@@ -303,6 +342,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real-data", action="store_true",
                    help="read data.path through the training loader (default: synthetic crops, no data pipeline)")
     p.set_defaults(func=_profile)
+
+    p = sub.add_parser("budget", help="wall-clock hours and GPU-hours of a run at a measured img/s, beside the "
+                                      "paper's 300-epoch ViT-S/16 run")
+    p.add_argument("config", help="YAML config: train.epochs, data.path (its images are counted) and the step shape")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument("--img-per-s", type=positive_float, default=None,
+                   help="one GPU's training img/s (default: the last perf/bench_train.py result for this config)")
+    p.add_argument("--gpus", type=_gpu_counts, default=[1, 8, 16], help="GPU counts, comma-separated (default 1,8,16)")
+    p.add_argument("--scaling", type=float, default=0.9,
+                   help="share of one GPU's img/s each GPU keeps when there are several (default 0.9)")
+    p.add_argument("--images", type=positive_int, default=None,
+                   help="data set size (default: data.path's images, else ImageNet-1k's 1,281,167)")
+    p.add_argument("--results", default="", help=argparse.SUPPRESS)  # tests: another bench_train.jsonl
+    p.set_defaults(func=_budget)
     return parser
 
 
@@ -323,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_float32_matmul_precision("high")
+    from fastdino.engine.checkpoint import CheckpointWriteError
     from fastdino.engine.health import TrainingHealthError
     from fastdino.engine.trainer import NonFiniteLossError
 
@@ -340,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingHealthError as exc:
         print(f"fastdino: training stopped: {exc}", file=sys.stderr)
         return 4
+    except CheckpointWriteError as exc:
+        print(f"fastdino: training stopped: {exc}", file=sys.stderr)
+        return 5
     except KeyboardInterrupt:
         print("fastdino: interrupted; the last checkpoint written is intact (train.resume=auto continues from it)",
               file=sys.stderr)

@@ -218,6 +218,9 @@ class TrainConfig:
     log_every: int = 20
     ckpt_every: int = 500
     """Iterations between checkpoints (one is also written at each epoch end)."""
+    dist_timeout: int = 600
+    """Seconds a process waits in a collective (all-reduce, barrier) for the others before it stops with an error,
+    when several processes train: a peer that died or hangs ends the run instead of blocking it forever."""
     knn_eval: bool = True
     """After training, k-NN top-1 of the random-init and trained teacher (needs labelled data.path/train, /val)."""
     allow_config_change: bool = False
@@ -233,6 +236,7 @@ class TrainConfig:
         _positive("train.max_steps", self.max_steps, allow_zero=True)
         _positive("train.log_every", self.log_every)
         _positive("train.ckpt_every", self.ckpt_every)
+        _positive("train.dist_timeout", self.dist_timeout)
         _positive("train.knn_every", self.knn_every, allow_zero=True)
         if self.knn_every and not self.knn_eval:
             raise ConfigError(f"train.knn_every={self.knn_every} needs train.knn_eval=true (or set train.knn_every=0)")

@@ -9,19 +9,31 @@ the same run.
   python perf/bench_train.py model.patch_size=8 data.batch_size=64 loss.impl=torch ema.impl=foreach
   python perf/bench_train.py --device cpu --steps 3 --warmup 1 model.arch=vit_tiny model.depth=2 \
       data.global_size=32 data.local_size=16 model.img_size=32 dino.out_dim=1024 data.batch_size=8
+  python perf/bench_train.py --config configs/vit_small16.yaml --engine deepspeed \
+      train.deepspeed_config=configs/deepspeed/zero1.json           # DeepSpeed ZeRO-1 (zero2.json: ZeRO-2)
+
+Peak memory is CUDA's max_memory_allocated on a GPU, the process's peak RSS on the CPU. Every run appends
+one JSON line to perf/bench_train.jsonl (--results to choose, --results '' for none): date, device, engine,
+ZeRO stage, the step shape (fastdino.engine.budget.SHAPE_KEYS), img/s per process, ms/step, peak memory.
+`fastdino budget CONFIG` reads the last line whose shape is the config's.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import resource
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from fastdino.config import load_config
 from fastdino.data.demo import DEMO_CLASSES, make_demo_dataset
+from fastdino.engine.budget import BENCH_RESULTS, step_shape
 from fastdino.engine.trainer import Trainer
 from fastdino.models.flops import dino_train_flops_per_image
 from fastdino.telemetry import GpuTelemetry
@@ -52,6 +64,12 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--config", default=None, help="YAML config the overrides apply to (after this script's "
+                                                       "defaults: ViT-S/16, batch 128, 10 local crops)")
+    parser.add_argument("--engine", default="ddp", choices=("ddp", "deepspeed"),
+                        help="train.engine; deepspeed takes train.deepspeed_config (default zero2.json)")
+    parser.add_argument("--results", default=str(BENCH_RESULTS),
+                        help="JSON-lines file the run is appended to ('' for none)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -60,7 +78,10 @@ def main() -> int:
     device = torch.device(args.device)
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(None, DEFAULTS + [f"train.device={args.device}", f"train.output_dir={tmp}/run"]
+        defaults = [] if args.config else DEFAULTS
+        fixed = ["data.num_workers=0", "train.knn_eval=false", "train.resume=none"]
+        cfg = load_config(args.config, defaults + fixed + [f"train.device={args.device}",
+                                                           f"train.output_dir={tmp}/run", f"train.engine={args.engine}"]
                           + args.overrides)
         d = cfg.data
         per_class = -(-d.batch_size // len(DEMO_CLASSES))
@@ -95,17 +116,38 @@ def main() -> int:
         bottleneck=cfg.dino.bottleneck_dim, out_dim=cfg.dino.out_dim,
     )
     img_s = args.steps * b / seconds
+    if device.type == "cuda":
+        peak_gib = torch.cuda.max_memory_allocated() / 2**30
+    else:  # ru_maxrss: KiB on Linux
+        peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    stage = trainer.backend.stage if args.engine == "deepspeed" else None
+    engine = f"deepspeed ZeRO-{stage}" if stage else "ddp"
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}")
     print(f"config: {cfg.model.arch}/{cfg.model.patch_size}, 2x{d.global_size} + {d.local_crops_number}x"
           f"{d.local_size}, batch {b}, {trainer.precision}, loss {trainer.method.loss_impl}, "
-          f"ema {cfg.ema.impl}, attention {cfg.model.attention}")
+          f"ema {cfg.ema.impl}, attention {cfg.model.attention}, engine {engine}")
     print(f"step: {1e3 * seconds / args.steps:.1f} ms; throughput: {img_s:.1f} img/s; "
-          f"model FLOPs: {flops / 1e9:.1f} GFLOP/img = {img_s * flops / 1e12:.1f} TFLOP/s")
+          f"model FLOPs: {flops / 1e9:.1f} GFLOP/img = {img_s * flops / 1e12:.1f} TFLOP/s; "
+          f"peak memory: {peak_gib:.2f} GiB ({'CUDA allocated' if device.type == 'cuda' else 'process RSS'})")
+    mfu = None
     if device.type == "cuda":
         peak = matmul_tflops(device)
-        print(f"bf16 matmul rate measured: {peak:.0f} TFLOP/s; MFU: {100 * img_s * flops / 1e12 / peak:.1f}%; "
-              f"peak memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+        mfu = 100 * img_s * flops / 1e12 / peak
+        print(f"bf16 matmul rate measured: {peak:.0f} TFLOP/s; MFU: {mfu:.1f}%")
     print(gpu)
+    if args.results and trainer.dist.is_main:
+        record = {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+            "config": args.config, "overrides": args.overrides, "engine": args.engine, "zero_stage": stage,
+            "world_size": trainer.dist.world_size, "shape": {**step_shape(cfg), "train.precision": trainer.precision},
+            "img_per_s": img_s,
+            "step_ms": 1e3 * seconds / args.steps, "peak_memory_gib": peak_gib, "mfu_percent": mfu,
+            "steps": args.steps,
+        }
+        with Path(args.results).open("a") as f:  # one line per run: a cut run never corrupts earlier lines
+            f.write(json.dumps(record) + "\n")
+        print(f"recorded in {args.results}")
     return 0
 
 

@@ -86,5 +86,11 @@ def test_deepspeed_config_filled_from_ours(tmp_path):
     (tmp_path / "junk.json").write_text("{")
     with pytest.raises(ConfigError, match="not a readable JSON"):
         deepspeed_config(str(tmp_path / "junk.json"), 3, 1, "fp32")
-    with pytest.raises(ConfigError, match="train.precision"):
-        deepspeed_config("configs/deepspeed/zero2.json", 3, 1, "fp16")
+    fp16 = deepspeed_config("configs/deepspeed/zero2_fp16.json", 3, 1, "fp16")  # fp32 weights, our loss scale
+    assert fp16["torch_autocast"] == {"enabled": True, "dtype": "float16"} and "fp16" not in fp16
+    assert fp16["fastdino_fp16"] == {"init_scale": 2.0**16, "growth_interval": 2000}
+    for section, word in (({"loss_scale": 128}, "loss_scale=128"), ({"hysteresis": 2}, "hysteresis")):
+        (tmp_path / "fp16.json").write_text(json.dumps({"zero_optimization": {"stage": 2}, "fp16": section}))
+        with pytest.raises(ConfigError, match="train.deepspeed_config") as info:
+            deepspeed_config(str(tmp_path / "fp16.json"), 3, 1, "fp16")
+        assert word in str(info.value)

@@ -221,3 +221,51 @@ def test_multi_node_launch_lines_with_one_node(tmp_path, line):
     assert run.returncode == 0, run.stderr[-3000:]
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
     assert ckpt["step"] == 2 and ckpt["world_size"] == 2
+
+
+@pytest.mark.parametrize("config", ["zero1_fp16", "zero2_fp16"])
+def test_fp16_follows_the_ddp_grad_scaler_and_skips_overflows_everywhere(tmp_path, monkeypatch, config):
+    """fp16: torch-autocast fp16 with fp32 weights, our dynamic loss scale, DeepSpeed's global overflow check.
+
+    DeepSpeed's CPU accelerator lists no fp16 and fastdino refuses fp16 on the CPU, so the precision is forced
+    here: the math is the GPU's. Against the DDP backend's GradScaler on the same batches (same initial scale
+    2^16): loss, gradient norm and weights to the fp32 comparison's tolerances, while the weights stay fp32; an
+    injected overflow skips the step of every group and halves the scale, as GradScaler does."""
+    import fastdino.engine.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "resolve_precision", lambda precision, device: precision)
+    extra = ["train.precision=fp16"]
+    ddp = [(m, snapshot(t), float(t.backend.loss_scale())) for m, t in steps(tmp_path, "ddp", 8, extra)]
+    skipped = []
+    ds_config = [f"train.deepspeed_config=configs/deepspeed/{config}.json"]
+    for step, (m, t) in enumerate(steps(tmp_path, "deepspeed", 8, extra + ds_config)):
+        ref, ref_state, ref_scale = ddp[step]
+        assert float(m["loss"]) == pytest.approx(float(ref["loss"]), rel=1e-5), step
+        skipped.append(not torch.isfinite(ref["grad_norm"]))
+        assert bool(torch.isfinite(m["grad_norm"])) != skipped[-1], f"step {step}: overflow in one backend only"
+        if not skipped[-1]:
+            assert float(m["grad_norm"]) == pytest.approx(float(ref["grad_norm"]), rel=1e-4), step
+        assert_states_close(ref_state, snapshot(t), lr_bound=2e-3, where=f"fp16 step {step}")
+        assert t.backend.scaler.scale == ref_scale, step  # the same scale after every step
+    assert any(skipped) and not all(skipped), skipped  # 2^16 overflows at first here, then steps are taken
+    assert {p.dtype for p in t.method.student_module().parameters()} == {torch.float32}
+
+    before = snapshot(t)
+    student = t.method.student_module()
+    hook = student.backbone.blocks[0].attn.qkv.weight.register_hook(lambda g: g * float("inf"))
+    gen = torch.Generator().manual_seed(2)
+    views = [torch.randn(3, 3, s, s, generator=gen) for s in (32, 32, 24, 24)]
+    t.step, scale = 8, t.backend.scaler.scale
+    m = t.train_step(views, 2)
+    hook.remove()
+    assert not torch.isfinite(m["grad_norm"])
+    assert t.backend.scaler.scale == scale / 2
+    saved = t.backend.state_dict()  # the loss scale travels with DeepSpeed's files in last.pt
+    assert saved["deepspeed"]["loss_scale"] == {"scale": scale / 2, "good_steps": 0}
+    t.backend.scaler.scale = 1.0
+    t.backend.load_state_dict(saved, t.output_dir / "last.pt")
+    assert t.backend.scaler.scale == scale / 2
+    after = snapshot(t)
+    for name, value in before.items():
+        if name.startswith("student."):  # no group stepped, weight decay included
+            assert torch.equal(after[name], value), name

@@ -64,3 +64,59 @@ def test_sync_batchnorm_only_for_cuda_processes():
     synced = sync_batchnorm(head, two, torch.device("cuda"))  # conversion itself needs no GPU
     assert [type(m).__name__ for m in synced.mlp].count("SyncBatchNorm") == 2
     assert synced.state_dict().keys() == head.state_dict().keys()  # checkpoints load either way
+
+
+def _center_worker(rank: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from fastdino.losses.dino import TeacherCenter
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        rows = torch.Generator().manual_seed(0)
+        teacher = torch.randn(8, 16, generator=rows)[:3] if rank == 0 else torch.randn(8, 16, generator=rows)[3:]
+        center = TeacherCenter(16, momentum=0.7)
+        center.center.copy_(torch.linspace(-1, 1, 16))
+        center.update(teacher.sum(0), teacher.shape[0])  # rank 0: 3 rows, rank 1: 5 rows
+        torch.save(center.center.clone(), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_center_all_reduce_with_different_local_batches_is_the_global_mean(tmp_path):
+    """3 rows on rank 0, 5 on rank 1: every rank's center moves towards the mean of the 8 rows (not of 3 + 5 rows
+    each counted as 4)."""
+    torch.multiprocessing.spawn(_center_worker, args=(str(tmp_path / "init"), str(tmp_path / "center")), nprocs=2)
+    teacher = torch.randn(8, 16, generator=torch.Generator().manual_seed(0)).double()
+    expected = 0.7 * torch.linspace(-1, 1, 16).double() + 0.3 * teacher.mean(0)  # float64 reference
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"center.{rank}")
+        torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+def test_two_process_resume_continues_bitwise(tmp_path):
+    """2 processes stopped mid-epoch (train.max_steps=2 of 6) and resumed end bitwise where 2 processes that ran
+    through end: weights, teacher, center and AdamW state."""
+    data = make_demo_dataset(tmp_path / "data", n_train_per_class=2, n_val_per_class=1, size=32)  # 3 steps / epoch
+    base = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "fastdino.cli", "train", "configs/demo.yaml",
+            *COMMON, f"data.path={data}", "data.batch_size=2", "train.epochs=2"]
+
+    def run(out, *extra):
+        done = subprocess.run([*base, f"train.output_dir={tmp_path / out}", *extra], capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    run("through")
+    run("stopped", "train.max_steps=2")
+    assert load_checkpoint(tmp_path / "stopped" / "last.pt")["step"] == 2
+    assert "resumed from" in run("stopped").stderr
+    a, b = load_checkpoint(tmp_path / "through" / "last.pt"), load_checkpoint(tmp_path / "stopped" / "last.pt")
+    assert a["step"] == b["step"] == 6
+    for key in ("student", "teacher", "center"):
+        for name, value in a[key].items():
+            assert torch.equal(b[key][name], value), f"{key}.{name}"
+    for i, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(b["optimizer"]["state"][i][name], value), f"optimizer {i}.{name}"

@@ -42,11 +42,27 @@ def test_bench_step_refuses_unknown_case_in_one_line():
     assert out.returncode == 2 and "vits16_b1024" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_bench_train_cpu_smoke():
-    out = run("perf/bench_train.py", "--device", "cpu", "--steps", "2", "--warmup", "1", *TINY)
+def test_bench_train_cpu_smoke(tmp_path):
+    results = tmp_path / "bench_train.jsonl"
+    out = run("perf/bench_train.py", "--device", "cpu", "--steps", "2", "--warmup", "1", "--results", str(results),
+              *TINY)
     assert out.returncode == 0, out.stderr
-    assert "img/s" in out.stdout and "GFLOP/img" in out.stdout
+    assert "img/s" in out.stdout and "GFLOP/img" in out.stdout and "peak memory" in out.stdout
     assert "GPU telemetry unavailable: the training device is the CPU" in out.stdout
+    (record,) = [json.loads(line) for line in results.read_text().splitlines()]
+    assert record["engine"] == "ddp" and record["shape"]["model.arch"] == "vit_tiny" and record["img_per_s"] > 0
+    assert record["shape"]["train.precision"] == "fp32"  # what ran on the CPU, not "auto"
+
+
+def test_bench_train_deepspeed_cpu_smoke(tmp_path):
+    pytest.importorskip("deepspeed")
+    results = tmp_path / "bench_train.jsonl"
+    out = run("perf/bench_train.py", "--device", "cpu", "--steps", "1", "--warmup", "1", "--engine", "deepspeed",
+              "--results", str(results), *TINY, "train.deepspeed_config=configs/deepspeed/zero1.json")
+    assert out.returncode == 0, out.stderr
+    assert "engine deepspeed ZeRO-1" in out.stdout
+    (record,) = [json.loads(line) for line in results.read_text().splitlines()]
+    assert record["engine"] == "deepspeed" and record["zero_stage"] == 1 and record["peak_memory_gib"] > 0
 
 
 def test_profile_step_cpu_smoke(tmp_path):

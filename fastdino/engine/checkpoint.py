@@ -18,6 +18,10 @@ class CheckpointError(UserError, RuntimeError):
     """An unreadable or incompatible checkpoint; the message names the file."""
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions, I/O); the previous file is left as it was."""
+
+
 def save_checkpoint(state: dict, path: str | Path) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over `path`.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -20,14 +21,17 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device: torch.device) -> DistInfo:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1); single process otherwise."""
+def init_distributed(device: torch.device, timeout_s: int = 600) -> DistInfo:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); single process otherwise.
+
+    timeout_s (train.dist_timeout): how long a collective waits for a missing peer before it raises."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return DistInfo()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s))
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank)
 
 

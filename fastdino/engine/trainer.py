@@ -18,7 +18,14 @@ from fastdino.config import Config, ConfigError, config_to_dict, schedule_warnin
 from fastdino.data.files import DataError, ImageFileDataset, ImageIndex, UnreadableImages, index_image_folder
 from fastdino.data.loader import build_batch_source, resolve_backend, steps_per_epoch
 from fastdino.engine.backends import Backend, build_backend
-from fastdino.engine.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from fastdino.engine.checkpoint import (
+    CheckpointError,
+    CheckpointWriteError,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from fastdino.engine.distributed import DistInfo, init_distributed, sync_batchnorm
 from fastdino.engine.ema import TeacherEMA
 from fastdino.engine.health import HealthMonitor, TrainingHealthError, agree
@@ -161,7 +168,7 @@ FREE_KEYS = {
     "loss": ("impl",),
     "ema": ("impl",),
     "train": ("epochs", "max_steps", "output_dir", "resume", "device", "log_every", "ckpt_every", "knn_eval",
-              "allow_config_change", "init_from"),
+              "allow_config_change", "init_from", "dist_timeout"),
 }
 
 
@@ -225,7 +232,7 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.device = resolve_device(cfg.train.device)
-        self.dist: DistInfo = init_distributed(self.device)
+        self.dist: DistInfo = init_distributed(self.device, cfg.train.dist_timeout)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
@@ -332,10 +339,21 @@ class Trainer:
         log.info("resumed from %s at iteration %d", path, self.step)
 
     def save(self) -> Path:
+        """Write output_dir/last.pt (atomically: a failed write leaves the previous file as it was).
+
+        Raises CheckpointWriteError (training stops: a run that cannot checkpoint would lose all further work
+        on the next fault) naming the file, the error and what the previous last.pt holds."""
         path = self.output_dir / "last.pt"
-        state = self.state_dict()
-        if self.dist.is_main:
-            save_checkpoint(state, path)
+        try:
+            state = self.state_dict()  # a DeepSpeed backend writes its own files here, on every rank
+            if self.dist.is_main:
+                save_checkpoint(state, path)
+        except OSError as exc:
+            kept = (f"the previous checkpoint {path} (after {self.saved_step} iterations) is intact"
+                    if self.saved_step is not None else "no checkpoint was written before")
+            raise CheckpointWriteError(
+                f"could not write checkpoint {path} at iteration {self.step} ({exc.strerror or exc}); {kept}: "
+                "free space (or fix the folder) and run again with train.resume=auto to continue") from exc
         return path
 
     # -- one iteration -------------------------------------------------------------------------------

@@ -98,10 +98,14 @@ class TeacherCenter(nn.Module):
 
     @torch.no_grad()
     def update(self, teacher_sum: torch.Tensor, n_rows: int) -> None:
-        """teacher_sum: (K,) column sum over this process's n_rows teacher rows; all-reduced when distributed."""
-        total_rows = n_rows
+        """teacher_sum: (K,) column sum over this process's n_rows teacher rows.
+
+        When distributed, the sums and the row counts are all-reduced together (one call), so the mean is the
+        global batch's also when processes hold different numbers of rows (a last, smaller batch)."""
+        total = teacher_sum.float()
+        total_rows = float(n_rows)
         if dist.is_available() and dist.is_initialized():
-            teacher_sum = teacher_sum.clone()
-            dist.all_reduce(teacher_sum)
-            total_rows = n_rows * dist.get_world_size()
-        self.center.mul_(self.momentum).add_(teacher_sum / total_rows, alpha=1 - self.momentum)
+            both = torch.cat([total, total.new_full((1,), float(n_rows))])
+            dist.all_reduce(both)
+            total, total_rows = both[:-1], both[-1]
+        self.center.mul_(self.momentum).add_(total / total_rows, alpha=1 - self.momentum)

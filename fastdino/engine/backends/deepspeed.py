@@ -8,8 +8,17 @@ and the center (all-reduced by TeacherCenter over torch.distributed, which DeepS
 How, given ZeRO:
 - Precision: bf16 runs DeepSpeed's `torch_autocast` mode, which keeps the student's weights in fp32
   (its `bf16` mode keeps them in bf16, and an EMA step of 1 - m = 4e-3 read from them would be lost).
-  fp16 is refused for now (ConfigError on train.precision): DeepSpeed's fp16 mode keeps fp16 weights,
-  so the EMA would need the fp32 master partitions gathered every step; not built yet.
+  fp16 runs the same `torch_autocast` mode in float16 (fp32 weights for the EMA), with fastdino's own
+  dynamic loss scale (LossScale: torch GradScaler's rule; initial_scale_power and loss_scale_window from
+  the JSON's fp16 section, e.g. configs/deepspeed/zero2_fp16.json). DeepSpeed's two routes are not used
+  as they stand (DeepSpeed 0.19): its `fp16` mode keeps fp16 module weights, too coarse for the EMA; its
+  torch_autocast fp16 mode steps a torch GradScaler once per parameter group after
+  `unscale_and_clip_grads`, so the per-parameter clipping would see scaled gradients and an overflow would
+  skip only its own group. Instead the backend removes that GradScaler, scales the loss before DeepSpeed's
+  backward, turns on DeepSpeed's overflow check (all-reduced over the partitions: an overflow skips every
+  group on every rank, no weight decay either) and unscales in the clipping hook by the scale the backward
+  used. DeepSpeed's CPU accelerator lists no fp16 and fastdino refuses fp16 on the CPU, so the test forces
+  the precision on the CPU: it follows the DDP backend's GradScaler step for step, overflows included.
 - Clipping: ZeRO reduces gradients into flat partitions, one per rank, and a parameter may straddle
   two. Just before the inner optimizer step of each group (DeepSpeed's `unscale_and_clip_grads`, which
   we replace on the optimizer instance; DeepSpeed's own global clipping is off), each rank sums the
@@ -63,6 +72,8 @@ OWNED = {
     "scheduler": "optim.* (closed-form schedules)",
     "gradient_clipping": "optim.clip_grad (per parameter)",
 }
+# The JSON's fp16 section: dynamic loss scaling only (train.precision=fp16 turns it on).
+FP16_FIELDS = ("loss_scale", "initial_scale_power", "loss_scale_window")
 
 
 def _import_deepspeed():
@@ -90,7 +101,9 @@ def deepspeed_config(name: str, batch_size: int, world_size: int, precision: str
     """The JSON file's settings with the batch and precision fields filled from our config.
 
     Raises ConfigError naming train.deepspeed_config for an unreadable file, a field this config owns
-    (OWNED), ZeRO stage 0 or 3, or CPU offload; and naming train.precision for fp16.
+    (OWNED), ZeRO stage 0 or 3, CPU offload, or an fp16 section other than dynamic loss scaling. The JSON's
+    fp16 section becomes `fastdino_fp16` (init_scale, growth_interval), which the backend takes out: fastdino
+    scales the loss itself (see the module docstring).
     """
     path = resolve_config_path(name)
     try:
@@ -116,17 +129,42 @@ def deepspeed_config(name: str, batch_size: int, world_size: int, precision: str
     if zero.get("offload_optimizer") or zero.get("cpu_offload"):
         raise ConfigError(f"{KEY}={name}: optimizer offload is not supported by fastdino's clipping hook; "
                           "remove zero_optimization.offload_optimizer", KEY)
-    if precision == "fp16":
-        raise ConfigError("train.precision=fp16 with train.engine=deepspeed is not supported yet (DeepSpeed's fp16 "
-                          "mode keeps fp16 weights, too coarse for the EMA teacher): use train.precision=bf16",
-                          "train.precision")
-    ds.pop("fp16", None)
+    fp16 = ds.pop("fp16", {})
+    unknown = sorted(set(fp16) - set(FP16_FIELDS))
+    if unknown or fp16.get("loss_scale", 0) != 0:
+        raise ConfigError(f"{KEY}={name}: fp16 may hold only {', '.join(FP16_FIELDS)} with loss_scale 0 (dynamic "
+                          f"loss scaling), not {', '.join(unknown) or 'loss_scale=' + str(fp16['loss_scale'])}", KEY)
+    ds["fastdino_fp16"] = {"init_scale": 2.0 ** fp16.get("initial_scale_power", 16),
+                           "growth_interval": int(fp16.get("loss_scale_window", 2000))}
     ds.update(train_batch_size=batch_size * world_size, train_micro_batch_size_per_gpu=batch_size,
               gradient_accumulation_steps=1, gradient_clipping=0.0, zero_allow_untested_optimizer=True)
-    if precision == "bf16":
-        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}  # fp32 weights (see the module docstring)
+    if precision in ("bf16", "fp16"):  # fp32 weights (see the module docstring)
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16" if precision == "bf16" else "float16"}
     ds.setdefault("steps_per_print", 2**31 - 1)  # fastdino logs; DeepSpeed's own step lines are off
     return ds
+
+
+class LossScale:
+    """Dynamic loss scaling with torch GradScaler's rule (Micikevicius et al. 2018): halve on an overflow and skip
+    the step, double after `growth_interval` steps without one. The scale is a host float: DeepSpeed's overflow
+    check syncs anyway."""
+
+    def __init__(self, init_scale: float, growth_interval: int):
+        self.scale, self.growth_interval, self.good_steps = float(init_scale), growth_interval, 0
+
+    def update(self, overflow: bool) -> None:
+        if overflow:
+            self.scale, self.good_steps = self.scale * 0.5, 0
+        else:
+            self.good_steps += 1
+            if self.good_steps == self.growth_interval:
+                self.scale, self.good_steps = self.scale * 2.0, 0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
 
 
 def split_groups(groups: list[dict], freezable: set[int]) -> list[dict]:
@@ -146,6 +184,8 @@ class DeepSpeedBackend(Backend):
         self.ds = _import_deepspeed()
         self.ds_config = deepspeed_config(self.cfg.train.deepspeed_config, self.cfg.data.batch_size,
                                           self.dist.world_size, self.precision)
+        fp16 = self.ds_config.pop("fastdino_fp16")
+        self.scaler = LossScale(**fp16) if self.precision == "fp16" else None
         self.stage = self.ds_config["zero_optimization"]["stage"]
         self.ckpt_dir = self.output_dir / "deepspeed"
 
@@ -165,6 +205,9 @@ class DeepSpeedBackend(Backend):
             model=student, optimizer=optimizer, config=self.ds_config, dist_init_required=False)
         self._slices = [self._partition_slices(i) for i in range(len(self.group_params))]
         self.optimizer.unscale_and_clip_grads = types.MethodType(self._unscale_and_clip, self.optimizer)
+        if self.scaler is not None:  # our loss scale; DeepSpeed's global overflow check skips every group at once
+            self.optimizer.torch_autocast_gradscaler = None
+            self.optimizer.check_grad_overflow = True
         self._frozen = [False] * len(self.group_params)
         self._sq_norm = torch.zeros((), device=self.device)
         method.student = self.engine  # `.module` is the student: Method.student_module() unwraps it
@@ -193,8 +236,9 @@ class DeepSpeedBackend(Backend):
         """Replaces DeepSpeed's global clipping: unscale, per-parameter clipping, frozen group skipped."""
         grad = grads_flat[0]  # this rank's fp32 gradient partition of one group
         i = next(k for k, part in enumerate(opt.single_partition_of_fp32_groups) if part.grad is grad)
-        if opt.loss_scale != 1.0:
-            grad.mul_(1.0 / opt.loss_scale)
+        scale = opt.loss_scale * (self._scale_used if self.scaler is not None else 1.0)
+        if scale != 1.0:
+            grad.mul_(1.0 / scale)
         sq = torch.zeros(len(self.group_params[i]), dtype=torch.float32, device=grad.device)
         for j, a, b in self._slices[i]:
             sq[j] += grad[a:b].float().pow(2).sum()
@@ -209,7 +253,11 @@ class DeepSpeedBackend(Backend):
             opt.single_partition_of_fp32_groups[i].grad = None  # AdamW skips the group: no step, no decay
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)
+        if self.scaler is None:
+            self.engine.backward(loss)
+            return
+        self._scale_used = self.scaler.scale
+        self.engine.backward(loss * self._scale_used)
 
     def step(self, epoch: int) -> torch.Tensor:
         frozen = {id(p) for p in self.method.frozen_parameters(epoch)}
@@ -218,7 +266,14 @@ class DeepSpeedBackend(Backend):
         self._sq_norm = torch.zeros((), device=self.device)
         with phase("optimizer"):  # clipping runs inside DeepSpeed's step (see _unscale_and_clip)
             self.engine.step()
-        return self._sq_norm.sqrt()
+        if self.scaler is None:
+            return self._sq_norm.sqrt()
+        overflow = bool(self.optimizer.overflow)  # all-reduced by DeepSpeed: every group of every rank skipped
+        self.scaler.update(overflow)
+        return torch.full((), float("inf"), device=self.device) if overflow else self._sq_norm.sqrt()
+
+    def loss_scale(self) -> torch.Tensor | None:
+        return None if self.scaler is None else torch.tensor(self.scaler.scale, device=self.device)
 
     # -- checkpoints: DeepSpeed's files on every rank, then last.pt names their tag --------------------------
     def state_dict(self) -> dict:
@@ -231,7 +286,10 @@ class DeepSpeedBackend(Backend):
                 if old.is_dir() and old.name.startswith("step") and old.name not in keep:
                     shutil.rmtree(old, ignore_errors=True)
         self._last_tag = tag
-        return {"deepspeed": {"tag": tag, "stage": self.stage, "dir": "deepspeed"}}
+        saved = {"tag": tag, "stage": self.stage, "dir": "deepspeed"}
+        if self.scaler is not None:
+            saved["loss_scale"] = self.scaler.state_dict()
+        return {"deepspeed": saved}
 
     def load_state_dict(self, ckpt: dict, path: Path) -> None:
         saved = ckpt.get("deepspeed")
@@ -249,3 +307,5 @@ class DeepSpeedBackend(Backend):
         if loaded is None:
             raise CheckpointError(f"DeepSpeed state {folder / saved['tag']} could not be loaded")
         self._last_tag = saved["tag"]
+        if self.scaler is not None and "loss_scale" in saved:
+            self.scaler.load_state_dict(saved["loss_scale"])

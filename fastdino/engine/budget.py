@@ -1,0 +1,105 @@
+"""Run budgets (`fastdino budget`): wall-clock hours and GPU-hours of a training run, from a measured img/s.
+
+A run sees `train.epochs` x (images in data.path) images. With G GPUs each running at X img/s alone and a
+scaling efficiency s (the share of the solo rate each GPU keeps when G > 1: all-reduce, stragglers), the
+run takes epochs * N / (X * G * s) seconds, and G times that in GPU-hours; one GPU has no scaling loss.
+The paper's reference (Caron et al. 2021, its table of training time and memory): DINO ViT-S/16, 300 epochs
+on ImageNet-1k, 72.6 h on two 8-GPU V100 nodes.
+
+Where X comes from when the user gives none: `perf/bench_train.py` appends one JSON line per run to
+`perf/bench_train.jsonl` (BENCH_RESULTS); the last line whose step shape (SHAPE_KEYS: architecture,
+crops, per-GPU batch, head, precision) equals the config's is used.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastdino.config import Config, ConfigError
+
+IMAGENET_1K_TRAIN = 1_281_167
+"""Images in ImageNet-1k's training split (ILSVRC 2012), the default data set size."""
+PAPER_RUN = {"what": "paper: DINO ViT-S/16, 300 epochs, ImageNet-1k, 16 V100s", "gpus": 16, "hours": 72.6}
+BENCH_RESULTS = Path(__file__).resolve().parents[2] / "perf" / "bench_train.jsonl"
+
+# What sets the img/s of one training step: a bench_train record matches a config when all of these agree.
+SHAPE_KEYS = {
+    "model": ("arch", "patch_size", "depth"),
+    "data": ("global_size", "local_size", "local_crops_number", "batch_size"),
+    "dino": ("out_dim", "hidden_dim", "bottleneck_dim", "head_bn"),
+    "train": ("precision",),
+}
+
+
+def step_shape(cfg: Config) -> dict:
+    """The config's SHAPE_KEYS as a flat {"section.key": value} dict (what bench_train records).
+
+    train.precision=auto is recorded as bf16, what it means on the GPUs a budget is for."""
+    shape = {f"{s}.{k}": getattr(getattr(cfg, s), k) for s, keys in SHAPE_KEYS.items() for k in keys}
+    if shape["train.precision"] == "auto":
+        shape["train.precision"] = "bf16"
+    return shape
+
+
+def last_bench_img_per_s(cfg: Config, results: Path | None = None) -> tuple[float, dict]:
+    """(img/s per GPU, the record) of the last bench_train line in `results` (default BENCH_RESULTS) whose
+    shape equals the config's.
+
+    Raises ConfigError naming --img-per-s when the file is missing or holds no matching line.
+    """
+    results = results or BENCH_RESULTS
+    shape = step_shape(cfg)
+    found = None
+    if results.is_file():
+        for line in results.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash: the others still count
+            if isinstance(record, dict) and record.get("shape") == shape and record.get("img_per_s"):
+                found = record
+    if found is None:
+        what = ", ".join(f"{k}={v}" for k, v in shape.items())
+        raise ConfigError(f"--img-per-s not given and {results} holds no perf/bench_train.py result for this config "
+                          f"({what}): run perf/bench_train.py with this config, or pass --img-per-s X", "--img-per-s")
+    return float(found["img_per_s"]), found
+
+
+@dataclass(frozen=True)
+class BudgetRow:
+    gpus: int
+    img_per_s: float
+    """Throughput of the whole run (all GPUs)."""
+    hours: float
+    """Wall-clock hours."""
+    gpu_hours: float
+
+
+def budget(epochs: int, n_images: int, img_per_s: float, gpus: list[int], scaling: float) -> list[BudgetRow]:
+    """One row per GPU count: total img/s = X * G * (scaling if G > 1 else 1), hours = epochs * N / that / 3600.
+
+    img_per_s: one GPU's rate (img/s); scaling in (0, 1]. Raises ConfigError for values out of range.
+    """
+    if not img_per_s > 0:
+        raise ConfigError(f"--img-per-s {img_per_s} must be positive", "--img-per-s")
+    if not 0 < scaling <= 1:
+        raise ConfigError(f"--scaling {scaling} must be in (0, 1] (the share of one GPU's rate each GPU keeps)",
+                          "--scaling")
+    rows = []
+    for g in gpus:
+        rate = img_per_s * g * (scaling if g > 1 else 1.0)
+        hours = epochs * n_images / rate / 3600
+        rows.append(BudgetRow(g, rate, hours, hours * g))
+    return rows
+
+
+def format_table(rows: list[BudgetRow]) -> list[str]:
+    """Text lines: the rows, then the paper's reference run."""
+    lines = [f"{'GPUs':>5} {'img/s':>10} {'wall-clock h':>13} {'GPU-hours':>10}"]
+    lines += [f"{r.gpus:>5} {r.img_per_s:>10.1f} {r.hours:>13.1f} {r.gpu_hours:>10.1f}" for r in rows]
+    p = PAPER_RUN
+    lines.append(f"{p['what']}: {p['hours']:.1f} h wall clock, {p['hours'] * p['gpus']:.1f} GPU-hours "
+                 f"({300 * IMAGENET_1K_TRAIN / (p['hours'] * 3600):.0f} img/s in all)")
+    return lines

@@ -1,0 +1,72 @@
+"""`fastdino budget`: hours and GPU-hours of a run, against values worked out by hand."""
+
+import json
+
+import pytest
+
+from fastdino.cli import main
+from fastdino.config import ConfigError, load_config
+from fastdino.engine.budget import IMAGENET_1K_TRAIN, budget, last_bench_img_per_s, step_shape
+
+
+def test_hours_and_gpu_hours_by_hand():
+    # 100 epochs x 1,281,167 images at 1000 img/s on one GPU: 128,116,700 s / 1000 / 3600 = 35.5880 h
+    one, eight, sixteen = budget(100, IMAGENET_1K_TRAIN, 1000.0, [1, 8, 16], 0.9)
+    assert one.img_per_s == 1000.0 and one.hours == pytest.approx(35.58797, rel=1e-5)
+    assert one.gpu_hours == one.hours
+    # 8 GPUs at 0.9 each: 7200 img/s -> 128,116,700 / 7200 / 3600 = 4.94277 h, x 8 = 39.5422 GPU-hours
+    assert eight.img_per_s == pytest.approx(7200.0)
+    assert eight.hours == pytest.approx(4.942774, rel=1e-5) and eight.gpu_hours == pytest.approx(39.54219, rel=1e-5)
+    # 16 GPUs: twice the rate, half the hours, the same GPU-hours (the scaling loss is paid once, beyond one GPU)
+    assert sixteen.hours == pytest.approx(eight.hours / 2) and sixteen.gpu_hours == pytest.approx(eight.gpu_hours)
+
+
+def test_scaling_rule():
+    perfect = budget(10, 1000, 100.0, [1, 4], 1.0)
+    assert perfect[1].hours == pytest.approx(perfect[0].hours / 4)  # scaling 1: linear
+    lossy = budget(10, 1000, 100.0, [1, 4], 0.5)
+    assert lossy[0].hours == perfect[0].hours  # one GPU has no scaling loss
+    assert lossy[1].hours == pytest.approx(perfect[1].hours * 2) and lossy[1].gpu_hours == pytest.approx(
+        2 * perfect[0].gpu_hours)
+    with pytest.raises(ConfigError, match="--scaling"):
+        budget(10, 1000, 100.0, [1], 1.5)
+
+
+def test_cli_prints_rows_and_the_paper_run(tmp_path, capsys):
+    data = tmp_path / "images"
+    data.mkdir()
+    for i in range(3):  # data.path's images are counted: 3
+        (data / f"{i}.png").write_bytes(b"")
+    assert main(["budget", "configs/vit_small16.yaml", f"data.path={data}", "train.epochs=40", "--img-per-s", "2"]) == 0
+    assert "40 epochs x 3 images (indexed in" in capsys.readouterr().out
+    assert main(["budget", "configs/vit_small16.yaml", "train.epochs=40", "--images", "9000", "--img-per-s", "100",
+                 "--gpus", "1,3", "--scaling", "0.5"]) == 0
+    out = capsys.readouterr().out
+    # 360,000 images at 100 img/s = 3600 s = 1 h; 3 GPUs at 0.5 each: 150 img/s -> 0.667 h, 2.0 GPU-hours
+    lines = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert lines == [["1", "100.0", "1.0", "1.0"], ["3", "150.0", "0.7", "2.0"]]
+    assert "72.6 h wall clock, 1161.6 GPU-hours" in out  # the paper: 16 V100s x 72.6 h
+    assert main(["budget", "configs/vit_small16.yaml", "--img-per-s", "1000"]) == 0
+    assert "100 epochs x 1,281,167 images (ImageNet-1k" in capsys.readouterr().out  # no data.path: said so
+
+
+def test_img_per_s_from_the_last_matching_bench_record(tmp_path, capsys):
+    cfg = load_config("configs/vit_small16.yaml")
+    other = {**step_shape(cfg), "data.batch_size": 128}
+    results = tmp_path / "bench_train.jsonl"
+    lines = [{"shape": step_shape(cfg), "img_per_s": 500.0}, {"shape": other, "img_per_s": 900.0},
+             {"shape": step_shape(cfg), "img_per_s": 800.0, "date": "2026-11-30"}, {"shape": other, "img_per_s": 1.0}]
+    results.write_text("\n".join(json.dumps(x) for x in lines) + "\n{cut by a cra")
+    assert last_bench_img_per_s(cfg, results)[0] == 800.0
+    assert main(["budget", "configs/vit_small16.yaml", "--images", "1000000", "--results", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "800.0 img/s (last perf/bench_train.py result for this config (2026-11-30" in out
+    assert "1,000,000 images (--images)" in out
+
+
+def test_missing_figure_refused_in_one_line(tmp_path, capsys):
+    assert main(["budget", "configs/vit_small16.yaml", "--results", str(tmp_path / "none.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--img-per-s" in err and "perf/bench_train.py" in err
+    assert main(["budget", "configs/vit_small16.yaml", "--img-per-s", "0"]) == 2
+    assert "--img-per-s" in capsys.readouterr().err
