@@ -15,6 +15,7 @@ import yaml
 from fastdino.config import Config, config_to_dict
 from fastdino.data.files import ImageFileDataset, ImageIndex, index_image_folder
 from fastdino.data.loader import build_loader, steps_per_epoch
+from fastdino.data.multicrop import eval_transform
 from fastdino.engine.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fastdino.engine.distributed import DistInfo, init_distributed, sync_batchnorm, wrap_ddp
 from fastdino.engine.ema import TeacherEMA
@@ -22,15 +23,15 @@ from fastdino.engine.health import HealthMonitor, TrainingHealthError, agree, lo
 from fastdino.engine.logging import RunLogger
 from fastdino.engine.optim import build_optimizer, clip_gradients_per_param, set_schedules
 from fastdino.eval.knn import knn_evaluate
-from fastdino.methods import build_method
+from fastdino.methods import build_method, method_class
 from fastdino.methods.base import Method
 from fastdino.schedules import cosine_schedule
 
 log = logging.getLogger("fastdino")
 
-# Keys that fix the shapes of the networks: a checkpoint must agree on all of them to be loaded.
-ARCH_KEYS = {"model": ("arch", "patch_size", "img_size", "depth"),
-             "dino": ("out_dim", "hidden_dim", "bottleneck_dim", "norm_last_layer", "head_bn")}
+# Keys that fix the shapes of the networks for every method; each method adds its own (Method.ARCH_KEYS).
+# A checkpoint must agree on all of them to be loaded.
+ARCH_KEYS = {"model": ("arch", "patch_size", "img_size", "depth"), "train": ("method",)}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -88,9 +89,10 @@ def resume_path(cfg: Config) -> Path | None:
 
 def check_architecture(saved: dict, cfg: Config, path: Path) -> None:
     current, default = config_to_dict(cfg), config_to_dict(Config())  # a key added since: its default
+    arch_keys = {**ARCH_KEYS, **method_class(cfg).ARCH_KEYS}
     diffs = [
         f"{section}.{key}: checkpoint {was!r} vs config {current[section][key]!r}"
-        for section, keys in ARCH_KEYS.items()
+        for section, keys in arch_keys.items()
         for key in keys
         if (was := saved.get(section, {}).get(key, default[section][key])) != current[section][key]
     ]
@@ -149,7 +151,7 @@ class Trainer:
             "step": self.step,
             "student": self.method.student_module().state_dict(),
             "teacher": self.method.teacher.state_dict(),
-            "center": self.method.center.state_dict(),
+            **self.method.method_state_dict(),  # the method's own state, e.g. a center
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
@@ -160,7 +162,7 @@ class Trainer:
         try:
             self.method.student_module().load_state_dict(ckpt["student"])
             self.method.teacher.load_state_dict(ckpt["teacher"])
-            self.method.center.load_state_dict(ckpt["center"])
+            self.method.load_method_state_dict({name: ckpt[name] for name in self.method.method_state_dict()})
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scaler.load_state_dict(ckpt["scaler"])
             set_rng_state(ckpt["rng"])
@@ -235,6 +237,19 @@ class Trainer:
         found = found or f"training health: another process saw collapse or divergence at iteration {self.step - 1}."
         raise TrainingHealthError(f"{found} Stopped (health.on_collapse=stop); {kept}.")
 
+    def _snapshot(self, tag: str) -> None:
+        """The method's picture (Method.snapshot) of a few fixed training images, evaluation-cropped; reads
+        no global RNG (each item is decoded under its own seed), so a resumed run stays exact."""
+        n = self.method.snapshot_images
+        if not n or not self.dist.is_main:
+            return
+        dataset = ImageFileDataset(self.index, eval_transform(self.cfg.data.global_size), seed=self.cfg.train.seed)
+        picks = torch.linspace(0, len(dataset) - 1, min(n, len(dataset))).round().long().tolist()
+        images = torch.stack([dataset[i][0][0] for i in picks]).to(self.device)  # (n, 3, H, W)
+        path = self.method.snapshot(images, self.output_dir, tag)
+        if path is not None:
+            log.info("wrote %s", path)
+
     # -- the loop ------------------------------------------------------------------------------------
     def knn(self) -> float | None:
         if not self.cfg.train.knn_eval or self.val_dir is None or len(self.index.classes) < 2:
@@ -252,6 +267,7 @@ class Trainer:
         result = TrainResult(self.output_dir, self.step)
         if self.step == 0:
             result.knn_init = self.knn()
+            self._snapshot("start")
         images_per_step = cfg.data.batch_size * self.dist.world_size
         logger = RunLogger(self.output_dir, self.stop_step, self.step, images_per_step, self.dist.is_main)
         watch = cfg.health.enabled
@@ -299,6 +315,7 @@ class Trainer:
                         self.skipped_images)
         result.steps_done, result.skipped_images = self.step, self.skipped_images
         if self.step == self.stop_step:
+            self._snapshot("end")
             result.knn_trained = self.knn()
         return result
 

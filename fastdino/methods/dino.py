@@ -18,6 +18,7 @@ from fastdino.data.multicrop import multicrop_transform
 from fastdino.losses.dino import TeacherCenter, dino_loss, resolve_loss_impl
 from fastdino.losses.signals import distribution_signals, feature_spread
 from fastdino.methods.base import Method
+from fastdino.models.flops import dino_train_flops_per_image
 from fastdino.models.heads import DINOHead
 from fastdino.models.vit import build_backbone
 from fastdino.schedules import cosine_schedule, teacher_temp_schedule
@@ -49,6 +50,8 @@ class MultiCropNetwork(nn.Module):
 
 
 class DINO(Method):
+    ARCH_KEYS = {"dino": ("out_dim", "hidden_dim", "bottleneck_dim", "norm_last_layer", "head_bn")}
+
     def __init__(self, cfg: Config, device: torch.device):
         super().__init__()
         self.cfg = cfg
@@ -125,6 +128,21 @@ class DINO(Method):
 
     def teacher_momentum(self, step: int, total_steps: int) -> float:
         return cosine_schedule(step, total_steps, self.cfg.dino.momentum_teacher, 1.0)
+
+    def method_state_dict(self) -> dict[str, dict]:
+        return {"center": self.center.state_dict()}
+
+    def load_method_state_dict(self, state: dict[str, dict]) -> None:
+        self.center.load_state_dict(state["center"])
+
+    def train_flops_per_image(self) -> float:
+        m, d = self.cfg.model, self.cfg.data
+        backbone = self.student_module().backbone
+        return dino_train_flops_per_image(
+            dim=backbone.embed_dim, depth=len(backbone.blocks), patch=m.patch_size, global_size=d.global_size,
+            local_size=d.local_size, n_local=d.local_crops_number, hidden=self.cfg.dino.hidden_dim,
+            bottleneck=self.cfg.dino.bottleneck_dim, out_dim=self.cfg.dino.out_dim,
+        )
 
     def before_optimizer_step(self, epoch: int) -> None:
         """Freeze the last head layer during the first epochs (official: cancel its gradients)."""
