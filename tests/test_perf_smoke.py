@@ -1,7 +1,9 @@
 """The benchmarks stay runnable: bench_train on the CPU with tiny shapes, kernel benches refuse cleanly."""
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,14 +13,20 @@ TINY = ["model.arch=vit_tiny", "model.depth=1", "model.patch_size=8", "model.img
         "dino.bottleneck_dim=16", "data.batch_size=4"]
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
 def run(*args):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300)
+    # the scripts import this checkout's fastdino, not whichever copy is installed
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
 
 
-def test_bench_train_cpu_smoke():
-    out = run("perf/bench_train.py", "--device", "cpu", "--steps", "2", "--warmup", "1", *TINY)
+@pytest.mark.parametrize("method", ["dino", "sit"])
+def test_bench_train_cpu_smoke(method):
+    out = run("perf/bench_train.py", "--device", "cpu", "--steps", "2", "--warmup", "1", "--method", method, *TINY)
     assert out.returncode == 0, out.stderr
-    assert "img/s" in out.stdout and "GFLOP/img" in out.stdout
+    assert "img/s" in out.stdout and "GFLOP/img" in out.stdout and f"config: {method} " in out.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")

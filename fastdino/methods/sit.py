@@ -178,7 +178,8 @@ class SiT(Method):
 
     @torch.no_grad()
     def snapshot(self, images: torch.Tensor, output_dir: Path, tag: str) -> Path:
-        """clean / corrupted / reconstructed rows for `images`, as output_dir/sit_reconstructions_<tag>.png.
+        """clean / corrupted / reconstructed / pasted-in (the reconstruction on the corrupted pixels, the clean
+        image elsewhere) rows for `images`, as output_dir/sit_reconstructions_<tag>.png.
         The corruption comes from a generator seeded with train.seed, so every snapshot of a run shows the
         same corruption of the same images; the student runs in eval mode (no drop path)."""
         from fastdino.reports.plots import reconstruction_grid
@@ -194,7 +195,8 @@ class SiT(Method):
             net.train(was_training)
         loss = masked_l1(recon, images, corrupted.mask)
         path = Path(output_dir) / f"sit_reconstructions_{tag}.png"
-        rows = {"clean": images, "corrupted": corrupted.images, "reconstructed": recon}
+        pasted = torch.where(corrupted.mask, recon, images)  # the prediction where corrupted, the image elsewhere
+        rows = {"clean": images, "corrupted": corrupted.images, "reconstructed": recon, "pasted in": pasted}
         title = f"SiT reconstructions, {tag} of training (L1 over corrupted pixels {float(loss):.3f})"
         return reconstruction_grid(rows, path, title=title)
 
