@@ -205,3 +205,12 @@ def test_momentum_targets_come_from_the_teacher_on_clean_views(monkeypatch):
     online = build_method(load_config(None, SIT + ["sit.contrastive_target=online"]), torch.device("cpu"))
     online(views, epoch=0)
     assert len(seen) == 1
+
+
+def test_demo_command_selects_the_sit_recipe():
+    from fastdino.cli import CONFIG_DIR, DEMO_CONFIGS, build_parser
+
+    args = build_parser().parse_args(["demo", "--method", "sit", "train.epochs=1"])
+    assert args.method == "sit" and args.overrides == ["train.epochs=1"]
+    cfg = load_config(CONFIG_DIR / DEMO_CONFIGS["sit"])
+    assert cfg.train.method == "sit" and cfg.data.path == load_config(CONFIG_DIR / DEMO_CONFIGS["dino"]).data.path

@@ -147,10 +147,10 @@ def to_pixels(patch_map: torch.Tensor, patch_size: int) -> torch.Tensor:
 def greyscale(images: torch.Tensor) -> torch.Tensor:
     """Colour drop of ImageNet-normalised (B, 3, H, W) images: the ITU-R 601 luma in pixel space, put back in
     every channel and normalised again (so the result is the normalised grey image, not a channel mean)."""
-    mean = images.new_tensor(IMAGENET_MEAN)[:, None, None]
-    std = images.new_tensor(IMAGENET_STD)[:, None, None]
-    luma = ((images * std + mean) * images.new_tensor(_LUMA)[:, None, None]).sum(1, keepdim=True)  # (B, 1, H, W)
-    return (luma - mean) / std
+    # Python scalars, not small tensors: a host-to-device copy would synchronise the device
+    channels = zip(_LUMA, IMAGENET_MEAN, IMAGENET_STD)
+    luma = sum(w * (images[:, ch : ch + 1] * s + m) for ch, (w, m, s) in enumerate(channels))  # (B, 1, H, W)
+    return torch.cat([(luma - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)], dim=1)  # (B, 3, H, W)
 
 
 def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> torch.Tensor:
@@ -223,8 +223,8 @@ def corrupt_images(
         sigma = torch.empty(b, device=device).uniform_(*blur_sigma, generator=generator)
         sigma = torch.where(blur_cells.flatten(1).any(1), sigma, 0.0)
     groups = group_masks(b, gh, gw, ratio, max_block, min_block, device, generator)
-    codes = torch.tensor([_CODE[k] for k in kinds], device=device)
-    block_kind = codes[_uniform_int(0, len(kinds) - 1, groups.kept.shape, device, generator)]  # (B, R)
+    pick = _uniform_int(0, len(kinds) - 1, groups.kept.shape, device, generator)  # (B, R) index into kinds
+    block_kind = sum((pick == i).long() * _CODE[k] for i, k in enumerate(kinds))  # codes without a host copy
     keep = torch.rand(groups.kept.shape, device=device, generator=generator) < keep_prob
     block_kind = torch.where(keep, KEEP, block_kind)
     owned = block_kind.gather(1, groups.owner.clamp(min=0).flatten(1)).view(b, gh, gw)

@@ -76,7 +76,8 @@ def info_nce(query: torch.Tensor, keys: torch.Tensor, positive: torch.Tensor, te
     k = F.normalize(keys.float(), dim=-1)
     logits = q @ k.T / temperature  # (n, m)
     if exclude is not None:
-        logits = logits.masked_fill(F.one_hot(exclude, k.shape[0]).bool(), float("-inf"))
+        left_out = torch.arange(k.shape[0], device=logits.device) == exclude[:, None]  # (n, m), no host sync
+        logits = logits.masked_fill(left_out, float("-inf"))
     return F.cross_entropy(logits, positive)
 
 
