@@ -16,6 +16,7 @@ setup(
         "pillow",
         "pyyaml",
         "tqdm",
+        "matplotlib",  # reports/plots.py (Agg): SiT reconstruction grids
     ],
     extras_require={
         "dev": ["pytest", "ruff"],

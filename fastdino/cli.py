@@ -1,4 +1,4 @@
-"""Command line: `fastdino train | demo | knn | export | linear | attention | profile | budget`.
+"""Command line: `fastdino train | demo | knn | export | linear | attention | profile | budget | finetune`.
 
 Bad input ends with one clear line, not a traceback."""
 
@@ -20,6 +20,7 @@ from fastdino.errors import UserError
 from fastdino.models.vit import model_names
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+DEMO_CONFIGS = {"dino": "demo.yaml", "sit": "sit_demo.yaml"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,6 +45,7 @@ def _flag_type(convert, check, what: str):
 
 positive_int = _flag_type(int, lambda v: v > 0, "a positive integer")
 nonnegative_int = _flag_type(int, lambda v: v >= 0, "an integer >= 0")
+_nonneg_float = _flag_type(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
 positive_float = _flag_type(float, lambda v: v > 0 and v != float("inf"), "a positive number")
 
 
@@ -88,7 +90,7 @@ def _demo(args: argparse.Namespace) -> int:
     from fastdino.data.demo import make_demo_dataset
     from fastdino.engine.trainer import resolve_device, resolve_precision, train
 
-    cfg = load_config(CONFIG_DIR / "demo.yaml", args.overrides)
+    cfg = load_config(CONFIG_DIR / DEMO_CONFIGS[args.method], args.overrides)
     resolve_precision(cfg.train.precision, resolve_device(cfg.train.device))  # refuse before writing any data
     data_dir = Path(cfg.data.path)
     print(f"demo data set: {make_demo_dataset(data_dir)}")
@@ -99,6 +101,8 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"trained {result.steps_done} iterations in {result.output_dir}; last loss {result.last_loss:.4f}")
     _print_health(result)
     _print_knn(result, cfg)
+    for picture in sorted(result.output_dir.glob("*_start.png")) + sorted(result.output_dir.glob("*_end.png")):
+        print(f"picture: {picture}")
     return 0
 
 
@@ -256,6 +260,33 @@ def _budget(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    from fastdino.config import config_from_dict
+    from fastdino.engine.checkpoint import load_checkpoint
+    from fastdino.engine.trainer import resolve_device
+    from fastdino.eval.finetune import finetune
+    from fastdino.methods import build_method
+
+    state = load_checkpoint(args.checkpoint)
+    cfg = config_from_dict(state["config"])
+    device = resolve_device(args.device, key="--device")
+    method = build_method(cfg, device)
+    if args.random_init:
+        print("backbone: random initialisation (the baseline; the checkpoint's weights are not loaded)")
+    else:
+        try:
+            method.teacher.load_state_dict(state["teacher"])
+        except RuntimeError as exc:
+            raise UserError(f"checkpoint {args.checkpoint}: teacher weights do not load ({exc})") from exc
+    result = finetune(
+        method.feature_backbone(), args.train, args.val, args.image_size or cfg.data.global_size, device,
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
+        num_workers=args.num_workers, seed=args.seed, report=print,
+    )
+    print(f"fine-tuned top-1 ({len(result.classes)} classes, {args.epochs} epochs): {result.top1:.2f}%")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fastdino", description=__doc__)
     # the DeepSpeed launcher passes --local_rank=N before the command; LOCAL_RANK in the environment says the same
@@ -268,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     p = sub.add_parser("demo", help="generate the embedded demo data set, pretrain on it, print k-NN before/after")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides of configs/demo.yaml")
+    p.add_argument("--method", default="dino", choices=tuple(DEMO_CONFIGS),
+                   help="dino: configs/demo.yaml; sit: configs/sit_demo.yaml (also draws reconstructions)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides of the demo's config")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("knn", help="weighted k-NN top-1 of a checkpoint's teacher backbone")
@@ -356,6 +389,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data set size (default: data.path's images, else ImageNet-1k's 1,281,167)")
     p.add_argument("--results", default="", help=argparse.SUPPRESS)  # tests: another bench_train.jsonl
     p.set_defaults(func=_budget)
+
+    p = sub.add_parser("finetune", help="fine-tune a checkpoint's backbone + a linear head end to end, print top-1")
+    p.add_argument("checkpoint", help="a fastdino checkpoint (DINO or SiT); its k-NN backbone is fine-tuned")
+    p.add_argument("--train", required=True, type=_folder, help="labelled folder (class sub-folders) to train on")
+    p.add_argument("--val", required=True, type=_folder,
+                   help="labelled folder with the same classes: top-1 is measured on it")
+    p.add_argument("--epochs", type=positive_int, default=10)
+    p.add_argument("--lr", type=positive_float, default=5e-4, help="peak learning rate (AdamW) for this batch size")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--weight-decay", type=_nonneg_float, default=0.05)
+    p.add_argument("--image-size", type=nonnegative_int, default=0, help="crop size; 0 = the checkpoint's global crop")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--num-workers", type=nonnegative_int, default=4)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--random-init", action="store_true",
+                   help="ignore the checkpoint's weights (same architecture, random init): the baseline")
+    p.set_defaults(func=_finetune)
     return parser
 
 

@@ -29,6 +29,10 @@ class ConfigError(UserError, ValueError):
         self.key = key
 
 
+METHODS = ("dino", "sit")
+"""The values of train.method; fastdino/methods/__init__.py maps each to its class."""
+
+
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{key}={value!r} is not one of {choices}", key)
@@ -114,6 +118,91 @@ class DinoConfig:
 
 
 @dataclass(kw_only=True)
+class SitConfig:
+    """SiT / GMML (Atito et al. 2021, arXiv 2104.03602; SPEC "SiT"): group-masked reconstruction plus a
+    contrastive class token, selected by train.method=sit. Masks and corruption are made on the device
+    (data/masking.py); the loss is alpha * L_recons + L_contr (losses/sit.py)."""
+
+    mask_ratio: float = 0.5
+    """Fraction of each view's patches covered by corrupted blocks, in (0, 1). Blocks are added until it is
+    reached, so the cover overshoots by at most one block. The reference code's GMML draws 0.5-0.7."""
+    max_block: float = 0.3
+    """Largest block side as a fraction of the patch grid's side (reference: 0.3); at least min_block."""
+    min_block: int = 1
+    """Smallest block side in patches."""
+    corruption: str = "noise,replace"
+    """What fills a block, one drawn uniformly per block from this comma-separated list: noise (N(0, 1) in
+    normalised pixels), replace (the same region of another image of the batch), zeros."""
+    keep_prob: float = 0.1
+    """Probability that a block is left unchanged (still reconstructed, as BERT's unchanged tokens)."""
+    grey_prob: float = 0.0
+    """Probability per view of one extra colour-drop block (greyscale); the reference code's v1 uses 1."""
+    blur_prob: float = 0.0
+    """Probability per view of one extra Gaussian-blurred block; the reference code's v1 uses 1."""
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    """Sigma range of the blurred block, in pixels."""
+    recons_pixels: str = "masked"
+    """L1 over the corrupted pixels (masked, the paper) or every pixel (all, the reference code)."""
+    decoder: str = "mlp"
+    """Reconstruction decoder on the patch tokens: linear | mlp | transformer (models/decoder.py)."""
+    decoder_hidden_dim: int = 1024
+    """Hidden width of the mlp decoder."""
+    decoder_depth: int = 2
+    """Transformer blocks of the transformer decoder."""
+    proj_hidden_dim: int = 2048
+    """Hidden width of the contrastive projection head; 0 makes it one linear layer (the reference code)."""
+    proj_dim: int = 256
+    """Output width of the contrastive projection head."""
+    contrastive_target: str = "momentum"
+    """momentum (targets from the EMA encoder on the clean views, the paper) | online (NT-Xent between the
+    two student views, the reference code); the EMA teacher is kept either way and is what k-NN evaluates."""
+    temperature: float = 0.2
+    """InfoNCE temperature (the reference code's NT-Xent uses 0.5)."""
+    alpha: float = 1.0
+    """Weight of the reconstruction loss, >= 0 (the paper: larger on small data sets)."""
+    momentum_teacher: float = 0.996
+    """Start of the cosine EMA-momentum schedule (ends at 1)."""
+    rotation: bool = False
+    """The reference code's rotation prediction: each view turned by a random multiple of 90 degrees, a
+    4-way head on the class token, cross-entropy added to the loss."""
+    uncertainty_weights: bool = False
+    """The reference code's learned per-task weights: sum of adj * exp(-s) * L + s / 2 over the tasks
+    (adj 0.5 for L1, 1 otherwise), s learned; alpha is then unused."""
+
+    def __post_init__(self):
+        from fastdino.data.masking import CORRUPTION_KINDS
+        from fastdino.models.decoder import DECODER_KINDS
+
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ConfigError(f"sit.mask_ratio={self.mask_ratio} must be in (0, 1)")
+        if not 0.0 < self.max_block <= 1.0:
+            raise ConfigError(f"sit.max_block={self.max_block} must be in (0, 1]")
+        _positive("sit.min_block", self.min_block)
+        kinds = [k.strip() for k in self.corruption.split(",")]
+        for kind in kinds:
+            if kind not in CORRUPTION_KINDS:
+                raise ConfigError(f"sit.corruption={self.corruption!r}: unknown kind {kind!r}, use a comma-separated "
+                                  f"list of {CORRUPTION_KINDS}")
+        for key in ("keep_prob", "grey_prob", "blur_prob"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"sit.{key}={getattr(self, key)} must be in [0, 1]")
+        if not 0.0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ConfigError(f"sit.blur_sigma={list(self.blur_sigma)} must satisfy 0 < low <= high")
+        _choice("sit.recons_pixels", self.recons_pixels, ("masked", "all"))
+        _choice("sit.decoder", self.decoder, DECODER_KINDS)
+        _choice("sit.contrastive_target", self.contrastive_target, ("momentum", "online"))
+        for key in ("decoder_hidden_dim", "decoder_depth", "proj_dim", "temperature"):
+            _positive(f"sit.{key}", getattr(self, key))
+        _positive("sit.proj_hidden_dim", self.proj_hidden_dim, allow_zero=True)
+        _positive("sit.alpha", self.alpha, allow_zero=True)
+        if not 0.0 <= self.momentum_teacher <= 1.0:
+            raise ConfigError(f"sit.momentum_teacher={self.momentum_teacher} must be in [0, 1]")
+
+    def corruption_kinds(self) -> tuple[str, ...]:
+        return tuple(k.strip() for k in self.corruption.split(","))
+
+
+@dataclass(kw_only=True)
 class DataConfig:
     path: str = ""
     """Folder of images (class sub-folders optional); `demo` generates the embedded demo set."""
@@ -194,6 +283,8 @@ class EmaConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
+    method: str = "dino"
+    """The self-supervised method: dino | sit (methods/)."""
     epochs: int = 100
     max_steps: int = 0
     """Stop after this many iterations (schedules still span `epochs`); 0 runs every epoch."""
@@ -232,6 +323,7 @@ class TrainConfig:
     train.knn_eval. Does not change the training itself (the passes leave the RNG state as they found it)."""
 
     def __post_init__(self):
+        _choice("train.method", self.method, METHODS)
         _positive("train.epochs", self.epochs)
         _positive("train.max_steps", self.max_steps, allow_zero=True)
         _positive("train.log_every", self.log_every)
@@ -308,6 +400,7 @@ class HealthConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     dino: DinoConfig = field(default_factory=DinoConfig)
+    sit: SitConfig = field(default_factory=SitConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -17,6 +17,7 @@ import yaml
 from fastdino.config import Config, ConfigError, config_to_dict, schedule_warnings
 from fastdino.data.files import DataError, ImageFileDataset, ImageIndex, UnreadableImages, index_image_folder
 from fastdino.data.loader import build_batch_source, resolve_backend, steps_per_epoch
+from fastdino.data.multicrop import eval_transform
 from fastdino.engine.backends import Backend, build_backend
 from fastdino.engine.checkpoint import (
     CheckpointError,
@@ -32,7 +33,7 @@ from fastdino.engine.health import HealthMonitor, TrainingHealthError, agree
 from fastdino.engine.interop import init_from_weights, read_dino_weights
 from fastdino.engine.logging import RunLogger, write_run_report
 from fastdino.eval.knn import knn_evaluate
-from fastdino.methods import build_method
+from fastdino.methods import build_method, method_class
 from fastdino.methods.base import Method
 from fastdino.reports.plots import read_metrics
 from fastdino.schedules import cosine_schedule
@@ -40,9 +41,9 @@ from fastdino.telemetry import phase
 
 log = logging.getLogger("fastdino")
 
-# Keys that fix the shapes of the networks: a checkpoint must agree on all of them to be loaded.
-ARCH_KEYS = {"model": ("arch", "patch_size", "img_size", "depth"),
-             "dino": ("out_dim", "hidden_dim", "bottleneck_dim", "norm_last_layer", "head_bn")}
+# Keys that fix the shapes of the networks for every method; each method adds its own (Method.ARCH_KEYS).
+# A checkpoint must agree on all of them to be loaded.
+ARCH_KEYS = {"model": ("arch", "patch_size", "img_size", "depth"), "train": ("method",)}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -148,9 +149,10 @@ def check_writable(folder: Path) -> None:
 
 def check_architecture(saved: dict, cfg: Config, path: Path) -> None:
     current, default = config_to_dict(cfg), config_to_dict(Config())  # a key added since: its default
+    arch_keys = {**ARCH_KEYS, **method_class(cfg).ARCH_KEYS}
     diffs = [
         f"{section}.{key}: checkpoint {was!r} vs config {current[section][key]!r}"
-        for section, keys in ARCH_KEYS.items()
+        for section, keys in arch_keys.items()
         for key in keys
         if (was := saved.get(section, {}).get(key, default[section][key])) != current[section][key]
     ]
@@ -318,7 +320,7 @@ class Trainer:
             "step": self.step,
             "student": self.method.student_module().state_dict(),
             "teacher": self.method.teacher.state_dict(),
-            "center": self.method.center.state_dict(),
+            **self.method.method_state_dict(),  # the method's own state, e.g. DINO's center
             **self.backend.state_dict(),  # ddp: optimizer, scaler; deepspeed: where its own checkpoint is
             "rng": rng_state(),
             "skipped_images": self.unreadable.state(),  # paths (an int before: from_state reads both)
@@ -331,7 +333,7 @@ class Trainer:
         try:
             self.method.student_module().load_state_dict(ckpt["student"])
             self.method.teacher.load_state_dict(ckpt["teacher"])
-            self.method.center.load_state_dict(ckpt["center"])
+            self.method.load_method_state_dict({name: ckpt[name] for name in self.method.method_state_dict()})
             self.step = int(ckpt["step"])
             self.unreadable = UnreadableImages.from_state(ckpt["skipped_images"])
         except (KeyError, RuntimeError, ValueError) as exc:
@@ -408,6 +410,19 @@ class Trainer:
         found = found or f"training health: another process saw collapse or divergence at iteration {self.step - 1}."
         raise TrainingHealthError(f"{found} Stopped (health.on_collapse=stop); {kept}.")
 
+    def _snapshot(self, tag: str) -> None:
+        """The method's picture (Method.snapshot) of a few fixed training images, evaluation-cropped; reads
+        no global RNG (each item is decoded under its own seed), so a resumed run stays exact."""
+        n = self.method.snapshot_images
+        if not n or not self.dist.is_main:
+            return
+        dataset = ImageFileDataset(self.index, eval_transform(self.cfg.data.global_size), seed=self.cfg.train.seed)
+        picks = torch.linspace(0, len(dataset) - 1, min(n, len(dataset))).round().long().tolist()
+        images = torch.stack([dataset[i][0][0] for i in picks]).to(self.device)  # (n, 3, H, W)
+        path = self.method.snapshot(images, self.output_dir, tag)
+        if path is not None:
+            log.info("wrote %s", path)
+
     # -- the loop ------------------------------------------------------------------------------------
     def knn(self) -> float | None:
         """k-NN top-1 (%) of the teacher now; None when train.knn_eval is off or there is no labelled val split.
@@ -483,6 +498,7 @@ class Trainer:
         if self.step == 0:
             self._knn_pass(result, logger)
             result.knn_init = result.knn_history.get(0)
+            self._snapshot("start")
         watch = cfg.health.enabled
         monitor = HealthMonitor(cfg.health, verbose=self.dist.is_main) if watch else None
         loop_start, knn_seconds = time.perf_counter(), 0.0
@@ -536,6 +552,8 @@ class Trainer:
             log.warning("%s", self.unreadable.summary())
         result.steps_done, result.skipped_images = self.step, len(self.unreadable)
         result.wall_time_s = time.perf_counter() - started
+        if self.step == self.stop_step:
+            self._snapshot("end")
         self._write_report(result, monitor, "finished", start_step, train_seconds)
         return result
 

@@ -7,6 +7,7 @@ optimizer, the schedules it reads from the method, mixed precision, EMA, checkpo
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -17,6 +18,11 @@ class Method(nn.Module):
 
     student: nn.Module
     teacher: nn.Module
+    ARCH_KEYS: dict[str, tuple[str, ...]] = {}
+    """Config keys of the method's own section that fix the networks' shapes: a checkpoint must agree on them
+    (besides model.* and train.method, which the engine checks for every method)."""
+    snapshot_images: int = 0
+    """How many images `snapshot` wants (0: the method draws no pictures)."""
     with_signals: bool = False
     """Set by the engine on log steps only: `forward` then adds the method's health signals (device scalars
     named as in engine/health.py, e.g. `teacher_entropy_ratio`, `feature_std_ratio`) to its stats."""
@@ -43,6 +49,20 @@ class Method(nn.Module):
         """After clipping: cancel the gradients of `frozen_parameters(epoch)` (gradient None: AdamW skips them)."""
         for p in self.frozen_parameters(epoch):
             p.grad = None
+
+    def method_state_dict(self) -> dict[str, dict]:
+        """State of the method's own outside its networks (DINO: {"center": ...}); each entry becomes a top-level
+        checkpoint entry of that name. Default: none."""
+        return {}
+
+    def load_method_state_dict(self, state: dict[str, dict]) -> None:
+        """Restore what `method_state_dict` returned; `state` holds the same names (KeyError when one is missing)."""
+
+    def snapshot(self, images: torch.Tensor, output_dir: Path, tag: str) -> Path | None:
+        """Draw what the method does to `images` ((snapshot_images, 3, H, W) normalised float32 on the device,
+        evaluation crops of fixed training images) into a file in output_dir named after `tag` ("start" |
+        "end"); returns its path. Must not touch any global RNG or training state (exact resume)."""
+        return None
 
     def feature_backbone(self) -> nn.Module:
         """The network whose output is evaluated by k-NN (DINO: the teacher's backbone)."""

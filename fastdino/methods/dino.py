@@ -51,6 +51,8 @@ class MultiCropNetwork(nn.Module):
 
 
 class DINO(Method):
+    ARCH_KEYS = {"dino": ("out_dim", "hidden_dim", "bottleneck_dim", "norm_last_layer", "head_bn")}
+
     def __init__(self, cfg: Config, device: torch.device):
         super().__init__()
         self.cfg = cfg
@@ -131,6 +133,12 @@ class DINO(Method):
 
     def teacher_momentum(self, step: int, total_steps: int) -> float:
         return cosine_schedule(step, total_steps, self.cfg.dino.momentum_teacher, 1.0)
+
+    def method_state_dict(self) -> dict[str, dict]:
+        return {"center": self.center.state_dict()}
+
+    def load_method_state_dict(self, state: dict[str, dict]) -> None:
+        self.center.load_state_dict(state["center"])
 
     def frozen_parameters(self, epoch: int) -> list[nn.Parameter]:
         """The last head layer during the first `dino.freeze_last_layer_epochs` (official: its gradients are

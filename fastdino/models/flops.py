@@ -31,3 +31,25 @@ def dino_train_flops_per_image(
     glob = vit_forward_flops(global_size // patch, dim, depth, patch) + head
     local = vit_forward_flops(local_size // patch, dim, depth, patch) + head
     return 3 * (2 * glob + n_local * local) + 2 * glob
+
+
+def sit_train_flops_per_image(
+    *, dim: int, depth: int, patch: int, size: int, decoder: str, decoder_hidden: int, decoder_depth: int,
+    proj_hidden: int, proj_dim: int, momentum: bool, mlp_ratio: float = 4.0,
+) -> float:
+    """SiT: student forward + backward (3x forward) of backbone, projection head and decoder over both views;
+    with momentum targets, the EMA encoder's forward (backbone + projection) over both clean views too."""
+    side = size // patch
+    n = side * side
+    backbone = vit_forward_flops(side, dim, depth, patch, mlp_ratio)
+    proj = 2 * (dim * proj_hidden + proj_hidden * proj_dim) if proj_hidden else 2 * dim * proj_dim
+    pixels = 3 * patch * patch
+    if decoder == "linear":
+        dec = 2 * n * dim * pixels
+    elif decoder == "mlp":
+        dec = 2 * n * (dim * decoder_hidden + decoder_hidden * pixels)
+    else:  # transformer blocks over the N patch tokens, then the linear layer
+        block = 2 * n * dim * 3 * dim + 4 * n * n * dim + 2 * n * dim * dim + 4 * n * dim * int(dim * mlp_ratio)
+        dec = decoder_depth * block + 2 * n * dim * pixels
+    student = backbone + proj + dec
+    return 2 * (3 * student + ((backbone + proj) if momentum else 0))

@@ -156,10 +156,15 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, 3, H, W) -> class token after the final norm, (B, D)."""
+        return self.forward_tokens(x)[:, 0]
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 3, H, W) -> every token after the final norm, (B, 1 + N, D): the class token, then the
+        patches row by row (what SiT's reconstruction decoder reads)."""
         x = self.prepare_tokens(x)
         for block in self.blocks:
             x = block(x)
-        return self.norm(x)[:, 0]
+        return self.norm(x)
 
     def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
         """Attention weights of the last block, (B, H, N+1, N+1), for attention maps."""

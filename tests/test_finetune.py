@@ -1,0 +1,69 @@
+"""`fastdino finetune` (eval/finetune.py): backbone + linear head trained end to end, top-1, bad input refused."""
+
+import shutil
+
+import pytest
+import torch
+
+from fastdino.cli import main
+from fastdino.config import load_config
+from fastdino.data.demo import make_demo_dataset
+from fastdino.data.files import DataError
+from fastdino.engine.trainer import train
+from fastdino.eval.finetune import finetune
+from fastdino.models.vit import build_backbone
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    return make_demo_dataset(tmp_path_factory.mktemp("demo"), n_train_per_class=4, n_val_per_class=2, size=32)
+
+
+def test_finetune_trains_backbone_and_head_end_to_end(demo_root):
+    backbone = build_backbone("vit_tiny", depth=1, patch_size=8, img_size=16)
+    backbone.requires_grad_(False)  # as a teacher comes: fine-tuning must unfreeze its copy
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    result = finetune(backbone, demo_root / "train", demo_root / "val", 16, torch.device("cpu"), epochs=8, lr=2e-3,
+                      batch_size=8, num_workers=0)
+    assert [h["epoch"] for h in result.history] == list(range(8))
+    assert 0.0 <= result.top1 <= 100.0 and result.top1 == result.history[-1]["top1"]
+    assert result.classes == ["checkerboard", "diamonds", "dots", "grid", "hstripes", "vstripes"]
+    assert all(torch.equal(v, backbone.state_dict()[k]) for k, v in before.items())  # the argument is untouched
+    tuned = result.model.backbone.state_dict()
+    assert not torch.equal(tuned["blocks.0.mlp.fc1.weight"], before["blocks.0.mlp.fc1.weight"])  # end to end
+    assert result.history[-1]["loss"] < result.history[0]["loss"]  # it learns the labels
+
+
+def test_finetune_refuses_unlabelled_or_mismatched_folders(demo_root, tmp_path):
+    backbone = build_backbone("vit_tiny", depth=1, patch_size=8, img_size=16)
+    with pytest.raises(DataError, match="class sub-folders"):
+        finetune(backbone, demo_root / "train" / "dots", demo_root / "val", 16, torch.device("cpu"), num_workers=0)
+    extra = tmp_path / "val"
+    (extra / "spirals").mkdir(parents=True)
+    shutil.copy(demo_root / "val" / "dots" / "0000.jpg", extra / "spirals" / "0000.jpg")
+    with pytest.raises(DataError, match="spirals"):
+        finetune(backbone, demo_root / "train", extra, 16, torch.device("cpu"), num_workers=0)
+
+
+def test_cli_finetunes_a_sit_checkpoint_and_refuses_bad_flags(demo_root, tmp_path, capsys):
+    cfg = load_config(None, [
+        "train.method=sit", "model.arch=vit_tiny", "model.depth=1", "model.patch_size=8", "model.img_size=16",
+        "sit.decoder=linear", "sit.proj_hidden_dim=0", "sit.proj_dim=16", "data.global_size=16",
+        "data.batch_size=8", "data.num_workers=0", "train.max_steps=1", "train.knn_eval=false",
+        f"data.path={demo_root}", f"train.output_dir={tmp_path / 'run'}"])
+    train(cfg)
+    ckpt = str(tmp_path / "run" / "last.pt")
+    common = ["--train", str(demo_root / "train"), "--val", str(demo_root / "val"), "--num-workers", "0",
+              "--batch-size", "8"]
+    assert main(["finetune", ckpt, *common, "--epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "fine-tune epoch 1/1" in out and "fine-tuned top-1 (6 classes, 1 epochs):" in out
+    bad_flags = ((["--epochs", "0"], "--epochs"), (["--lr", "-1"], "--lr"), (["--batch-size", "0"], "--batch-size"))
+    for bad, word in bad_flags:
+        assert main(["finetune", ckpt, *common, *bad]) == 2
+        err = capsys.readouterr().err
+        assert word in err and len(err.strip().splitlines()) == 1
+    assert main(["finetune", str(tmp_path / "none.pt"), *common]) == 2
+    assert "none.pt" in capsys.readouterr().err
+    assert main(["finetune", ckpt, "--train", str(tmp_path / "nowhere"), "--val", str(demo_root / "val")]) == 2
+    assert "nowhere" in capsys.readouterr().err
