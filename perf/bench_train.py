@@ -27,15 +27,16 @@ import resource
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from fastdino.config import load_config
 from fastdino.data.demo import DEMO_CLASSES, make_demo_dataset
 from fastdino.engine.budget import BENCH_RESULTS, step_shape
 from fastdino.engine.trainer import Trainer
-from fastdino.models.flops import dino_train_flops_per_image
 from fastdino.telemetry import GpuTelemetry
 
 DEFAULTS = ["model.arch=vit_small", "model.patch_size=16", "data.batch_size=128", "data.local_crops_number=10",
@@ -66,6 +67,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--config", default=None, help="YAML config the overrides apply to (after this script's "
                                                        "defaults: ViT-S/16, batch 128, 10 local crops)")
+    parser.add_argument("--method", default="dino", choices=("dino", "sit"), help="train.method: whose step to time")
     parser.add_argument("--engine", default="ddp", choices=("ddp", "deepspeed"),
                         help="train.engine; deepspeed takes train.deepspeed_config (default zero2.json)")
     parser.add_argument("--results", default=str(BENCH_RESULTS),
@@ -81,7 +83,8 @@ def main() -> int:
         defaults = [] if args.config else DEFAULTS
         fixed = ["data.num_workers=0", "train.knn_eval=false", "train.resume=none"]
         cfg = load_config(args.config, defaults + fixed + [f"train.device={args.device}",
-                                                           f"train.output_dir={tmp}/run", f"train.engine={args.engine}"]
+                                                           f"train.output_dir={tmp}/run", f"train.engine={args.engine}",
+                                                           f"train.method={args.method}"]
                           + args.overrides)
         d = cfg.data
         per_class = -(-d.batch_size // len(DEMO_CLASSES))
@@ -89,8 +92,8 @@ def main() -> int:
         cfg.data.path = str(data / "train")
         trainer = Trainer(cfg)
         b = d.batch_size
-        views = [torch.randn(b, 3, d.global_size, d.global_size, device=device) for _ in range(2)]
-        views += [torch.randn(b, 3, d.local_size, d.local_size, device=device) for _ in range(d.local_crops_number)]
+        shapes = [v.shape for v in trainer.method.data_transform()(Image.new("RGB", (64, 64)))]  # the method's views
+        views = [torch.randn(b, *shape, device=device) for shape in shapes]
 
         def sync():
             if device.type == "cuda":
@@ -109,12 +112,7 @@ def main() -> int:
         seconds = time.perf_counter() - start
         gpu = telemetry.line()  # right after the timed steps: NVML's utilisation covers its last sample period
 
-    backbone = trainer.method.student_module().backbone
-    flops = dino_train_flops_per_image(
-        dim=backbone.embed_dim, depth=len(backbone.blocks), patch=cfg.model.patch_size, global_size=d.global_size,
-        local_size=d.local_size, n_local=d.local_crops_number, hidden=cfg.dino.hidden_dim,
-        bottleneck=cfg.dino.bottleneck_dim, out_dim=cfg.dino.out_dim,
-    )
+    flops = trainer.method.train_flops_per_image()  # each method counts its own step (models/flops.py)
     img_s = args.steps * b / seconds
     if device.type == "cuda":
         peak_gib = torch.cuda.max_memory_allocated() / 2**30
@@ -123,9 +121,10 @@ def main() -> int:
     stage = trainer.backend.stage if args.engine == "deepspeed" else None
     engine = f"deepspeed ZeRO-{stage}" if stage else "ddp"
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}")
-    print(f"config: {cfg.model.arch}/{cfg.model.patch_size}, 2x{d.global_size} + {d.local_crops_number}x"
-          f"{d.local_size}, batch {b}, {trainer.precision}, loss {trainer.method.loss_impl}, "
-          f"ema {cfg.ema.impl}, attention {cfg.model.attention}, engine {engine}")
+    crops = " + ".join(f"{n}x{size}" for size, n in Counter(shape[-1] for shape in shapes).items())
+    print(f"config: {args.method} {cfg.model.arch}/{cfg.model.patch_size}, {crops}, batch {b}, {trainer.precision}, "
+          f"loss {getattr(trainer.method, 'loss_impl', 'torch')}, ema {cfg.ema.impl}, attention {cfg.model.attention}, "
+          f"engine {engine}")
     print(f"step: {1e3 * seconds / args.steps:.1f} ms; throughput: {img_s:.1f} img/s; "
           f"model FLOPs: {flops / 1e9:.1f} GFLOP/img = {img_s * flops / 1e12:.1f} TFLOP/s; "
           f"peak memory: {peak_gib:.2f} GiB ({'CUDA allocated' if device.type == 'cuda' else 'process RSS'})")
@@ -139,7 +138,8 @@ def main() -> int:
         record = {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-            "config": args.config, "overrides": args.overrides, "engine": args.engine, "zero_stage": stage,
+            "config": args.config, "overrides": args.overrides, "method": args.method,
+            "engine": args.engine, "zero_stage": stage,
             "world_size": trainer.dist.world_size, "shape": {**step_shape(cfg), "train.precision": trainer.precision},
             "img_per_s": img_s,
             "step_ms": 1e3 * seconds / args.steps, "peak_memory_gib": peak_gib, "mfu_percent": mfu,

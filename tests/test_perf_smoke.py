@@ -54,6 +54,16 @@ def test_bench_train_cpu_smoke(tmp_path):
     assert record["shape"]["train.precision"] == "fp32"  # what ran on the CPU, not "auto"
 
 
+def test_bench_train_times_the_sit_step_too(tmp_path):
+    results = tmp_path / "bench_train.jsonl"
+    out = run("perf/bench_train.py", "--device", "cpu", "--steps", "2", "--warmup", "1", "--method", "sit",
+              "--results", str(results), *TINY)
+    assert out.returncode == 0, out.stderr
+    assert "config: sit vit_tiny/8, 2x16" in out.stdout and "GFLOP/img" in out.stdout
+    (record,) = [json.loads(line) for line in results.read_text().splitlines()]
+    assert record["method"] == "sit" and record["shape"]["train.method"] == "sit"
+
+
 def test_bench_train_deepspeed_cpu_smoke(tmp_path):
     pytest.importorskip("deepspeed")
     results = tmp_path / "bench_train.jsonl"

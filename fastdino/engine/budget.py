@@ -29,7 +29,7 @@ SHAPE_KEYS = {
     "model": ("arch", "patch_size", "depth"),
     "data": ("global_size", "local_size", "local_crops_number", "batch_size"),
     "dino": ("out_dim", "hidden_dim", "bottleneck_dim", "head_bn"),
-    "train": ("precision",),
+    "train": ("method", "precision"),
 }
 
 
