@@ -420,6 +420,11 @@ class Config:
                     f"data.{key}={size} is not a multiple of model.patch_size={patch} (the patch embedding would "
                     f"drop {size % patch} pixel rows and columns): use {near}", (f"data.{key}", "model.patch_size")
                 )
+        if self.train.init_from and self.train.method != "dino":
+            raise ConfigError(
+                f"train.init_from reads DINO checkpoints (fastdino or official); train.method={self.train.method!r} "
+                "cannot start from one: leave train.init_from empty", ("train.init_from", "train.method")
+            )
         epochs = self.train.epochs
         if self.dino.warmup_teacher_temp_epochs > epochs:
             raise ConfigError(

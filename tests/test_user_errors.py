@@ -213,3 +213,8 @@ def test_a_symlink_loop_in_the_data_folder_is_skipped(demo_root, tmp_path):
     (data / "l1").symlink_to(data / "l2")
     (data / "l2").symlink_to(data / "l1")
     assert len(index_image_folder(data).paths) == 12
+
+
+def test_init_from_is_refused_for_a_method_it_cannot_start():
+    with pytest.raises(ConfigError, match="train.init_from reads DINO checkpoints"):
+        load_config(None, ["train.method=sit", "train.init_from=x.pth"])
