@@ -157,6 +157,9 @@ def _linear(args: argparse.Namespace) -> int:
     backbone = _load_teacher_backbone(args.checkpoint, args.arch, args.patch_size, device)
     # 0: the crop the position embeddings were stored for (model.img_size, the training global crop).
     image_size = args.image_size or math.isqrt(backbone.pos_embed.shape[1] - 1) * backbone.patch_size
+    if image_size % backbone.patch_size:
+        raise UserError(f"--image-size {image_size} is not a multiple of the checkpoint's patch size "
+                        f"{backbone.patch_size}")
     r = linear_probe(backbone, args.train, args.val, image_size=image_size, features=args.features,
                      mode=args.mode, lrs=lrs, epochs=args.epochs, batch_size=args.batch_size, device=device,
                      num_workers=args.num_workers, seed=args.seed)

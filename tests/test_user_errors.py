@@ -218,3 +218,11 @@ def test_a_symlink_loop_in_the_data_folder_is_skipped(demo_root, tmp_path):
 def test_init_from_is_refused_for_a_method_it_cannot_start():
     with pytest.raises(ConfigError, match="train.init_from reads DINO checkpoints"):
         load_config(None, ["train.method=sit", "train.init_from=x.pth"])
+
+
+def test_a_section_given_twice_in_a_yaml_file_is_refused(tmp_path):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("model:\n  arch: vit_tiny\ntrain:\n  epochs: 3\nmodel:\n  depth: 2\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml is not valid YAML \(line 5, column 1\): the key 'model' "
+                                          r"appears twice"):
+        load_config(twice)
