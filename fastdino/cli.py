@@ -49,6 +49,19 @@ _nonneg_float = _flag_type(float, lambda v: 0 <= v < float("inf"), "a number >= 
 positive_float = _flag_type(float, lambda v: v > 0 and v != float("inf"), "a positive number")
 
 
+def _comma_list(convert, check, what: str):
+    """A flag type for a comma-separated list, e.g. `--lr 0.01,0.1`; every item must pass `check`."""
+    def parse(text: str) -> list:
+        try:
+            items = [convert(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            items = []
+        if not items or not all(check(x) for x in items):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return items
+    return parse
+
+
 def _folder(text: str) -> Path:
     if not Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{text} is not a folder")
@@ -144,15 +157,9 @@ def _load_teacher_backbone(path: str, arch: str | None, patch_size: int | None, 
 
 
 def _linear(args: argparse.Namespace) -> int:
-    from fastdino.config import ConfigError
     from fastdino.engine.trainer import resolve_device
     from fastdino.eval.linear import linear_probe
 
-    lrs = _parse_lrs(args.lr)
-    for flag, value, low in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
-                             ("--image-size", args.image_size, 0)):
-        if value < low:
-            raise ConfigError(f"{flag} {value} must be >= {low}")
     device = resolve_device(args.device, key="--device")
     backbone = _load_teacher_backbone(args.checkpoint, args.arch, args.patch_size, device)
     # 0: the crop the position embeddings were stored for (model.img_size, the training global crop).
@@ -161,7 +168,7 @@ def _linear(args: argparse.Namespace) -> int:
         raise UserError(f"--image-size {image_size} is not a multiple of the checkpoint's patch size "
                         f"{backbone.patch_size}")
     r = linear_probe(backbone, args.train, args.val, image_size=image_size, features=args.features,
-                     mode=args.mode, lrs=lrs, epochs=args.epochs, batch_size=args.batch_size, device=device,
+                     mode=args.mode, lrs=args.lr, epochs=args.epochs, batch_size=args.batch_size, device=device,
                      num_workers=args.num_workers, seed=args.seed)
     feed = "cached centre-crop features" if r.mode == "cached" else "random-resized-crop + flip every epoch"
     print(f"linear probe: {r.feature_mode} features ({r.feature_dim} wide), {feed}, {args.epochs} epochs, "
@@ -177,26 +184,12 @@ def _linear(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_lrs(text: str) -> list[float]:
-    from fastdino.config import ConfigError
-
-    try:
-        lrs = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        lrs = []
-    if not lrs or any(not lr > 0 for lr in lrs):
-        raise ConfigError(f"--lr {text!r} must be one or more positive numbers separated by commas, e.g. 0.01,0.1")
-    return lrs
-
-
 def _attention(args: argparse.Namespace) -> int:
     from fastdino.config import ConfigError
     from fastdino.data.files import DataError
     from fastdino.engine.trainer import resolve_device
     from fastdino.eval.attention import write_attention_maps
 
-    if args.image_size < 0:
-        raise ConfigError(f"--image-size {args.image_size} must be >= 0 (0 keeps each image's size)")
     if not 0.0 < args.mass <= 1.0:
         raise ConfigError(f"--mass {args.mass} must be in (0, 1]")
     for path in args.images:  # before the checkpoint loads: a typo should not cost a model load
@@ -222,16 +215,6 @@ def _profile(args: argparse.Namespace) -> int:
           "most time: " + ", ".join(f"{k} {v:.2f} ms" for k, v in phases))
     print(f"report: {report} (with phases.png, trace.json, profile.json)")
     return 0
-
-
-def _gpu_counts(text: str) -> list[int]:
-    try:
-        counts = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        counts = []
-    if not counts or any(g < 1 for g in counts):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of GPU counts, e.g. 1,8,16")
-    return counts
 
 
 def _budget(args: argparse.Namespace) -> int:
@@ -343,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="cached", choices=("cached", "augment"),
                    help="cached: backbone once on centre crops, fast (default); augment: the paper's protocol, "
                         "random-resized-crop + flip through the backbone every epoch")
-    p.add_argument("--lr", default="0.001,0.003,0.01,0.03,0.1,0.3",
+    p.add_argument("--lr", default=[0.001, 0.003, 0.01, 0.03, 0.1, 0.3],
+                   type=_comma_list(float, lambda lr: 0 < lr < float("inf"),
+                                    "one or more positive numbers separated by commas, e.g. 0.01,0.1"),
                    help="learning rates per 256 images, comma-separated: one probe each, trained in one pass")
     p.add_argument("--epochs", type=positive_int, default=100)
     p.add_argument("--batch-size", type=positive_int, default=256)
@@ -385,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.add_argument("--img-per-s", type=positive_float, default=None,
                    help="one GPU's training img/s (default: the last perf/bench_train.py result for this config)")
-    p.add_argument("--gpus", type=_gpu_counts, default=[1, 8, 16], help="GPU counts, comma-separated (default 1,8,16)")
+    p.add_argument("--gpus", default=[1, 8, 16], help="GPU counts, comma-separated (default 1,8,16)",
+                   type=_comma_list(int, lambda g: g >= 1, "a comma-separated list of GPU counts, e.g. 1,8,16"))
     p.add_argument("--scaling", type=float, default=0.9,
                    help="share of one GPU's img/s each GPU keeps when there are several (default 0.9)")
     p.add_argument("--images", type=positive_int, default=None,

@@ -180,22 +180,16 @@ def main(argv: list[str] | None = None) -> int:
             where = "cpu"
         elif name == "cpu":
             batches, where = CpuBatches(dataset, args.batch, args.workers, seed=0).epoch(0), "cpu"
-        elif name == "torch_gpu":
-            from fastdino.data.gpu_augment import TorchGpuBatches
-
-            source = TorchGpuBatches(dataset, args.batch, args.workers, seed=0, device=device)
-            batches, where = source.epoch(0), device.type
-            if device.type == "cuda":
-                gpu_ms = gpu_ms_per_image(source, args.steps, args.batch)
-            else:
-                gpu_ms = "not measured yet (no GPU)"
-        elif name == "dali":
-            if not dali_available():
+        elif name in ("torch_gpu", "dali"):
+            if name == "dali" and not dali_available():
                 print('| dali | - | not measured yet (DALI is not installed: pip install -e ".[dali]") | | |')
                 continue
-            from fastdino.data.dali import DaliBatches
+            if name == "dali":
+                from fastdino.data.dali import DaliBatches as GpuBatches
+            else:
+                from fastdino.data.gpu_augment import TorchGpuBatches as GpuBatches
 
-            source = DaliBatches(dataset, args.batch, args.workers, seed=0, device=device)
+            source = GpuBatches(dataset, args.batch, args.workers, seed=0, device=device)
             batches, where = source.epoch(0), device.type
             if device.type == "cuda":
                 gpu_ms = gpu_ms_per_image(source, args.steps, args.batch)

@@ -192,15 +192,21 @@ def plot_run_curves(
         ax.set_title("learning rate")
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
 
+    def right_axis(ax, key: str, label: str):
+        """A second series on the right-hand axis of `ax`, one legend for both; None when it was not logged."""
+        xs, ys = _series(train, key)
+        if not xs:
+            return None
+        right = ax.twinx()
+        right.plot(xs, ys, color="C1", label=label)
+        ax.legend(handles=ax.get_lines() + right.get_lines(), fontsize=8, loc="lower right")
+        return right
+
     def teacher(ax):
         ax.plot(*_series(train, "momentum"), color="C0", label="momentum (left)")
         ax.set_title("teacher momentum and temperature")
-        xs, temp = _series(train, "teacher_temp")
-        if xs:
-            right = ax.twinx()
-            right.plot(xs, temp, color="C1", label="temperature (right)")
+        if (right := right_axis(ax, "teacher_temp", "temperature (right)")) is not None:
             right.tick_params(labelsize=8)
-            ax.legend(handles=ax.get_lines() + right.get_lines(), fontsize=8, loc="lower right")
 
     def grad_norm(ax):
         xs, ys = _series(train, "grad_norm")
@@ -241,12 +247,8 @@ def plot_run_curves(
         ax.plot(*_series(train, "gpu_util_pct"), color="C0", label="utilisation % (left)")
         ax.set_ylim(0, 105)
         ax.set_title("GPU (NVML)")
-        xs, mem = _series(train, "gpu_mem_used_gib")
-        if xs:
-            right = ax.twinx()
-            right.plot(xs, mem, color="C1", label="memory GiB (right)")
+        if (right := right_axis(ax, "gpu_mem_used_gib", "memory GiB (right)")) is not None:
             right.set_ylim(bottom=0)
-            ax.legend(handles=ax.get_lines() + right.get_lines(), fontsize=8, loc="lower right")
 
     panel(loss, "loss")
     if _series(evals, "knn_top1")[0]:
