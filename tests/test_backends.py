@@ -41,7 +41,7 @@ def test_ddp_backend_step_clips_each_parameter_and_skips_frozen_ones(tmp_path):
     loss = (method.student(x) ** 2).sum() * 100
     backend.backward(loss)
     raw = {n: p.grad.double().norm() for n, p in method.student.named_parameters()}
-    norm = backend.step(epoch=0)
+    norm = backend.step(epoch=0, loss_finite=torch.tensor(True))
     assert float(norm) == pytest.approx(float(torch.stack(list(raw.values())).norm()), rel=1e-6)
     for n, p in method.student.named_parameters():
         if n.startswith("1."):  # frozen: no gradient, no update, no Adam state (so no step count either)
@@ -49,6 +49,37 @@ def test_ddp_backend_step_clips_each_parameter_and_skips_frozen_ones(tmp_path):
         else:
             assert float(p.grad.double().norm()) == pytest.approx(min(0.5, float(raw[n])), rel=1e-5)
             assert not torch.equal(p, before[n])
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("bad", ["loss", "gradient"])
+def test_ddp_backend_skips_a_non_finite_step_whole(tmp_path, fused, bad):
+    """A NaN loss (the trainer's device flag) or a NaN gradient with a finite loss: no weight, Adam moment or step
+    count changes (fused AdamW: its device-side found_inf; otherwise a host read), and the next good step is the
+    step a run without the bad one takes."""
+    cfg = load_config(None, [f"optim.fused={str(fused).lower()}", f"train.output_dir={tmp_path}"])
+    runs = []
+    for poison in (False, True):
+        torch.manual_seed(0)
+        backend = build_backend(cfg, DistInfo(), torch.device("cpu"), "fp32")
+        method = Tiny()
+        backend.wrap(method)
+        assert backend.optimizer.defaults["fused"] == (True if fused else None)
+        backend.set_schedules(1e-2, 0.5)
+        x = torch.randn(5, 4)
+        if poison:
+            backend.backward((method.student(x) ** 2).sum())
+            if bad == "gradient":
+                next(method.student.parameters()).grad[0, 0] = float("nan")
+            before = {k: v.clone() for k, v in method.student.state_dict().items()}
+            backend.step(epoch=1, loss_finite=torch.tensor(bad != "loss"))
+            assert all(torch.equal(v, before[k]) for k, v in method.student.state_dict().items())
+            assert all(float(st["step"]) == 0 for st in backend.optimizer.state.values())
+        backend.backward((method.student(x) ** 2).sum())
+        backend.step(epoch=1, loss_finite=torch.tensor(True))
+        runs.append(method.student.state_dict())
+    for name, value in runs[0].items():
+        assert torch.equal(runs[1][name], value), name
 
 
 def test_autocast_only_below_fp32():

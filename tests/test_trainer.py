@@ -143,6 +143,49 @@ def test_checkpoint_from_another_architecture_is_refused(demo_root, tmp_path):
         Trainer(tiny_cfg(demo_root, tmp_path / "run", f"train.resume={tmp_path / 'forged.pt'}"))
 
 
+def test_non_finite_step_is_skipped_on_the_device_and_stops_the_run_at_the_next_log_step(demo_root, tmp_path,
+                                                                                       monkeypatch):
+    """No host read in the step: iteration 1's NaN loss skips its update on the device (fused AdamW's found_inf);
+    the loop finds it at the next log step (the epoch end, iteration 2), names iteration 1, and nothing after it
+    reaches the weights, the log or a checkpoint."""
+    original = DINO.forward
+    calls = {"n": 0}
+
+    def poisoned(self, views, epoch):
+        loss, stats = original(self, views, epoch)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 2 else loss), stats
+
+    monkeypatch.setattr(DINO, "forward", poisoned)
+    out = tmp_path / "run"
+    trainer = Trainer(tiny_cfg(demo_root, out, "train.log_every=100", "train.ckpt_every=100"))
+    assert trainer.optimizer.defaults["fused"]
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at iteration 1 \(epoch 0\); no checkpoint"):
+        trainer.fit()
+    assert calls["n"] == 3 and not (out / "last.pt").exists()
+    assert all(torch.isfinite(p).all() for p in trainer.method.student_module().parameters())
+    assert all(float(st["step"]) == 2 for st in trainer.optimizer.state.values())  # iterations 0 and 2 stepped
+    assert not (out / "metrics.jsonl").exists() or "loss" not in (out / "metrics.jsonl").read_text()
+    assert json.loads((out / "summary.json").read_text())["iterations"] == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_the_cuda_step_never_waits_for_the_device(demo_root, tmp_path, precision):
+    """A non-log training step issues no synchronising CUDA call (torch.cuda.set_sync_debug_mode raises on one):
+    the non-finite check, clipping, fused AdamW, the Triton loss and EMA all stay on the device."""
+    trainer = Trainer(tiny_cfg(demo_root, tmp_path / "run", "train.device=cuda", f"train.precision={precision}"))
+    views = [torch.randn(4, 3, s, s, device="cuda") for s in (16, 16, 8, 8)]
+    for _ in range(2):  # warm-up: the EMA plan, Triton compilation, the optimizer's state
+        trainer.train_step(views, epoch=1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        trainer.train_step(views, epoch=1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_non_finite_loss_stops_at_once_and_last_checkpoint_resumes(demo_root, tmp_path, monkeypatch):
     out = tmp_path / "run"
     cfg = tiny_cfg(demo_root, out, "train.ckpt_every=1")

@@ -23,9 +23,25 @@ def param_groups(module: nn.Module) -> list[dict]:
 
 
 def build_optimizer(module: nn.Module, fused: bool, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; torch's fused kernel on CUDA (one launch for every parameter) when `fused`."""
-    use_fused = fused and device.type == "cuda"
-    return torch.optim.AdamW(param_groups(module), lr=0.0, weight_decay=0.0, fused=use_fused or None)
+    """AdamW; torch's fused kernel (one launch for every parameter, CUDA and CPU) when `fused`. Only the fused
+    kernel takes a device-side `found_inf` flag, which lets a non-finite step be skipped without a host sync
+    (`step_skipping_nonfinite`)."""
+    return torch.optim.AdamW(param_groups(module), lr=0.0, weight_decay=0.0, fused=fused or None)
+
+
+def step_skipping_nonfinite(optimizer: torch.optim.Optimizer, ok: torch.Tensor) -> None:
+    """optimizer.step() unless the device bool `ok` is false; then no parameter, moment or step count changes.
+
+    A fused torch optimizer reads the flag on the device (its `found_inf` input, as under a GradScaler): no host
+    sync. Any other optimizer reads it on the host (one sync)."""
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = (~ok).float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif bool(ok):
+        optimizer.step()
 
 
 def set_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:

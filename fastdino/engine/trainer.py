@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
 
 from fastdino.config import Config, ConfigError, config_to_dict, schedule_warnings
@@ -48,6 +49,55 @@ ARCH_KEYS = {"model": ("arch", "patch_size", "img_size", "depth"), "train": ("me
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the message names the iteration and the last good checkpoint."""
+
+    def __init__(self, message: str, iteration: int):
+        super().__init__(message)
+        self.iteration = iteration
+        """The first bad iteration: the run's good iterations end before it."""
+
+
+class NonFiniteWatch:
+    """The first iteration whose loss (or, outside fp16, gradient norm) was not finite, kept on the device.
+
+    The step never reads it on the host: the backend skips such a step on the device, and the loop calls `check`
+    on log steps and before every checkpoint write, so the run stops there (every process at once) before a state
+    after the bad iteration is written or logged.
+    """
+
+    NONE = 2**62
+
+    def __init__(self, device: torch.device):
+        self.first = torch.full((), self.NONE, dtype=torch.int64, device=device)
+        self.loss = torch.zeros((), device=device)  # the first bad iteration's loss, for the message
+        self.epoch = torch.zeros((), dtype=torch.int64, device=device)
+
+    def observe(self, step: int, epoch: int, loss: torch.Tensor, ok: torch.Tensor) -> None:
+        new = ~ok & (self.first == self.NONE)
+        self.first = torch.where(new, step, self.first)
+        self.epoch = torch.where(new, epoch, self.epoch)
+        self.loss = torch.where(new, loss.detach().float(), self.loss)
+
+    def check(self, output_dir: Path, saved_step: int | None) -> None:
+        """Raise NonFiniteLossError when any process saw a bad iteration (one host sync; an all-reduce when
+        several processes train)."""
+        first = self.first.clone()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        step = int(first)
+        if step == self.NONE:
+            return
+        kept = (f"the last good checkpoint {output_dir / 'last.pt'} (after {saved_step} iterations) is intact: "
+                "lower optim.lr or use train.precision=bf16 and resume with train.allow_config_change=true"
+                if saved_step is not None else
+                "no checkpoint was written yet: lower optim.lr or use train.precision=bf16 and start again")
+        if step != int(self.first):
+            what = "a non-finite loss or gradient on another process"
+        elif torch.isfinite(self.loss):
+            what = f"a non-finite gradient (loss {float(self.loss):.4g})"
+        else:
+            what = f"non-finite loss ({float(self.loss)})"
+        where = f" (epoch {int(self.epoch)})" if step == int(self.first) else ""
+        raise NonFiniteLossError(f"{what} at iteration {step}{where}; {kept}", step)
 
 
 @dataclass
@@ -287,6 +337,7 @@ class Trainer:
         self.method.student = sync_batchnorm(self.method.student, self.dist, self.device)
         self.method.teacher = sync_batchnorm(self.method.teacher, self.dist, self.device)
         self.ema = TeacherEMA(self.method.student, self.method.teacher, impl=cfg.ema.impl)
+        self.nonfinite = NonFiniteWatch(self.device)
         self.step = 0
         self.unreadable = UnreadableImages()  # distinct bad files of the run, kept in the checkpoint
         self.saved_step: int | None = None
@@ -376,21 +427,17 @@ class Trainer:
         method.with_signals = with_signals
         with self.backend.autocast():
             loss, stats = method(views, epoch)
-        # host sync, once per step: a non-finite loss must stop training before it reaches the weights
-        if not torch.isfinite(loss).item():
-            kept = (f"the last good checkpoint {self.output_dir / 'last.pt'} (after {self.saved_step} iterations) is "
-                    "intact: lower optim.lr or use train.precision=bf16 and resume with train.allow_config_change=true"
-                    if self.saved_step is not None else
-                    "no checkpoint was written yet: lower optim.lr or use train.precision=bf16 and start again")
-            raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at iteration {step} (epoch {epoch}); {kept}")
+        loss_finite = torch.isfinite(loss)  # a device bool: no host sync in the step
 
         # backward (scaled under fp16; gradients reduced over processes)
         with phase("backward"):
             self.backend.backward(loss)
 
         # unscale, clip per parameter, cancel the method's frozen parameters, optimizer step (phases "clip",
-        # "optimizer" inside the backend)
-        grad_norm = self.backend.step(epoch)
+        # "optimizer" inside the backend); a step with a non-finite loss or gradient is skipped on the device
+        grad_norm = self.backend.step(epoch, loss_finite)
+        self.nonfinite.observe(step, epoch, loss, loss_finite if self.precision == "fp16" else
+                               loss_finite & torch.isfinite(grad_norm))  # fp16: an overflow skip is normal
         if with_signals and (scale := self.backend.loss_scale()) is not None:
             stats["loss_scale"] = scale  # fp16 only: the scale the next step uses (a device scalar)
 
@@ -514,6 +561,7 @@ class Trainer:
                     metrics = self.train_step(views, epoch, with_signals=watch and log_now)
                     self.step += 1
                     if log_now:
+                        self.nonfinite.check(self.output_dir, self.saved_step)
                         metrics.update(epoch=epoch, skipped_images=len(self.unreadable))
                         result.history.append({"step": self.step - 1, **logger.step(self.step - 1, metrics)})
                         result.last_loss = result.history[-1]["loss"]
@@ -524,6 +572,7 @@ class Trainer:
                     # stop mode never checkpoints a state a health condition holds on (last.pt stays good)
                     keep = monitor is None or cfg.health.on_collapse == "warn" or monitor.healthy
                     if keep and (self.step % cfg.train.ckpt_every == 0 or self.step == self.stop_step or last_of_epoch):
+                        self.nonfinite.check(self.output_dir, self.saved_step)
                         self.save()
                         self.saved_step = self.step
                     if last_of_epoch and cfg.train.knn_every and (epoch + 1) % cfg.train.knn_every == 0:
@@ -538,6 +587,8 @@ class Trainer:
                 result.knn_trained = result.knn_history.get(self.step)
         except (NonFiniteLossError, TrainingHealthError) as exc:
             result.wall_time_s = time.perf_counter() - started
+            if isinstance(exc, NonFiniteLossError):
+                self.step = exc.iteration  # the report counts the good iterations
             why = "non-finite loss" if isinstance(exc, NonFiniteLossError) else "health.on_collapse=stop"
             self._write_report(result, monitor, f"stopped: {why}", start_step,
                                time.perf_counter() - loop_start - knn_seconds)

@@ -6,8 +6,10 @@ The trainer's step calls one small interface, whatever runs underneath:
     backend.set_schedules(lr, wd)    this iteration's closed-form learning rate and weight decay
     with backend.autocast(): ...     mixed precision of the forward pass (teacher, student, loss)
     backend.backward(loss)           gradients of the loss (scaled under fp16), reduced over processes
-    backend.step(epoch)              unscale, clip per parameter (SPEC), cancel the method's frozen
-                                     parameters, optimizer step; returns the gradient norm before clipping
+    backend.step(epoch, loss_finite) unscale, clip per parameter (SPEC), cancel the method's frozen
+                                     parameters, optimizer step, skipped when `loss_finite` (a device
+                                     bool) is false or the gradients are not finite; returns the
+                                     gradient norm before clipping (inf for a skipped fp16 overflow)
     backend.state_dict() / load_state_dict(ckpt, path)   optimizer and loss-scale state for checkpoints
 
 `ddp.py` (torchrun / DDP, and the single process) and `deepspeed.py` (ZeRO stage 1 and 2) implement it;
@@ -57,7 +59,7 @@ class Backend:
     def backward(self, loss: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def step(self, epoch: int) -> torch.Tensor:
+    def step(self, epoch: int, loss_finite: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def loss_scale(self) -> torch.Tensor | None:
@@ -71,7 +73,6 @@ class Backend:
     def load_state_dict(self, ckpt: dict, path: Path) -> None:
         """Restore what `state_dict` saved, after `wrap`; raises CheckpointError naming `path`."""
         raise NotImplementedError
-
 
 
 def build_backend(cfg: Config, dist: DistInfo, device: torch.device, precision: str) -> Backend:

@@ -2,7 +2,9 @@
 
 The step is the official DINO step (`main_dino.py`): backward of the (scaled) loss, unscale, clip each
 parameter's gradient to norm `optim.clip_grad`, cancel the method's frozen parameters (DINO's last layer
-in the first epochs: gradient None, so AdamW neither moves nor decays it), AdamW step, scaler update.
+in the first epochs: gradient None, so AdamW neither moves nor decays it), AdamW step, scaler update. A step
+whose loss or gradient norm is not finite is skipped on the device (fused AdamW's `found_inf`; under fp16 the
+GradScaler's own check), so no host sync is needed to keep a NaN out of the weights.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from fastdino.engine.backends import Backend
 from fastdino.engine.checkpoint import CheckpointError
 from fastdino.engine.distributed import wrap_ddp
 from fastdino.engine.health import loss_scale
-from fastdino.engine.optim import build_optimizer, clip_gradients_per_param
+from fastdino.engine.optim import build_optimizer, clip_gradients_per_param, step_skipping_nonfinite
 from fastdino.methods.base import Method
 from fastdino.telemetry import phase
 
@@ -35,15 +37,18 @@ class DDPBackend(Backend):
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
 
-    def step(self, epoch: int) -> torch.Tensor:
+    def step(self, epoch: int, loss_finite: torch.Tensor) -> torch.Tensor:
         with phase("clip"):  # per parameter, on unscaled gradients; then the method's frozen parameters
             self.scaler.unscale_(self.optimizer)
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             grad_norm = clip_gradients_per_param(params, self.cfg.optim.clip_grad)
             self.method.before_optimizer_step(epoch)
         with phase("optimizer"):
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            if self.scaler.is_enabled():  # fp16: the scaler skips a step whose gradients overflowed
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                step_skipping_nonfinite(self.optimizer, loss_finite & torch.isfinite(grad_norm))
         return grad_norm
 
     def loss_scale(self) -> torch.Tensor | None:

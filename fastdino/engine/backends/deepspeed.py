@@ -30,6 +30,8 @@ How, given ZeRO:
   layer) get parameter groups of their own (same lr / weight decay, same regularized flag), and while
   frozen the hook sets that group's flat fp32 gradient to None, so torch AdamW skips it as the DDP
   backend's `p.grad = None` does: no update, no weight decay, no Adam state or step count.
+- A non-finite loss: the hook sets every group's gradient to None on that step (the same skip as a frozen
+  group); the flag is read on the host once per step, as DeepSpeed's step takes no device-side one.
 - ZeRO stage 3 (partitioned weights: the EMA would need a partitioned teacher) is refused.
 
 Checkpoints: DeepSpeed's own save / load (every rank, its folder `output_dir/deepspeed/<tag>`), and the
@@ -259,9 +261,10 @@ class DeepSpeedBackend(Backend):
         self._scale_used = self.scaler.scale
         self.engine.backward(loss * self._scale_used)
 
-    def step(self, epoch: int) -> torch.Tensor:
+    def step(self, epoch: int, loss_finite: torch.Tensor) -> torch.Tensor:
         frozen = {id(p) for p in self.method.frozen_parameters(epoch)}
-        self._frozen = [self.groups[i]["freezable"] and all(id(p) in frozen for p in params)
+        skip = not bool(loss_finite)  # one host read: DeepSpeed's step takes no device-side skip flag
+        self._frozen = [skip or (self.groups[i]["freezable"] and all(id(p) in frozen for p in params))
                         for i, params in enumerate(self.group_params)]
         self._sq_norm = torch.zeros((), device=self.device)
         with phase("optimizer"):  # clipping runs inside DeepSpeed's step (see _unscale_and_clip)
