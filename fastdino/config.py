@@ -33,6 +33,9 @@ METHODS = ("dino", "sit")
 """The values of train.method; fastdino/methods/__init__.py maps each to its class."""
 
 
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{key}={value!r} is not one of {choices}", key)
@@ -60,12 +63,20 @@ class ModelConfig:
     """How position embeddings are resized to other crop sizes: official (the official DINO code's bicubic
     resize by scale factor (grid + 0.1) / stored grid: what its checkpoints expect) | exact (bicubic to the
     exact grid size)."""
+    compile: str = "none"
+    """torch.compile of the student and teacher networks (engine/compile.py): none | default | reduce-overhead
+    (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs. Static shapes: one graph per crop-size set,
+    compiled in the first steps (minutes for a ViT-S), never again."""
+    grad_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of storing them (torch.utils.checkpoint):
+    less memory for larger batches or patch 8, about one more forward pass of compute. Same gradients."""
 
     def __post_init__(self):
         from fastdino.models.attention import ATTENTION_IMPLS
         from fastdino.models.vit import POS_EMBED_INTERP, model_names
 
         _choice("model.arch", self.arch, model_names())
+        _choice("model.compile", self.compile, COMPILE_MODES)
         _choice("model.attention", self.attention, ATTENTION_IMPLS)
         _choice("model.pos_embed_interp", self.pos_embed_interp, POS_EMBED_INTERP)
         _positive("model.patch_size", self.patch_size)
@@ -496,7 +507,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     else:
         raise TypeError(f"unsupported annotation {tp} for {key}")
     name = getattr(tp, "__name__", str(tp))
-    raise ConfigError(f"{key}={value!r} has the wrong type: expected {name}", key)
+    quote = tp is str and isinstance(value, bool)
+    hint = " (YAML reads off / on / yes / no as booleans: quote the word)" if quote else ""
+    raise ConfigError(f"{key}={value!r} has the wrong type: expected {name}{hint}", key)
 
 
 def _unknown(key: str, valid: list[str]) -> ConfigError:

@@ -173,3 +173,33 @@ def test_dino_head_batchnorm_keeps_output_image_dependent():
     assert spread(bn) > 0.1
     hidden = bn.mlp[1](bn.mlp[0](x))  # batch statistics in training mode: zero mean over the batch
     torch.testing.assert_close(hidden.mean(0), torch.zeros(48), atol=1e-4, rtol=0)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_and_stores_less():
+    """Recomputed blocks replay the RNG: with stochastic depth on, outputs and gradients equal the stored
+    path's; the autograd graph keeps only the blocks' inputs (fewer saved tensors)."""
+    torch.manual_seed(0)
+    plain = vit_tiny(depth=3, patch_size=8, img_size=32, drop_path_rate=0.5)
+    recomputed = vit_tiny(depth=3, patch_size=8, img_size=32, drop_path_rate=0.5, grad_checkpointing=True)
+    recomputed.load_state_dict(plain.state_dict())
+    x = torch.randn(6, 3, 32, 32)
+    outs, saved = [], []
+    for model in (plain, recomputed):
+        torch.manual_seed(1)
+        count = [0]
+
+        def pack(t, count=count):
+            count[0] += 1
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = model(x)
+        y.pow(2).sum().backward()
+        outs.append((y.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        saved.append(count[0])
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=0, atol=0)
+    for name, grad in outs[0][1].items():
+        torch.testing.assert_close(outs[1][1][name], grad, rtol=1e-6, atol=1e-7, msg=name)
+    assert saved[1] < saved[0] / 2
+    recomputed.eval()
+    assert torch.equal(recomputed(x), plain.eval()(x))  # evaluation never recomputes

@@ -28,6 +28,7 @@ from fastdino.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from fastdino.engine.compile import compile_networks, mark_step_begin
 from fastdino.engine.distributed import DistInfo, init_distributed, sync_batchnorm
 from fastdino.engine.ema import TeacherEMA
 from fastdino.engine.health import HealthMonitor, TrainingHealthError, agree
@@ -214,7 +215,7 @@ def check_architecture(saved: dict, cfg: Config, path: Path) -> None:
 # implementations of the same math. Every other key changes the trajectory and is checked on resume.
 FREE_SECTIONS = ("eval", "health")
 FREE_KEYS = {
-    "model": ("attention",),
+    "model": ("attention", "compile", "grad_checkpointing"),
     "data": ("path", "num_workers"),
     "optim": ("fused",),
     "loss": ("impl",),
@@ -349,6 +350,7 @@ class Trainer:
         elif init is not None:
             init_from_weights(self.method, init, cfg.dino.norm_last_layer)
         check_writable(self.output_dir)  # the last check (it creates the folder): nothing is written before
+        compile_networks(self.method, cfg.model.compile)  # in place, before any wrapper
         self.backend.wrap(self.method)  # optimizer; DDP or the DeepSpeed engine around the student
         if ckpt is not None:  # after the wrap: DeepSpeed's optimizer exists only now
             self.backend.load_state_dict(ckpt, ckpt_path)
@@ -422,6 +424,7 @@ class Trainer:
         self.backend.set_schedules(lr, wd)
 
         # forward teacher and student, loss, center update (inside the method)
+        mark_step_begin(cfg.model.compile)
         with phase("copy to device"):
             views = [v.to(self.device, non_blocking=True) for v in views]
         method.with_signals = with_signals

@@ -66,7 +66,8 @@ class DINO(Method):
         def head(dim: int) -> DINOHead:
             return DINOHead(dim, d.out_dim, d.hidden_dim, d.bottleneck_dim, d.norm_last_layer, use_bn=d.head_bn)
 
-        backbone = build_backbone(m.arch, drop_path_rate=m.drop_path_rate, **arch_kwargs)
+        backbone = build_backbone(m.arch, drop_path_rate=m.drop_path_rate, grad_checkpointing=m.grad_checkpointing,
+                                  **arch_kwargs)
         self.student = MultiCropNetwork(backbone, head(backbone.embed_dim))
         teacher_backbone = build_backbone(m.arch, drop_path_rate=0.0, **arch_kwargs)
         self.teacher = MultiCropNetwork(teacher_backbone, head(teacher_backbone.embed_dim))

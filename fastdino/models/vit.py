@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from fastdino.models.attention import Attention
 
@@ -100,6 +101,7 @@ class VisionTransformer(nn.Module):
         drop_path_rate: float = 0.0,
         attention: str = "sdpa",
         pos_embed_interp: str = "official",
+        grad_checkpointing: bool = False,
     ):
         super().__init__()
         if pos_embed_interp not in POS_EMBED_INTERP:
@@ -111,6 +113,9 @@ class VisionTransformer(nn.Module):
         self.embed_dim = embed_dim
         self.patch_size = patch_size
         self.pos_embed_interp = pos_embed_interp
+        self.grad_checkpointing = grad_checkpointing
+        """Recompute each block in the backward pass (torch.utils.checkpoint, non-reentrant; the RNG state is
+        replayed, so stochastic depth drops the same paths): activation memory of one block, not of all."""
         self.patch_embed = PatchEmbed(patch_size, embed_dim)
         num_patches = (img_size // patch_size) ** 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -162,8 +167,9 @@ class VisionTransformer(nn.Module):
         """x: (B, 3, H, W) -> every token after the final norm, (B, 1 + N, D): the class token, then the
         patches row by row (what SiT's reconstruction decoder reads)."""
         x = self.prepare_tokens(x)
+        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x)
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         return self.norm(x)
 
     def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
