@@ -15,9 +15,13 @@ Providers (same architecture, same initial weights, same input crops, same hyper
             per-parameter clipping on the device (torch._foreach_norm), torch._foreach_lerp_ EMA, the per-pair
             loss loop, one `torch.isfinite(loss).item()` per step.
   fastdino  fastdino's best configuration through the real `Trainer.train_step` (loss.impl=triton,
-            ema.impl=triton, model.attention=sdpa, train.precision=bf16, optim.fused=true).
+            ema.impl=triton, model.attention=sdpa, train.precision=bf16, optim.fused=true: no host sync in the
+            step). Candidates on top of it (not in the default --providers; `VARIANTS`):
+            fastdino-compile (model.compile=default), fastdino-cudagraphs (model.compile=reduce-overhead),
+            fastdino-recompute (model.grad_checkpointing=true: less memory, more compute).
 
 Columns: img/s = B x steps / wall time of `--steps` steps after `--warmup` (synchronised at both ends); ms/step;
+1st step s = the first step's wall time (torch.compile compiles there);
 peak GiB = torch.cuda.max_memory_allocated over the timed steps (models, optimizer state, activations);
 % floor = achieved model FLOP/s (fastdino.models.flops, 2 per multiply-add, matmuls only) / the bf16 matmul rate
 measured in the same run (8192^3); x official = img/s / the official provider's img/s; loss@1 = the loss of the
@@ -51,7 +55,16 @@ from fastdino.models.heads import DINOHead
 from fastdino.models.vit import build_backbone
 from fastdino.schedules import teacher_temp_schedule
 
-PROVIDERS = ("official", "torch", "fastdino")
+# fastdino's step-speed candidates (issue 17): each is the `fastdino` provider plus these config overrides, so one
+# GPU run measures every candidate against the same baseline.
+VARIANTS = {
+    "fastdino": [],
+    "fastdino-compile": ["model.compile=default"],
+    "fastdino-cudagraphs": ["model.compile=reduce-overhead"],
+    "fastdino-recompute": ["model.grad_checkpointing=true"],
+}
+PROVIDERS = ("official", "torch", *VARIANTS)
+DEFAULT_PROVIDERS = ("official", "torch", "fastdino")
 EPOCH = 1  # past the one-epoch last-layer freeze, so every provider updates every parameter
 WD, MOMENTUM = 0.04, 0.996  # the first step's weight decay and teacher momentum of the recipe (as the trainer's)
 
@@ -237,9 +250,11 @@ def fastdino_overrides(case: Case, device: torch.device, data_dir: Path, out_dir
     return overrides
 
 
-def fastdino_step_fn(case: Case, device: torch.device, cfg, data_dir: Path, out_dir: Path) -> tuple:
-    """The real Trainer.train_step at fastdino's best settings, from the same initial weights."""
-    overrides = fastdino_overrides(case, device, data_dir, out_dir)
+def fastdino_step_fn(case: Case, device: torch.device, cfg, data_dir: Path, out_dir: Path,
+                     variant: str = "fastdino") -> tuple:
+    """The real Trainer.train_step at fastdino's best settings (plus the variant's overrides), from the same
+    initial weights."""
+    overrides = fastdino_overrides(case, device, data_dir, out_dir) + VARIANTS[variant]
     trainer = Trainer(load_config(None, overrides))
     student, teacher = build_networks(case, "sdpa", device)
     trainer.method.student_module().load_state_dict(student.state_dict())
@@ -262,11 +277,13 @@ def run_provider(name: str, case: Case, device: torch.device, cfg, views, args, 
         elif name == "torch":
             step, objects = torch_step_fn(case, device, cfg)
         else:
-            step, objects = fastdino_step_fn(case, device, cfg, *paths)
+            step, objects = fastdino_step_fn(case, device, cfg, *paths, variant=name)
         first = objects[0]
         backbone = first.method.student_module().backbone if isinstance(first, Trainer) else first.backbone
         row["gflop_per_img"] = flops_per_image(case, backbone) / 1e9
+        tick = time.perf_counter()
         row["loss_first"] = float(step(views))
+        row["first_step_s"] = time.perf_counter() - tick
         for _ in range(args.warmup - 1):
             step(views)
         sync(device)
@@ -299,17 +316,20 @@ def flops_per_image(case: Case, backbone: torch.nn.Module) -> float:
 
 def table_row(r: dict) -> str:
     if "error" in r:
-        return f"| {r['config']} | {r['provider']} | {r['error']} | | | | | | |"
+        return f"| {r['config']} | {r['provider']} | {r['error']} | | | | | | | |"
     peak = f"{r['peak_gib']:.1f}" if "peak_gib" in r else "-"
-    return (f"| {r['config']} | {r['provider']} | {r['img_s']:.1f} | {r['ms_step']:.1f} | {peak} | "
-            f"{r['gflop_per_img']:.3g} | {r['pct_floor']:.1f}% | {r.get('x_official', float('nan')):.2f} | "
+    ratio = f"{r['x_official']:.2f}" if "x_official" in r else "-"
+    return (f"| {r['config']} | {r['provider']} | {r['img_s']:.1f} | {r['ms_step']:.1f} | {r['first_step_s']:.1f} | "
+            f"{peak} | "
+            f"{r['gflop_per_img']:.3g} | {r['pct_floor']:.1f}% | {ratio} | "
             f"{r['loss_first']:.4f} |")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
-    parser.add_argument("--providers", default=",".join(PROVIDERS))
+    parser.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS),
+                        help=f"comma-separated, of {', '.join(PROVIDERS)}")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per provider")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (at least 1)")
     parser.add_argument("--smoke", action="store_true", help="a tiny model, 2 timed steps: checks the script runs")
@@ -336,8 +356,9 @@ def main(argv: list[str] | None = None) -> int:
               "steps": args.steps, "warmup": args.warmup, "smoke": args.smoke}
     print(f"# bench_step on {name}, torch {torch.__version__}; matmul rate ({rate_what}) {rate / 1e12:.4g} TFLOP/s; "
           f"{args.warmup} warm-up + {args.steps} timed steps" + ("; SMOKE RUN: not performance" if args.smoke else ""))
-    print("\n| config | provider | img/s | ms/step | peak GiB | GFLOP/img | % floor | x official | loss@1 |")
-    print("|---|---|---|---|---|---|---|---|---|", flush=True)
+    print("\n| config | provider | img/s | ms/step | 1st step s | peak GiB | GFLOP/img | % floor | x official "
+          "| loss@1 |")
+    print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         per_class = -(-max(c.batch for c in cases) // len(DEMO_CLASSES))

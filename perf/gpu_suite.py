@@ -8,13 +8,13 @@ included, 10 minutes per command), so one command must measure everything, and n
 time. Parts run in order, each in its own process group with its own time box (`PARTS`; the last part, bench_step,
 gets whatever the budget has left, at least its own box when earlier parts ran short; bench_data prints each
 backend's row as it ends, so a cut-off run keeps the rows measured); the ahead-of-time compile
-report needs no GPU, so it runs beside the GPU tests. The sum of the boxes is the budget (470 s by default, under
-8 minutes, leaving a 10-minute command ~2 minutes for start-up and the copy back).
+report needs no GPU, so it runs beside the GPU tests. The sum of the boxes is the budget (480 s by default, 8
+minutes, leaving a 10-minute command ~2 minutes for start-up and the copy back).
 
 Results, rewritten after every part so that a command cut off still returns what was measured:
   gpu_suite.md    a dated block (device, driver, torch / triton / CUDA versions, each part's command, status,
                   seconds and output tables) ready to paste into perf/RESULTS.md (`--append` appends it there)
-  gpu_suite.json  the same as data, with the JSON rows of bench_step and aot_report
+  gpu_suite.json  the same as data, with the JSON rows of bench_step and kernel_report
   gpu_suite.log   every part's full stdout and stderr
 The output folder is --out, else $OUT when set, else runs/gpu_suite/ (ignored by git). Subprocesses get
 PYTHONPATH = the repository root (the package need not be installed) and TRITON_INTERPRET unset.
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BUDGET_S = 470
+BUDGET_S = 480
 
 
 @dataclass(frozen=True)
@@ -48,23 +48,26 @@ class Part:
 
 
 PARTS = (
-    Part("aot_report", ("perf/aot_report.py", "--json", "{json}"), 100,
+    Part("kernel_report", ("perf/kernel_report.py", "--json", "{json}"), 100,
          "Triton kernels compiled ahead of time for sm_80 / sm_90: registers, spills, shared memory (CPU only)",
          background=True),
     Part("gpu_tests", ("-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"), 100,
          "every GPU-marked test"),
-    Part("bench_dino_loss", ("-m", "perf.bench_dino_loss", "--batch", "128", "--dtype", "bf16", "fp32"), 50,
+    Part("bench_dino_loss", ("-m", "perf.bench_dino_loss", "--batch", "128", "--dtype", "bf16", "fp32"), 40,
          "fused DINO loss fwd+bwd vs official loop vs PyTorch, B=128, 12 crops, K=65536"),
-    Part("bench_ema", ("perf/bench_ema.py", "--rep", "100"), 50,
+    Part("bench_ema", ("perf/bench_ema.py", "--rep", "100"), 40,
          "teacher EMA: official loop vs foreach vs Triton, ViT-S/16 and ViT-B/16 + K=65536 head"),
-    Part("bench_train", ("perf/bench_train.py", "--steps", "20", "--warmup", "5"), 70,
+    Part("bench_train", ("perf/bench_train.py", "--steps", "20", "--warmup", "5"), 40,
          "Trainer.train_step, ViT-S/16 2x224+10x96 B128 bf16: img/s, MFU, peak memory"),
     Part("bench_data", ("-m", "perf.bench_data", "--images", "768", "--batch", "64", "--workers", "12", "--steps",
-                        "8", "--warmup", "2"), 60,
+                        "8", "--warmup", "2"), 50,
          "data backends: 2x224 + 10x96 img/s vs an official-style pipeline, GPU ms per image (768 JPEGs 500x375)"),
-    Part("bench_step", ("-m", "perf.bench_step", "--steps", "10", "--warmup", "3", "--json", "{json}"), 140,
-         "official vs plain PyTorch vs fastdino step, the four issue-17 cases (10 timed steps each)"),
-)
+    Part("bench_step_candidates", ("-m", "perf.bench_step", "--cases", "vits16_b128", "--providers",
+                                   "fastdino-compile,fastdino-cudagraphs,fastdino-recompute", "--steps", "10",
+                                   "--warmup", "3", "--json", "{json}"), 110,
+         "fastdino's step-speed candidates (torch.compile, CUDA graphs, activation recompute), ViT-S/16 B128"),
+    Part("bench_step", ("-m", "perf.bench_step", "--steps", "10", "--warmup", "3", "--json", "{json}"), 100,
+         "official vs plain PyTorch vs fastdino step, the four issue-17 cases (10 timed steps each)"),)
 
 
 def serial_seconds(parts: tuple[Part, ...]) -> int:
@@ -120,7 +123,7 @@ def finish(part: Part, proc: subprocess.Popen, started: float, box_s: float, out
               "box_s": round(box_s), "seconds": round(time.monotonic() - started, 1), "returncode": proc.returncode,
               "timed_out": timed_out, "stdout": stdout, "stderr": stderr}
     data = out / f"{part.name}.json"
-    if data.exists():  # aot_report and bench_step write their rows; folded into gpu_suite.json
+    if data.exists():  # kernel_report and bench_step write their rows; folded into gpu_suite.json
         try:
             result["data"] = json.loads(data.read_text())
         except ValueError as exc:  # cut off mid-write
