@@ -20,6 +20,11 @@ Providers (same architecture, same initial weights, same input crops, same hyper
             fastdino-compile (model.compile=default), fastdino-cudagraphs (model.compile=reduce-overhead),
             fastdino-recompute (model.grad_checkpointing=true: less memory, more compute).
 
+End to end (`--end-to-end cpu,torch_gpu,dali`): the full trainer (`Trainer.fit`, the production loop with its
+logging and checkpoints) on real JPEGs (500x375, quality 90, written once into the run's temporary folder) with
+each data backend, for the first case given; img/s is the trainer's own figure from its log (metrics.jsonl's
+img_per_s over the `--steps` iterations after `--steps` warm-up iterations), the number a user's run reports.
+
 Columns: img/s = B x steps / wall time of `--steps` steps after `--warmup` (synchronised at both ends); ms/step;
 1st step s = the first step's wall time (torch.compile compiles there);
 peak GiB = torch.cuda.max_memory_allocated over the timed steps (models, optimizer state, activations);
@@ -36,6 +41,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -307,6 +313,37 @@ def run_provider(name: str, case: Case, device: torch.device, cfg, views, args, 
     return row
 
 
+def end_to_end_row(case: Case, device: torch.device, backend: str, jpegs: Path, out_dir: Path, args) -> dict:
+    """Trainer.fit on real JPEGs with one data backend: 2 x --steps iterations, logged every --steps; the second
+    log line's img_per_s (the trainer's own, data loading included) is the row's figure."""
+    from fastdino.engine.trainer import train
+
+    row = {"case": case.name, "config": case.label(), "provider": f"fastdino end to end, data.backend={backend}"}
+    overrides = fastdino_overrides(case, device, jpegs, out_dir) + [
+        f"data.backend={backend}", f"data.num_workers={min(12, os.cpu_count() or 1)}",
+        f"train.log_every={args.steps}", f"train.max_steps={2 * args.steps}", "train.ckpt_every=100000",
+        "health.enabled=false",
+    ]
+    try:
+        started = time.perf_counter()
+        result = train(load_config(None, overrides))
+        row["wall_s"] = time.perf_counter() - started
+        timed = result.history[-1]  # iterations steps..2*steps-1
+        row.update(img_s=timed["img_per_s"], ms_step=1e3 * case.batch / timed["img_per_s"],
+                   loss_first=result.history[0]["loss"])
+        if device.type == "cuda":
+            row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    except torch.cuda.OutOfMemoryError:
+        row["error"] = "OOM"
+    except Exception as exc:  # noqa: BLE001 - a backend that cannot run here (e.g. no DALI) is a row, not a crash
+        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    finally:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
 def flops_per_image(case: Case, backbone: torch.nn.Module) -> float:
     """Model FLOPs of one image's training step (fastdino.models.flops) for the backbone as built."""
     return dino_train_flops_per_image(dim=backbone.embed_dim, depth=len(backbone.blocks), patch=case.patch,
@@ -319,7 +356,8 @@ def table_row(r: dict) -> str:
         return f"| {r['config']} | {r['provider']} | {r['error']} | | | | | | | |"
     peak = f"{r['peak_gib']:.1f}" if "peak_gib" in r else "-"
     ratio = f"{r['x_official']:.2f}" if "x_official" in r else "-"
-    return (f"| {r['config']} | {r['provider']} | {r['img_s']:.1f} | {r['ms_step']:.1f} | {r['first_step_s']:.1f} | "
+    first = f"{r['first_step_s']:.1f}" if "first_step_s" in r else "-"
+    return (f"| {r['config']} | {r['provider']} | {r['img_s']:.1f} | {r['ms_step']:.1f} | {first} | "
             f"{peak} | "
             f"{r['gflop_per_img']:.3g} | {r['pct_floor']:.1f}% | {ratio} | "
             f"{r['loss_first']:.4f} |")
@@ -333,13 +371,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per provider")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (at least 1)")
     parser.add_argument("--smoke", action="store_true", help="a tiny model, 2 timed steps: checks the script runs")
+    parser.add_argument("--end-to-end", default="", metavar="BACKENDS",
+                        help="also the full trainer on real JPEGs with these data backends (comma-separated, of "
+                             "cpu, torch_gpu, dali), for the first case")
     parser.add_argument("--json", help="write the rows here (rewritten after every row, so a cut-off run keeps some)")
     args = parser.parse_args(argv)
     providers = args.providers.split(",")
+    backends = [b for b in args.end_to_end.split(",") if b]
     unknown = [p for p in providers if p not in PROVIDERS] + [c for c in args.cases.split(",") if c not in CASES]
+    unknown += [b for b in backends if b not in ("cpu", "torch_gpu", "dali")]
     if unknown:
-        print(f"bench_step: unknown case or provider {unknown[0]!r}: cases {', '.join(CASES)}; providers "
-              f"{', '.join(PROVIDERS)}", file=sys.stderr)
+        print(f"bench_step: unknown case, provider or data backend {unknown[0]!r}: cases {', '.join(CASES)}; "
+              f"providers {', '.join(PROVIDERS)}; --end-to-end backends cpu, torch_gpu, dali", file=sys.stderr)
         return 2
     if args.smoke:
         cases, args.steps, args.warmup = [SMOKE], min(args.steps, 2), 1
@@ -377,12 +420,32 @@ def main(argv: list[str] | None = None) -> int:
                         r["x_official"] = r["img_s"] / base
                 rows.append(r)
                 print(table_row(r), flush=True)
-                if args.json:  # written whole then renamed: a run cut off keeps the rows so far, never half a file
-                    partial = Path(f"{args.json}.tmp")
-                    partial.write_text(json.dumps({**header, "rows": rows}, indent=1))
-                    partial.replace(args.json)
+                write_rows(args.json, header, rows)
             del views
+        if backends:
+            from perf.bench_data import make_jpegs
+
+            case = cases[0]
+            jpegs = make_jpegs(Path(tmp) / "jpegs", case.batch * (2 * args.steps + 1), 500, 375)
+            for backend in backends:
+                r = end_to_end_row(case, device, backend, jpegs, Path(tmp) / f"e2e_{backend}", args)
+                if "error" not in r:
+                    backbone = build_backbone(case.arch, patch_size=case.patch, img_size=case.global_size,
+                                              **({"depth": case.depth} if case.depth else {}))  # shapes only
+                    r["gflop_per_img"] = flops_per_image(case, backbone) / 1e9
+                    r["pct_floor"] = 100 * r["img_s"] * r["gflop_per_img"] * 1e9 / rate
+                rows.append(r)
+                print(table_row(r), flush=True)
+                write_rows(args.json, header, rows)
     return 0
+
+
+def write_rows(path: str | None, header: dict, rows: list[dict]) -> None:
+    """Written whole then renamed: a run cut off keeps the rows so far, never half a file."""
+    if path:
+        partial = Path(f"{path}.tmp")
+        partial.write_text(json.dumps({**header, "rows": rows}, indent=1))
+        partial.replace(path)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Ahead-of-time compile of every Triton kernel for sm_80 and sm_90, without a GPU: registers, spills, shared memory.
 
-    python perf/kernel_report.py                   # markdown table, every configuration the host code can launch
-    python perf/kernel_report.py --quick           # the CI subset (see `configurations`), about a fifth of the compiles
-    python perf/kernel_report.py --json out.json   # the same rows as JSON (what tests/kernels/test_aot_compile.py reads)
+    python perf/kernel_report.py                 # markdown table, every configuration the host code can launch
+    python perf/kernel_report.py --quick         # the CI subset (see `configurations`), about a fifth of the compiles
+    python perf/kernel_report.py --json out.json # the same rows as JSON (what tests/kernels/test_aot_compile.py reads)
 
 Triton's compiler runs its whole pipeline (TTIR -> TTGIR -> LLVM -> PTX) for a `GPUTarget("cuda", cc, 32)` on any
 host; the PTX is then assembled with Triton's bundled `ptxas -v`, whose report gives registers per thread and

@@ -37,6 +37,19 @@ def test_bench_step_smoke_runs_three_providers_from_the_same_weights(tmp_path):
     assert max(losses) - min(losses) <= 1e-4 * abs(losses[0]), losses
 
 
+def test_bench_step_end_to_end_reports_the_trainers_own_figure(tmp_path):
+    """--end-to-end runs Trainer.fit on real JPEGs: a row per data backend with the img/s of the trainer's log; a
+    backend that cannot run here (the GPU ones on the CPU) is a row naming why, not a crash."""
+    out = run("-m", "perf.bench_step", "--smoke", "--providers", "torch", "--end-to-end", "cpu,dali",
+              "--json", str(tmp_path / "step.json"))
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "step.json").read_text())["rows"]
+    assert [r["provider"] for r in rows] == ["torch", "fastdino end to end, data.backend=cpu",
+                                             "fastdino end to end, data.backend=dali"]
+    assert rows[1]["img_s"] > 0 and rows[1]["pct_floor"] > 0 and "error" not in rows[1]
+    assert "no CUDA device" in rows[2]["error"]
+
+
 def test_bench_step_refuses_unknown_case_in_one_line():
     out = run("-m", "perf.bench_step", "--smoke", "--cases", "vits16_b1024")
     assert out.returncode == 2 and "vits16_b1024" in out.stderr and "Traceback" not in out.stderr
