@@ -264,7 +264,8 @@ class OptimConfig:
     clip_grad: float = 3.0
     """Per-parameter gradient-norm clip as the official code; 0 disables."""
     fused: bool = True
-    """torch's fused AdamW kernel where the device supports it."""
+    """torch's fused AdamW kernel (CUDA and CPU): one launch for every parameter, and it skips a non-finite step on
+    the device; false: torch's foreach AdamW, which reads that flag on the host (one sync per step)."""
 
     def __post_init__(self):
         _positive("optim.lr", self.lr)
