@@ -25,6 +25,12 @@ logging and checkpoints) on real JPEGs (500x375, quality 90, written once into t
 each data backend, for the first case given; img/s is the trainer's own figure from its log (metrics.jsonl's
 img_per_s over the `--steps` iterations after `--steps` warm-up iterations), the number a user's run reports.
 
+Loss curves (`--curve N`): the `torch` provider (plain PyTorch) and each fastdino provider given train N steps
+from the same weights on the same real batches (multi-crop batches of the demo images, a pool of 8 cycled,
+drawn once) with the same RNG seed; the table gives the loss at a few steps and the largest difference from
+the `torch` curve relative to its loss, which should stay within bf16 noise (issue 17's check that the fast
+step computes the same training). `--curve-png FILE` draws them.
+
 Columns: img/s = B x steps / wall time of `--steps` steps after `--warmup` (synchronised at both ends); ms/step;
 1st step s = the first step's wall time (torch.compile compiles there);
 peak GiB = torch.cuda.max_memory_allocated over the timed steps (models, optimizer state, activations);
@@ -313,6 +319,57 @@ def run_provider(name: str, case: Case, device: torch.device, cfg, views, args, 
     return row
 
 
+def curve_batches(case: Case, data_dir: Path, device: torch.device, n: int = 8) -> list[list[torch.Tensor]]:
+    """n multi-crop batches of real images (the demo set, the recipe's augmentation), on the device."""
+    from torch.utils.data import DataLoader
+
+    from fastdino.data.files import ImageFileDataset, collate_views, index_image_folder
+    from fastdino.data.multicrop import multicrop_transform
+
+    transform = multicrop_transform(global_size=case.global_size, local_size=case.local_size, n_local=case.n_local)
+    dataset = ImageFileDataset(index_image_folder(data_dir), transform, seed=0)
+    loader = DataLoader(dataset, batch_size=case.batch, shuffle=False, drop_last=True, collate_fn=collate_views,
+                        num_workers=min(8, os.cpu_count() or 1))
+    batches = []
+    for views, _, _ in loader:
+        batches.append([v.to(device) for v in views])
+        if len(batches) == n:
+            break
+    return batches
+
+
+def curve_rows(case: Case, device: torch.device, cfg, providers: list[str], steps: int, paths) -> list[dict]:
+    """Each provider's losses over `steps` steps on the same cycled batches, from the same weights and seed."""
+    batches = curve_batches(case, paths[0], device)
+    rows = []
+    for name in providers:
+        torch.manual_seed(0)  # the same stochastic-depth draws for every provider (same module order)
+        if name == "torch":
+            step, objects = torch_step_fn(case, device, cfg)
+        else:
+            step, objects = fastdino_step_fn(case, device, cfg, paths[0], paths[1] / f"curve_{name}", variant=name)
+        torch.manual_seed(0)
+        losses = [float(step(batches[i % len(batches)])) for i in range(steps)]
+        rows.append({"case": case.name, "config": case.label(), "provider": name, "curve": losses})
+        del objects, step
+        gc.collect()
+    reference = rows[0]["curve"]
+    for r in rows:
+        r["max_rel_diff"] = max(abs(a - b) / abs(b) for a, b in zip(r["curve"], reference))
+    return rows
+
+
+def curve_table(rows: list[dict]) -> list[str]:
+    n = len(rows[0]["curve"])
+    marks = sorted({0, n // 4, n // 2, 3 * n // 4, n - 1})
+    lines = ["| config | provider | " + " | ".join(f"loss @{i + 1}" for i in marks) + " | max rel. diff vs torch |",
+             "|---|---|" + "---|" * (len(marks) + 1)]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['provider']} | " + " | ".join(f"{r['curve'][i]:.4f}" for i in marks)
+                     + f" | {r['max_rel_diff']:.2e} |")
+    return lines
+
+
 def end_to_end_row(case: Case, device: torch.device, backend: str, jpegs: Path, out_dir: Path, args) -> dict:
     """Trainer.fit on real JPEGs with one data backend: 2 x --steps iterations, logged every --steps; the second
     log line's img_per_s (the trainer's own, data loading included) is the row's figure."""
@@ -374,6 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--end-to-end", default="", metavar="BACKENDS",
                         help="also the full trainer on real JPEGs with these data backends (comma-separated, of "
                              "cpu, torch_gpu, dali), for the first case")
+    parser.add_argument("--curve", type=int, default=0, metavar="N",
+                        help="also the loss curves of torch and the fastdino providers given over N steps on the "
+                             "same real batches, for the first case (issue 17 asks for 200)")
+    parser.add_argument("--curve-png", help="draw the --curve curves into this PNG")
     parser.add_argument("--json", help="write the rows here (rewritten after every row, so a cut-off run keeps some)")
     args = parser.parse_args(argv)
     providers = args.providers.split(",")
@@ -404,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        per_class = -(-max(c.batch for c in cases) // len(DEMO_CLASSES))
+        per_class = -(-max(c.batch for c in cases) * (8 if args.curve else 1) // len(DEMO_CLASSES))  # 8: the curve pool
         data = make_demo_dataset(f"{tmp}/data", n_train_per_class=per_class, n_val_per_class=1, size=64)
         cfg = load_config(None, [])  # the DINO hyper-parameters (temperatures, clip, center momentum) of the recipe
         for case in cases:
@@ -422,6 +483,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(table_row(r), flush=True)
                 write_rows(args.json, header, rows)
             del views
+        if args.curve:
+            fast = [p for p in providers if p in VARIANTS] or ["fastdino"]
+            curves = curve_rows(cases[0], device, cfg, ["torch", *fast], args.curve, (data / "train", Path(tmp)))
+            print("\n" + "\n".join(curve_table(curves)), flush=True)
+            rows += curves
+            write_rows(args.json, header, rows)
+            if args.curve_png:
+                draw_curves(curves, args.curve_png)
         if backends:
             from perf.bench_data import make_jpegs
 
@@ -438,6 +507,23 @@ def main(argv: list[str] | None = None) -> int:
                 print(table_row(r), flush=True)
                 write_rows(args.json, header, rows)
     return 0
+
+
+def draw_curves(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        label = f"{r['provider']} (max rel. diff {r['max_rel_diff']:.1e})"
+        ax.plot(range(1, len(r["curve"]) + 1), r["curve"], label=label)
+    ax.set(xlabel="step", ylabel="DINO loss", title=f"{rows[0]['config']}: same weights, batches and seed")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def write_rows(path: str | None, header: dict, rows: list[dict]) -> None:

@@ -41,7 +41,7 @@ BUDGET_S = 480
 @dataclass(frozen=True)
 class Part:
     name: str
-    args: tuple[str, ...]  # after the python executable; {json} is replaced by a file in the output folder
+    args: tuple[str, ...]  # after the python executable; {json}: a file in the output folder, {out}: the folder
     box_s: int
     what: str
     background: bool = False  # CPU only: runs beside the next part (the GPU tests), collected before benchmarks
@@ -57,19 +57,22 @@ PARTS = (
          "fused DINO loss fwd+bwd vs official loop vs PyTorch, B=128, 12 crops, K=65536"),
     Part("bench_ema", ("perf/bench_ema.py", "--rep", "100"), 30,
          "teacher EMA: official loop vs foreach vs Triton, ViT-S/16 and ViT-B/16 + K=65536 head"),
-    Part("bench_train", ("perf/bench_train.py", "--steps", "20", "--warmup", "5"), 35,
-         "Trainer.train_step, ViT-S/16 2x224+10x96 B128 bf16: img/s, MFU, peak memory"),
     Part("bench_data", ("-m", "perf.bench_data", "--images", "768", "--batch", "64", "--workers", "12", "--steps",
-                        "8", "--warmup", "2"), 45,
+                        "8", "--warmup", "2"), 35,
          "data backends: 2x224 + 10x96 img/s vs an official-style pipeline, GPU ms per image (768 JPEGs 500x375)"),
-    Part("bench_end_to_end", ("-m", "perf.bench_step", "--cases", "vits16_b128", "--providers", "fastdino",
-                              "--end-to-end", "dali,torch_gpu", "--steps", "10", "--json", "{json}"), 60,
-         "the trainer's own img/s on real JPEGs (Trainer.fit, DALI and torch_gpu data), ViT-S/16 B128"),
+    Part("bench_curve_end_to_end", ("-m", "perf.bench_step", "--cases", "vits16_b128", "--providers", "fastdino",
+                                    "--curve", "200", "--curve-png", "{out}/loss_curve.png", "--end-to-end",
+                                    "dali,torch_gpu", "--steps", "10", "--json", "{json}"), 100,
+         "ViT-S/16 B128: fastdino's loss curve vs plain PyTorch over 200 steps on the same real batches, and the "
+         "trainer's own img/s on real JPEGs (Trainer.fit, DALI and torch_gpu data)"),
     Part("bench_step_candidates", ("-m", "perf.bench_step", "--cases", "vits16_b128", "--providers",
-                                   "fastdino-compile,fastdino-cudagraphs,fastdino-recompute", "--steps", "10",
-                                   "--warmup", "3", "--json", "{json}"), 100,
-         "fastdino's step-speed candidates (torch.compile, CUDA graphs, activation recompute), ViT-S/16 B128"),
-    Part("bench_step", ("-m", "perf.bench_step", "--steps", "10", "--warmup", "3", "--json", "{json}"), 90,
+                                   "fastdino-compile,fastdino-cudagraphs", "--steps", "10", "--warmup", "3",
+                                   "--json", "{json}"), 80,
+         "fastdino's step-speed candidates (torch.compile, CUDA graphs), ViT-S/16 B128"),
+    Part("bench_train_sit", ("perf/bench_train.py", "--method", "sit", "--steps", "10", "--warmup", "3",
+                             "--results", ""), 40,
+         "the SiT step on the same engine, ViT-S/16 2x224 B128 bf16: img/s beside DINO's (issue 15)"),
+    Part("bench_step", ("-m", "perf.bench_step", "--steps", "10", "--warmup", "3", "--json", "{json}"), 75,
          "official vs plain PyTorch vs fastdino step, the four issue-17 cases (10 timed steps each)"),)
 
 
@@ -79,7 +82,8 @@ def serial_seconds(parts: tuple[Part, ...]) -> int:
 
 
 def command(part: Part, out: Path) -> list[str]:
-    return [sys.executable, *(a.replace("{json}", str(out / f"{part.name}.json")) for a in part.args)]
+    return [sys.executable, *(a.replace("{json}", str(out / f"{part.name}.json")).replace("{out}", str(out))
+                              for a in part.args)]
 
 
 def shown(cmd: list[str]) -> str:
@@ -198,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_suite dry run: {len(parts)} parts, budget {args.budget:.0f} s; results would go to {out}/")
         for p in parts:
             where = "beside the next part (CPU only)" if p.background else "in order"
-            print(f"  {p.name:16s} box {p.box_s * scale:4.0f} s  {where:32s} {shown(command(p, Path('$OUT')))}")
-            print(f"  {'':16s} {p.what}")
+            print(f"  {p.name:24s} box {p.box_s * scale:4.0f} s  {where:32s} {shown(command(p, Path('$OUT')))}")
+            print(f"  {'':24s} {p.what}")
         return 0
     import torch
 

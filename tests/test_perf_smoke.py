@@ -50,6 +50,18 @@ def test_bench_step_end_to_end_reports_the_trainers_own_figure(tmp_path):
     assert "no CUDA device" in rows[2]["error"]
 
 
+def test_bench_step_loss_curves_agree_and_are_drawn(tmp_path):
+    """--curve: plain PyTorch and fastdino train the same steps on the same real batches; in fp32 on the CPU the
+    curves agree to float rounding, so a step that computes something else shows here."""
+    out = run("-m", "perf.bench_step", "--smoke", "--providers", "fastdino", "--curve", "6", "--curve-png",
+              str(tmp_path / "curve.png"), "--json", str(tmp_path / "step.json"))
+    assert out.returncode == 0, out.stderr
+    curves = [r for r in json.loads((tmp_path / "step.json").read_text())["rows"] if "curve" in r]
+    assert [r["provider"] for r in curves] == ["torch", "fastdino"] and len(curves[1]["curve"]) == 6
+    assert curves[1]["max_rel_diff"] < 1e-4 and len(set(curves[0]["curve"])) > 1
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_bench_step_refuses_unknown_case_in_one_line():
     out = run("-m", "perf.bench_step", "--smoke", "--cases", "vits16_b1024")
     assert out.returncode == 2 and "vits16_b1024" in out.stderr and "Traceback" not in out.stderr
@@ -117,8 +129,8 @@ def test_gpu_suite_dry_run_lists_every_part_within_the_budget():
         cmd = gpu_suite.shown(gpu_suite.command(part, gpu_suite.Path("$OUT")))
         assert part.name in out.stdout and cmd in out.stdout
     names = {p.name for p in gpu_suite.PARTS}
-    assert {"gpu_tests", "kernel_report", "bench_dino_loss", "bench_ema", "bench_step", "bench_train",
-            "bench_data", "bench_step_candidates"} <= names
+    assert {"gpu_tests", "kernel_report", "bench_dino_loss", "bench_ema", "bench_step",
+            "bench_data", "bench_step_candidates", "bench_curve_end_to_end", "bench_train_sit"} <= names
     # Everything inside one 10-minute command with ~2 minutes to spare (issue 17: at most 8 minutes in all).
     assert gpu_suite.serial_seconds(gpu_suite.PARTS) <= gpu_suite.BUDGET_S <= 480
 
