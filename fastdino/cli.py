@@ -23,7 +23,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEMO_CONFIGS = {"dino": "demo.yaml", "sit": "sit_demo.yaml"}
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """argparse whose every refusal (unknown flag, bad value, missing argument) is one line and exit code 2."""
 
     def error(self, message: str):
@@ -274,7 +274,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fastdino", description=__doc__)
+    parser = OneLineParser(prog="fastdino", description=__doc__)
     # the DeepSpeed launcher passes --local_rank=N before the command; LOCAL_RANK in the environment says the same
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -56,6 +56,7 @@ from pathlib import Path
 
 import torch
 
+from fastdino.cli import OneLineParser, positive_int
 from fastdino.config import load_config
 from fastdino.data.demo import DEMO_CLASSES, make_demo_dataset
 from fastdino.engine.ema import ema_foreach_
@@ -420,39 +421,57 @@ def table_row(r: dict) -> str:
             f"{r['loss_first']:.4f} |")
 
 
+def comma_list(choices: tuple[str, ...], what: str):
+    """An argparse type: a comma-separated list of `choices`, refused in one line naming the first bad item."""
+    def parse(text: str) -> list[str]:
+        items = [t for t in text.split(",") if t]
+        bad = [t for t in items if t not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"{bad[0] if bad else text!r} is not a {what}: use {', '.join(choices)}")
+        return items
+    parse.__name__ = what
+    return parse
+
+
+def writable_file(text: str) -> str:
+    if not Path(text).parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: its folder {Path(text).parent} does not exist")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
-    parser.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS),
-                        help=f"comma-separated, of {', '.join(PROVIDERS)}")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per provider")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (at least 1)")
-    parser.add_argument("--smoke", action="store_true", help="a tiny model, 2 timed steps: checks the script runs")
-    parser.add_argument("--end-to-end", default="", metavar="BACKENDS",
-                        help="also the full trainer on real JPEGs with these data backends (comma-separated, of "
-                             "cpu, torch_gpu, dali), for the first case")
-    parser.add_argument("--curve", type=int, default=0, metavar="N",
+    parser = OneLineParser(prog="bench_step", description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", type=comma_list(tuple(CASES), "case"), default=list(CASES),
+                        help=f"comma-separated, of {', '.join(CASES)}")
+    parser.add_argument("--providers", type=comma_list(PROVIDERS, "provider"), default=list(DEFAULT_PROVIDERS),
+                        help=f"comma-separated, of {', '.join(PROVIDERS)} (default: {','.join(DEFAULT_PROVIDERS)})")
+    parser.add_argument("--steps", type=positive_int, default=20, help="timed steps per provider")
+    parser.add_argument("--warmup", type=positive_int, default=5, help="untimed steps first")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a tiny model on whatever device there is, at most 2 timed steps after 1 warm-up step: "
+                             "checks the script runs (not performance)")
+    parser.add_argument("--end-to-end", type=comma_list(("cpu", "torch_gpu", "dali"), "data backend"), default=[],
+                        metavar="BACKENDS", help="also the full trainer on real JPEGs with these data backends "
+                                             "(comma-separated, of cpu, torch_gpu, dali), for the first case")
+    parser.add_argument("--curve", type=positive_int, metavar="N",
                         help="also the loss curves of torch and the fastdino providers given over N steps on the "
                              "same real batches, for the first case (issue 17 asks for 200)")
-    parser.add_argument("--curve-png", help="draw the --curve curves into this PNG")
-    parser.add_argument("--json", help="write the rows here (rewritten after every row, so a cut-off run keeps some)")
+    parser.add_argument("--curve-png", type=writable_file, help="draw the --curve curves into this PNG")
+    parser.add_argument("--json", type=writable_file,
+                        help="write the rows here (rewritten after every row, so a cut-off run keeps some)")
     args = parser.parse_args(argv)
-    providers = args.providers.split(",")
-    backends = [b for b in args.end_to_end.split(",") if b]
-    unknown = [p for p in providers if p not in PROVIDERS] + [c for c in args.cases.split(",") if c not in CASES]
-    unknown += [b for b in backends if b not in ("cpu", "torch_gpu", "dali")]
-    if unknown:
-        print(f"bench_step: unknown case, provider or data backend {unknown[0]!r}: cases {', '.join(CASES)}; "
-              f"providers {', '.join(PROVIDERS)}; --end-to-end backends cpu, torch_gpu, dali", file=sys.stderr)
-        return 2
+    providers, backends = args.providers, args.end_to_end
+    if args.curve_png and not args.curve:
+        parser.error("--curve-png draws the --curve curves: add --curve N")
+    cuda = torch.cuda.is_available()
+    if not cuda and (gpu_only := [b for b in backends if b != "cpu"]):
+        parser.error(f"--end-to-end {gpu_only[0]} decodes on the GPU and no CUDA device is visible: use cpu here")
     if args.smoke:
         cases, args.steps, args.warmup = [SMOKE], min(args.steps, 2), 1
-    elif not torch.cuda.is_available():
-        print("bench_step: needs a CUDA GPU (none found); `--smoke` runs a tiny model on the CPU", file=sys.stderr)
-        return 2
+    elif not cuda:
+        parser.error("needs a CUDA GPU (none found); --smoke runs a tiny model on the CPU")
     else:
-        cases = [CASES[c] for c in args.cases.split(",")]
-    args.warmup = max(1, args.warmup)
+        cases = [CASES[c] for c in args.cases]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rate, rate_what = matmul_rate(device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
@@ -483,14 +502,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(table_row(r), flush=True)
                 write_rows(args.json, header, rows)
             del views
-        if args.curve:
-            fast = [p for p in providers if p in VARIANTS] or ["fastdino"]
-            curves = curve_rows(cases[0], device, cfg, ["torch", *fast], args.curve, (data / "train", Path(tmp)))
-            print("\n" + "\n".join(curve_table(curves)), flush=True)
-            rows += curves
-            write_rows(args.json, header, rows)
-            if args.curve_png:
-                draw_curves(curves, args.curve_png)
         if backends:
             from perf.bench_data import make_jpegs
 
@@ -506,6 +517,15 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(r)
                 print(table_row(r), flush=True)
                 write_rows(args.json, header, rows)
+        if args.curve:
+            fast = [p for p in providers if p in VARIANTS] or ["fastdino"]
+            print("\nLoss curves on the same real batches (--curve):")
+            curves = curve_rows(cases[0], device, cfg, ["torch", *fast], args.curve, (data / "train", Path(tmp)))
+            print("\n" + "\n".join(curve_table(curves)), flush=True)
+            rows += curves
+            write_rows(args.json, header, rows)
+            if args.curve_png:
+                draw_curves(curves, args.curve_png)
     return 0
 
 

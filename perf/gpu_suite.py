@@ -22,7 +22,6 @@ PYTHONPATH = the repository root (the package need not be installed) and TRITON_
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -88,7 +87,7 @@ def command(part: Part, out: Path) -> list[str]:
 
 def shown(cmd: list[str]) -> str:
     """The command as a person would type it from the repository root."""
-    return " ".join(["python", *cmd[1:]])
+    return " ".join(["python", *(a or "''" for a in cmd[1:])])
 
 
 def environment() -> dict:
@@ -179,11 +178,14 @@ def write(out: Path, env: dict, results: list[dict], argv: list[str], budget: fl
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from fastdino.cli import OneLineParser, positive_float
+
+    parser = OneLineParser(prog="gpu_suite", description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="results folder (default: $OUT if set, else runs/gpu_suite)")
     parser.add_argument("--dry-run", action="store_true", help="list the parts, their commands and time boxes")
     parser.add_argument("--only", help=f"comma-separated subset of {', '.join(p.name for p in PARTS)}")
-    parser.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for everything (default %(default)s)")
+    parser.add_argument("--budget", type=positive_float, default=BUDGET_S,
+                        help="seconds for everything (default %(default)s)")
     parser.add_argument("--append", action="store_true", help="also append the markdown block to perf/RESULTS.md")
     args = parser.parse_args(argv)
     parts = PARTS
@@ -248,4 +250,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))  # fastdino importable without installing it, as for the parts
     sys.exit(main())

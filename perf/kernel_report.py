@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 TARGETS = (80, 90)
+SUPPORTED_TARGETS = (80, 86, 87, 89, 90)  # what Triton's bundled `ptxas` assembles (sm_100+: ptxas-blackwell)
 DTYPES = ("fp32", "bf16", "fp16")
 REG_BOUND = 128
 """Registers per thread every configuration must stay at or under: at 8 warps (256 threads) a 128-register kernel
@@ -216,10 +217,27 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="only the smallest and largest block of each kernel")
-    parser.add_argument("--targets", default=",".join(map(str, TARGETS)), help="compute capabilities, e.g. 80,90")
-    parser.add_argument("--json", help="also write the rows to this JSON file")
+    from fastdino.cli import OneLineParser  # after __main__ dropped TRITON_INTERPRET
+
+    def targets(text: str) -> list[int]:
+        ccs = [t for t in text.split(",") if t]
+        bad = [t for t in ccs if not t.isdigit() or int(t) not in SUPPORTED_TARGETS] or ([text] if not ccs else [])
+        if bad:
+            raise argparse.ArgumentTypeError(f"{bad[0]!r} is not a compute capability this report assembles: use "
+                                             f"{', '.join(map(str, SUPPORTED_TARGETS))} (Triton's bundled ptxas)")
+        return [int(t) for t in ccs]
+
+    def writable(text: str) -> str:
+        if not Path(text).parent.is_dir():
+            raise argparse.ArgumentTypeError(f"{text}: its folder {Path(text).parent} does not exist")
+        return text
+
+    parser = OneLineParser(prog="kernel_report", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="only the largest block size of each kernel variant (the most registers): the CI subset")
+    parser.add_argument("--targets", type=targets, default=list(TARGETS),
+                        help="comma-separated compute capabilities (default 80,90)")
+    parser.add_argument("--json", type=writable, help="also write the rows to this JSON file")
     parser.add_argument("--kernel", help="only kernels whose name contains this")
     args = parser.parse_args(argv)
     problem = api_problem()
@@ -232,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     for cfg in configurations(args.quick):
         if args.kernel and args.kernel not in cfg.kernel:
             continue
-        for cc in (int(t) for t in args.targets.split(",")):
+        for cc in args.targets:
             try:
                 rows.append(compile_one(cfg, cc))
             except Exception as e:  # noqa: BLE001 - one failed configuration is a row, not the end of the report

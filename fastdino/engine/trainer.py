@@ -67,7 +67,8 @@ class NonFiniteWatch:
 
     NONE = 2**62
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, precision: str):
+        self.precision = precision
         self.first = torch.full((), self.NONE, dtype=torch.int64, device=device)
         self.loss = torch.zeros((), device=device)  # the first bad iteration's loss, for the message
         self.epoch = torch.zeros((), dtype=torch.int64, device=device)
@@ -87,10 +88,11 @@ class NonFiniteWatch:
         step = int(first)
         if step == self.NONE:
             return
-        kept = (f"the last good checkpoint {output_dir / 'last.pt'} (after {saved_step} iterations) is intact: "
-                "lower optim.lr or use train.precision=bf16 and resume with train.allow_config_change=true"
-                if saved_step is not None else
-                "no checkpoint was written yet: lower optim.lr or use train.precision=bf16 and start again")
+        fix = "lower optim.lr" + (" or use train.precision=bf16" if self.precision == "fp16" else "")
+        kept = (f"the last checkpoint {output_dir / 'last.pt'} (after {saved_step} iterations) is intact (finite "
+                f"weights; the divergence may have begun before it): {fix} and resume with "
+                "train.allow_config_change=true, or start afresh if it diverges again"
+                if saved_step is not None else f"no checkpoint was written yet: {fix} and start again")
         if step != int(self.first):
             what = "a non-finite loss or gradient on another process"
         elif torch.isfinite(self.loss):
@@ -338,7 +340,7 @@ class Trainer:
         self.method.student = sync_batchnorm(self.method.student, self.dist, self.device)
         self.method.teacher = sync_batchnorm(self.method.teacher, self.dist, self.device)
         self.ema = TeacherEMA(self.method.student, self.method.teacher, impl=cfg.ema.impl)
-        self.nonfinite = NonFiniteWatch(self.device)
+        self.nonfinite = NonFiniteWatch(self.device, self.precision)
         self.step = 0
         self.unreadable = UnreadableImages()  # distinct bad files of the run, kept in the checkpoint
         self.saved_step: int | None = None
