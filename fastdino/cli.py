@@ -8,6 +8,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from fastdino.errors import UserError
 from fastdino.models.vit import model_names
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)  # data-loading processes of the evaluation commands
 DEMO_CONFIGS = {"dino": "demo.yaml", "sit": "sit_demo.yaml"}
 
 
@@ -68,11 +70,19 @@ def _folder(text: str) -> Path:
     return Path(text)
 
 
+def _is_main_process() -> bool:
+    """Rank 0 of a torchrun / DeepSpeed launch (RANK in the environment), or a single process: the one that
+    prints a run's summary lines."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _train(args: argparse.Namespace) -> int:
     from fastdino.engine.trainer import train
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg)
+    if not _is_main_process():
+        return 0
     if result.already_complete:
         print(result.complete_line(cfg))
         return 0
@@ -108,6 +118,8 @@ def _demo(args: argparse.Namespace) -> int:
     data_dir = Path(cfg.data.path)
     print(f"demo data set: {make_demo_dataset(data_dir)}")
     result = train(cfg)
+    if not _is_main_process():
+        return 0
     if result.already_complete:
         print(result.complete_line(cfg))
         return 0
@@ -304,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eval crop size, a multiple of the patch size; 0 = the checkpoint's global crop (official "
                         "files: their stored grid, 224)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--num-workers", type=nonnegative_int, default=4)
+    p.add_argument("--num-workers", type=nonnegative_int, default=DEFAULT_WORKERS)
     p.set_defaults(func=_knn)
 
     p = sub.add_parser("export", help="write a checkpoint in the official DINO layout: fastdino export CKPT")
@@ -338,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-size", type=positive_int, default=None, help="checked against the file's tensors")
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--num-workers", type=nonnegative_int, default=4)
+    p.add_argument("--num-workers", type=nonnegative_int, default=DEFAULT_WORKERS)
     p.set_defaults(func=_linear)
 
     p = sub.add_parser("attention", help="PNG grids of the last block's class-token attention per head")
@@ -390,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=_nonneg_float, default=0.05)
     p.add_argument("--image-size", type=nonnegative_int, default=0, help="crop size; 0 = the checkpoint's global crop")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--num-workers", type=nonnegative_int, default=4)
+    p.add_argument("--num-workers", type=nonnegative_int, default=DEFAULT_WORKERS)
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--random-init", action="store_true",
                    help="ignore the checkpoint's weights (same architecture, random init): the baseline")
@@ -427,11 +439,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # a path the user gave that cannot be read or written (a folder, no permission, ...)
         print(f"fastdino: error: {one_line(exc)}", file=sys.stderr)
         return 2
-    except NonFiniteLossError as exc:
-        print(f"fastdino: training stopped: {exc}", file=sys.stderr)
+    except NonFiniteLossError as exc:  # every process stops at the same iteration: rank 0 says so
+        if _is_main_process():
+            print(f"fastdino: training stopped: {exc}", file=sys.stderr)
         return 3
     except TrainingHealthError as exc:
-        print(f"fastdino: training stopped: {exc}", file=sys.stderr)
+        if _is_main_process():
+            print(f"fastdino: training stopped: {exc}", file=sys.stderr)
         return 4
     except CheckpointWriteError as exc:
         print(f"fastdino: training stopped: {exc}", file=sys.stderr)

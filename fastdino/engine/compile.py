@@ -7,8 +7,10 @@ for the teacher) is one graph, compiled once in the first steps; the shapes neve
 recompiles. The student is compiled before DDP wraps it: its backward is one graph, so DDP's gradient
 all-reduce starts after it instead of overlapping it (several GPUs: measure before using).
 
-Randomness: stochastic depth inside a compiled graph draws from Inductor's generator, seeded from torch's, so a
-compiled run is reproducible and resumes exactly, but does not draw the same masks as an eager one.
+Randomness: stochastic depth inside a compiled graph may draw from Inductor's generator (seeded from torch's)
+instead of torch's eager one, so a compiled run is reproducible and resumes exactly but need not draw the masks
+an eager run draws. The first step's time includes compiling (a short run's mean img/s in summary.json shows
+it); `reduce-overhead` and `max-autotune` add CUDA graphs on a GPU only.
 """
 
 from __future__ import annotations
