@@ -27,7 +27,7 @@ from fastdino.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from fastdino.engine.distributed import DistInfo, init_distributed, sync_batchnorm
+from fastdino.engine.distributed import DistInfo, PeerWatch, Terminated, init_distributed, sync_batchnorm
 from fastdino.engine.ema import TeacherEMA
 from fastdino.engine.health import HealthMonitor, TrainingHealthError, agree
 from fastdino.engine.interop import init_from_weights, read_dino_weights
@@ -502,6 +502,7 @@ class Trainer:
         watch = cfg.health.enabled
         monitor = HealthMonitor(cfg.health, verbose=self.dist.is_main) if watch else None
         loop_start, knn_seconds = time.perf_counter(), 0.0
+        peers = PeerWatch(self.dist).start()  # heartbeats: which process is gone when a collective fails
         try:
             while self.step < self.stop_step:
                 epoch = self.step // self.steps_per_epoch
@@ -542,7 +543,18 @@ class Trainer:
             self._write_report(result, monitor, f"stopped: {why}", start_step,
                                time.perf_counter() - loop_start - knn_seconds)
             raise
+        except (RuntimeError, Terminated) as exc:  # a collective failed, or the launcher stops this process
+            # rank 0 writes last.pt: only it knows that the latest write completed
+            after = f" (after {self.saved_step} iterations)" if self.dist.is_main else ""
+            kept = (f"the last complete checkpoint {self.output_dir / 'last.pt'}{after} is intact: resume with "
+                    "train.resume=auto" if self.saved_step is not None else
+                    "no checkpoint was written yet: start again")
+            lost = peers.failure(exc, self.step, kept)  # None: not a process-group failure
+            if lost is None:
+                raise
+            raise lost from exc
         finally:
+            peers.stop()
             logger.close()
         if monitor is not None:
             result.health = monitor.summary()
