@@ -64,10 +64,8 @@ class PeerLostError(RuntimeError):
     """Another process of the run died or stopped responding; the message names its rank (CLI exit code 6)."""
 
 
-class Terminated(BaseException):
-    """SIGTERM reached a process of a multi-process run (its launcher or scheduler stops it; CLI exit code 143).
-
-    A BaseException, as KeyboardInterrupt is: no `except Exception` on the way may swallow it."""
+class Terminated(Exception):
+    """SIGTERM reached a process of a multi-process run: its launcher or scheduler stops it (CLI exit code 143)."""
 
 
 def _is_collective_error(exc: BaseException) -> bool:
@@ -77,22 +75,29 @@ def _is_collective_error(exc: BaseException) -> bool:
     return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and ("gloo" in text or "nccl" in text))
 
 
+def _ignore(signum, frame) -> None:
+    pass
+
+
 class PeerWatch:
     """Heartbeats in the process group's key-value store, to name the rank that is gone when a collective fails.
 
     A collective that fails does not say which process is missing (gloo names a socket address, NCCL nothing).
     Every process of a multi-process run keeps a counter `fastdino/beat/<rank>` in the c10d store (torchrun's
     agent holds it, else rank 0's process) and adds 1 to it every `period_s` from a daemon thread. When the loop
-    meets a collective error or SIGTERM, `failure` reads the other ranks' counters until each has moved again or
-    `window_s` has passed: those that did not move belong to processes that are gone (their thread stopped with
-    them); an unreachable store means its host is gone. A process that hangs keeps beating: then the other rank
-    of a 2-process run is named, or none when there are more.
+    meets an error (a failed collective, or another) or SIGTERM, `failure` reads the other ranks' counters until
+    each has moved again or `window_s` has passed: those that did not move belong to processes that are gone
+    (their thread stopped with them); an unreachable store means its host is gone. A process that hangs keeps
+    beating: then the other rank of a 2-process run is named, or none when there are more.
 
-    SIGTERM is turned into `Terminated` where a gloo process group runs (the CPU): a gloo collective returns at
-    once when a peer's socket closes, so the loop reaches `failure` while torchrun's agent, which sends SIGTERM
-    to the survivors of a dead worker, waits for it (30 s by default). Under NCCL the main thread waits inside
-    CUDA when a peer is gone, where no Python signal handler runs, so SIGTERM keeps its default action there.
-    Single-process runs get no thread and no handler: `failure` returns None at once.
+    SIGTERM: torchrun's agent and the DeepSpeed launcher send it to the survivors of a dead worker (and to their
+    DataLoader workers), then SIGKILL 30 s later. Where a gloo process group runs (the CPU) the handler only
+    notes it and mutes DataLoader's SIGCHLD handler (which would raise anywhere once the workers die); `guard`
+    raises Terminated before the loop's next batch, unless a failed collective (at once under gloo, as a dead
+    peer's socket closes) got there first. No exception is raised from inside the handler, where it could land
+    in a finaliser and be lost. Under NCCL the main thread waits inside CUDA when a peer is gone, where no
+    Python handler runs, so SIGTERM keeps its default action there. Single-process runs get no thread and no
+    handler: `guard` passes batches through and `failure` returns None at once.
     """
 
     def __init__(self, info: DistInfo, period_s: float = 1.0, window_s: float = 5.0):
@@ -103,9 +108,9 @@ class PeerWatch:
             # a connection of its own (torch >= 2.8): a store call of the main thread holds the shared one's lock
             self.store = store.clone() if hasattr(store, "clone") else store
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._old_handler = None
-        self._answering = False  # a failure is being reported: a further SIGTERM waits for that report
+        self._handlers: dict[int, object] = {}  # signal -> the handler ours replaced
+        self.signalled = False  # SIGTERM came
+        self._answering = False  # a failure is being reported: the process ends with that report
 
     @staticmethod
     def _key(rank: int) -> str:
@@ -114,17 +119,24 @@ class PeerWatch:
     def start(self) -> PeerWatch:
         if self.store is None:
             return self
-        self._thread = threading.Thread(target=self._beat, name="fastdino-heartbeat", daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._beat, name="fastdino-heartbeat", daemon=True).start()
         if threading.current_thread() is threading.main_thread() and dist.get_backend() == "gloo":
-            self._old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._replace(signal.SIGTERM, self._on_sigterm)
         return self
 
     def stop(self) -> None:
+        """End the heartbeat; the signal handlers go back, except while a failure is reported (the process is
+        ending with its line, which a default SIGTERM would cut short)."""
         self._stop.set()
-        if self._old_handler is not None:
-            signal.signal(signal.SIGTERM, self._old_handler)
-            self._old_handler = None
+        if not self._answering:
+            for signum, handler in self._handlers.items():
+                signal.signal(signum, handler)
+            self._handlers.clear()
+
+    def _replace(self, signum: int, handler) -> None:
+        if signum not in self._handlers:
+            old = signal.signal(signum, handler)
+            self._handlers[signum] = old if old is not None else signal.SIG_DFL
 
     def _beat(self) -> None:
         while True:
@@ -136,10 +148,17 @@ class PeerWatch:
                 return
 
     def _on_sigterm(self, signum, frame) -> None:
-        if self._answering:
-            return
-        self._answering = True
-        raise Terminated("SIGTERM")
+        self.signalled = True
+        # DataLoader's handler raises wherever the main thread is once its workers die; a Python no-op, not
+        # SIG_DFL, or a SIGCHLD already caught would raise `Signal 17 ignored due to race condition`
+        self._replace(signal.SIGCHLD, _ignore)
+
+    def guard(self, batches):
+        """`batches`, passed through; raises Terminated before the next one once SIGTERM came."""
+        for batch in batches:
+            if self.signalled:
+                raise Terminated("SIGTERM")
+            yield batch
 
     def lost_ranks(self) -> list[int] | None:
         """The other ranks whose counter does not move within `window_s` (sorted); None: the store is unreachable."""
@@ -159,21 +178,27 @@ class PeerWatch:
         """The one-line error that replaces `exc`, raised in the loop at iteration `step`; None: `exc` is no
         process-group failure (a bug of this process, which keeps its traceback).
 
+        Any error is looked into, not only a collective's: a process whose peer died may first meet something else
+        (its DataLoader workers stopped by the launcher beside it: a RuntimeError, or an OSError from their queue).
         checkpoint: what the last complete checkpoint is and how to continue, appended to the message.
         Returns PeerLostError naming the lost rank(s), or Terminated when SIGTERM came while every peer is alive.
         """
-        if self.store is None or not (isinstance(exc, Terminated) or _is_collective_error(exc)):
+        if self.store is None:
             return None
         self._answering = True
+        terminated = self.signalled or isinstance(exc, Terminated)
         n = self.info.world_size
         lost = self.lost_ranks()
+        if lost == [] and not terminated and not _is_collective_error(exc):
+            self._answering = False
+            return None
         if lost is None:
             host = "torchrun's agent" if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else None
             who = (f"the process holding the run's key-value store ({host})" if host else
                    f"rank 0 of {n} (its process holds the run's key-value store, which is gone)")
         elif lost:
             who = f"rank{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))} of {n}"
-        elif isinstance(exc, Terminated):
+        elif terminated:
             return Terminated(f"SIGTERM at iteration {step} (the launcher or scheduler stopped this process, rank "
                               f"{self.info.rank} of {n}); {checkpoint}")
         elif n == 2:

@@ -27,7 +27,7 @@ from fastdino.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from fastdino.engine.distributed import DistInfo, PeerWatch, Terminated, init_distributed, sync_batchnorm
+from fastdino.engine.distributed import DistInfo, PeerWatch, init_distributed, sync_batchnorm
 from fastdino.engine.ema import TeacherEMA
 from fastdino.engine.health import HealthMonitor, TrainingHealthError, agree
 from fastdino.engine.interop import init_from_weights, read_dino_weights
@@ -506,7 +506,7 @@ class Trainer:
         try:
             while self.step < self.stop_step:
                 epoch = self.step // self.steps_per_epoch
-                loader = self.batches.epoch(epoch, start_step=self.step % self.steps_per_epoch)
+                loader = peers.guard(self.batches.epoch(epoch, start_step=self.step % self.steps_per_epoch))
                 for views, _labels, unreadable in loader:
                     self.unreadable.add(unreadable)  # warns once per file per run
                     last_of_epoch = (self.step + 1) % self.steps_per_epoch == 0
@@ -543,7 +543,7 @@ class Trainer:
             self._write_report(result, monitor, f"stopped: {why}", start_step,
                                time.perf_counter() - loop_start - knn_seconds)
             raise
-        except (RuntimeError, Terminated) as exc:  # a collective failed, or the launcher stops this process
+        except Exception as exc:  # a collective failed, a peer's loss showed otherwise, or the launcher stops us
             # rank 0 writes last.pt: only it knows that the latest write completed
             after = f" (after {self.saved_step} iterations)" if self.dist.is_main else ""
             kept = (f"the last complete checkpoint {self.output_dir / 'last.pt'}{after} is intact: resume with "
