@@ -9,9 +9,12 @@ into an update of up to about lr; that part is checked against that bound, every
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,6 +37,7 @@ TINY = [
     "ema.impl=foreach", "health.enabled=false",
 ]
 LAST = "head.last_layer.parametrizations.weight.original1"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -269,3 +273,53 @@ def test_fp16_follows_the_ddp_grad_scaler_and_skips_overflows_everywhere(tmp_pat
     for name, value in before.items():
         if name.startswith("student."):  # no group stepped, weight decay included
             assert torch.equal(after[name], value), name
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+def test_two_processes_fp16_zero2_follow_the_ddp_grad_scaler(tmp_path):
+    """fp16 with 2 processes (torchrun, gloo, precision forced on the CPU by tests/fp16_on_cpu.py): ZeRO-2 against
+    the DDP engine's GradScaler step, same global batch (2 x 2), 12 iterations from the initial scale 2^16.
+
+    Tolerances: the overflow steps and the loss scale after the run are the same exactly; up to the first step
+    taken the weights are untouched, so the losses agree to 1e-6. DeepSpeed's torch-autocast mode reduces the
+    gradients of Linear weights in the autocast dtype (fp16: relative rounding 2^-11), DDP in fp32: the first
+    step's gradient norm agrees to 1e-4. From there fp16 forward passes amplify the difference (Adam turns the
+    rounding noise of near-zero gradients, such as the key part of the qkv bias, into steps of up to lr, and
+    fp16 casts of the weights turn those into rounding flips): losses and gradient norms within 1e-3, weights
+    within half the peak learning rate (the key part of the qkv bias: 2e-3, as above), center within 1e-4."""
+    images = image_folder(tmp_path / "images", 12)  # 3 iterations per epoch
+    common = [c for c in TINY if not c.startswith(("data.batch_size", "train.precision", "train.resume"))]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for engine, extra in (("ddp", []), ("deepspeed", ["train.deepspeed_config=configs/deepspeed/zero2_fp16.json"])):
+        out = tmp_path / engine
+        done = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", str(ROOT / "tests" / "fp16_on_cpu.py"),
+                               "train", "configs/demo.yaml", *common, f"data.path={images}", "data.batch_size=2",
+                               "train.precision=fp16", "train.log_every=1", "dino.head_bn=false",
+                               f"train.engine={engine}", *extra, f"train.output_dir={out}"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[engine] = [r for r in rows if "loss" in r], load_checkpoint(out / "last.pt")
+    (ddp, a), (ds, b) = runs["ddp"], runs["deepspeed"]
+    assert [r["step"] for r in ddp] == [r["step"] for r in ds] == list(range(12))
+    taken = [math.isfinite(r["grad_norm"]) for r in ddp]
+    assert taken == [math.isfinite(r["grad_norm"]) for r in ds], "an overflow in one engine only"
+    assert any(taken) and not all(taken), taken
+    first = taken.index(True)
+    for r, q in zip(ddp, ds):
+        rel = 1e-6 if r["step"] <= first else 1e-3
+        assert q["loss"] == pytest.approx(r["loss"], rel=rel), r["step"]
+        if math.isfinite(r["grad_norm"]):
+            assert q["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-4 if r["step"] == first else 1e-3), r["step"]
+    assert b["deepspeed"]["loss_scale"]["scale"] == a["scaler"]["scale"] < 2.0**16
+    peak_lr = 0.1 * 4 / 256  # optim.lr x global batch / 256
+    for key in ("student", "teacher"):
+        for name, x in a[key].items():
+            y = b[key][name]
+            if name.endswith("attn.qkv.bias"):
+                d = x.numel() // 3
+                assert (x[d:2 * d] - y[d:2 * d]).abs().max() <= 2e-3, f"{key}.{name} (key part)"
+                x, y = torch.cat((x[:d], x[2 * d:])), torch.cat((y[:d], y[2 * d:]))
+            torch.testing.assert_close(y, x, rtol=0, atol=peak_lr / 2, msg=f"{key}.{name}")
+    torch.testing.assert_close(b["center"]["center"], a["center"]["center"], rtol=0, atol=1e-4)
