@@ -51,8 +51,8 @@ PARTS = (
     Part("aot_report", ("perf/aot_report.py", "--json", "{json}"), 100,
          "Triton kernels compiled ahead of time for sm_80 / sm_90: registers, spills, shared memory (CPU only)",
          background=True),
-    Part("gpu_tests", ("-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"), 100,
-         "every GPU-marked test"),
+    Part("gpu_tests", ("-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"), 140,
+         "every GPU-marked test (kernels, GPU data paths, DDP under torchrun, DeepSpeed ZeRO-1/2 on CUDA)"),
     Part("bench_dino_loss", ("-m", "perf.bench_dino_loss", "--batch", "128", "--dtype", "bf16", "fp32"), 50,
          "fused DINO loss fwd+bwd vs official loop vs PyTorch, B=128, 12 crops, K=65536"),
     Part("bench_ema", ("perf/bench_ema.py", "--rep", "100"), 50,
@@ -62,7 +62,7 @@ PARTS = (
     Part("bench_data", ("-m", "perf.bench_data", "--images", "768", "--batch", "64", "--workers", "12", "--steps",
                         "8", "--warmup", "2"), 60,
          "data backends: 2x224 + 10x96 img/s vs an official-style pipeline, GPU ms per image (768 JPEGs 500x375)"),
-    Part("bench_step", ("-m", "perf.bench_step", "--steps", "10", "--warmup", "3", "--json", "{json}"), 140,
+    Part("bench_step", ("-m", "perf.bench_step", "--steps", "10", "--warmup", "3", "--json", "{json}"), 100,
          "official vs plain PyTorch vs fastdino step, the four issue-17 cases (10 timed steps each)"),
 )
 
