@@ -175,6 +175,18 @@ def test_killed_store_host_is_named_without_a_launcher(tmp_path):
     assert path == str(out / "last.pt") and after is None  # rank 0 wrote it, and may have died writing the next
 
 
+def test_a_single_process_has_no_heartbeat_and_keeps_sigterm():
+    """One process: no store, no thread, no handler; every error keeps its traceback (failure returns None)."""
+    from fastdino.engine.distributed import DistInfo, PeerWatch
+
+    before = signal.getsignal(signal.SIGTERM)
+    watch = PeerWatch(DistInfo()).start()
+    assert signal.getsignal(signal.SIGTERM) is before and watch.store is None
+    assert list(watch.guard(iter([1, 2]))) == [1, 2]
+    assert watch.failure(RuntimeError("[gloo] Connection closed by peer"), 3, "CHECKPOINT") is None
+    watch.stop()
+
+
 def _hanging_peer_worker(rank: int, port: int, out: str) -> None:
     os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from fastdino.errors import UserError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -178,12 +180,13 @@ class PeerWatch:
         """The one-line error that replaces `exc`, raised in the loop at iteration `step`; None: `exc` is no
         process-group failure (a bug of this process, which keeps its traceback).
 
-        Any error is looked into, not only a collective's: a process whose peer died may first meet something else
-        (its DataLoader workers stopped by the launcher beside it: a RuntimeError, or an OSError from their queue).
+        Any error but a user mistake (UserError, the same on every process) is looked into, not only a
+        collective's: a process whose peer died may first meet something else (its DataLoader workers stopped by
+        the launcher beside it: a RuntimeError, or an OSError from their queue).
         checkpoint: what the last complete checkpoint is and how to continue, appended to the message.
         Returns PeerLostError naming the lost rank(s), or Terminated when SIGTERM came while every peer is alive.
         """
-        if self.store is None:
+        if self.store is None or isinstance(exc, UserError):  # a user mistake is one on every process
             return None
         self._answering = True
         terminated = self.signalled or isinstance(exc, Terminated)
