@@ -97,7 +97,7 @@ def _wait_for_checkpoint(out: Path, *runs: subprocess.Popen) -> None:
 
 @pytest.mark.skipif(shutil.which("torchrun") is None or not Path("/proc").is_dir(), reason="torchrun and /proc")
 def test_killed_rank_ends_the_run_naming_it_and_resume_continues(tmp_path):
-    """Rank 1 of 2 killed under torchrun: rank 0 ends within train.dist_timeout with one line naming rank 1 and the
+    """Rank 1 of 2 killed under torchrun: rank 0 ends in bounded time with one line naming rank 1 and the
     last complete checkpoint, exit code 6 (torchrun's summary reports it), no traceback of its own; resume works.
     With a DataLoader worker: torchrun's agent stops the survivor's process group, its workers included."""
     data = make_demo_dataset(tmp_path / "data", n_train_per_class=4, n_val_per_class=1, size=32)  # 24 images
@@ -118,15 +118,17 @@ def test_killed_rank_ends_the_run_naming_it_and_resume_continues(tmp_path):
     finally:
         if run.poll() is None:
             run.kill()
-    assert time.monotonic() - killed_at < 30  # train.dist_timeout: no hang
+    waited = time.monotonic() - killed_at  # bound: train.dist_timeout (30 s) + the 5 s heartbeat window + exiting
+    assert waited < 60, f"{waited:.0f} s: {stderr[-3000:]}"
     assert run.returncode != 0
     assert "rank      : 1" in stderr and "Signal 9 (SIGKILL)" in stderr, stderr[-3000:]  # torchrun's summary
     assert "rank      : 0" in stderr and "exitcode  : 6" in stderr, stderr[-3000:]  # rank 0 left through our line
     ours, _, launcher = stderr.partition("Traceback (most recent call last):\n  File")  # torchrun's own traceback
     assert "torchrun" in launcher.split("\n")[0] and "Traceback" not in ours and "gloo" not in ours, ours[-3000:]
-    (line,) = _stop_lines(stderr)
-    who, at, path, after = LOST_LINE.fullmatch(line).groups()
-    assert who == "rank 1 of 2" and path == str(out / "last.pt") and int(after) <= int(at), line
+    lines = _stop_lines(stderr)
+    assert len(lines) == 1 and LOST_LINE.fullmatch(lines[0]), stderr[-3000:]
+    who, at, path, after = LOST_LINE.fullmatch(lines[0]).groups()
+    assert who == "rank 1 of 2" and path == str(out / "last.pt") and int(after) <= int(at), lines[0]
 
     saved = load_checkpoint(out / "last.pt")["step"]  # the last complete checkpoint (atomic writes)
     assert saved == int(after) and 1 <= saved < 120
@@ -166,11 +168,14 @@ def test_killed_store_host_is_named_without_a_launcher(tmp_path):
             if r.poll() is None:
                 r.kill()
             r.communicate()
-    assert time.monotonic() - killed_at < 30
+    waited = time.monotonic() - killed_at  # bound: train.dist_timeout (30 s) + the 5 s heartbeat window + exiting
+    assert waited < 60, f"{waited:.0f} s: {stderr[-3000:]}"
     assert runs[1].returncode == 6, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
-    (line,) = _stop_lines(stderr)
-    who, _at, path, after = LOST_LINE.fullmatch(line).groups()
+    lines = _stop_lines(stderr)
+    assert len(lines) == 1 and LOST_LINE.fullmatch(lines[0]), stderr[-3000:]
+    who, _at, path, after = LOST_LINE.fullmatch(lines[0]).groups()
+    line = lines[0]
     assert who == "rank 0 of 2 (its process holds the run's key-value store, which is gone)", line
     assert path == str(out / "last.pt") and after is None  # rank 0 wrote it, and may have died writing the next
 

@@ -97,9 +97,10 @@ class PeerWatch:
     notes it and mutes DataLoader's SIGCHLD handler (which would raise anywhere once the workers die); `guard`
     raises Terminated before the loop's next batch, unless a failed collective (at once under gloo, as a dead
     peer's socket closes) got there first. No exception is raised from inside the handler, where it could land
-    in a finaliser and be lost. Under NCCL the main thread waits inside CUDA when a peer is gone, where no
-    Python handler runs, so SIGTERM keeps its default action there. Single-process runs get no thread and no
-    handler: `guard` passes batches through and `failure` returns None at once.
+    in a finaliser and be lost. DataLoader workers forked after `start` inherit the handler: they end with their
+    process (their watchdog sees it gone), not at the SIGTERM. Under NCCL the main thread waits inside CUDA when
+    a peer is gone, where no Python handler runs, so SIGTERM keeps its default action there. Single-process runs
+    get no thread and no handler: `guard` passes batches through and `failure` returns None at once.
     """
 
     def __init__(self, info: DistInfo, period_s: float = 1.0, window_s: float = 5.0):
