@@ -202,6 +202,11 @@ def _hanging_peer_worker(rank: int, port: int, out: str) -> None:
     info = init_distributed(torch.device("cpu"), timeout_s=2)
     watch = PeerWatch(info, period_s=0.2).start()
     store = dist.distributed_c10d._get_default_store()
+    child = os.fork()  # as a DataLoader worker is: the launcher's SIGTERM must end it, not be noted
+    if child == 0:
+        Path(f"{out}.{rank}.child").write_text(str(signal.getsignal(signal.SIGTERM) == signal.SIG_DFL))
+        os._exit(0)
+    os.waitpid(child, 0)
     if rank == 1:  # alive (its heartbeat goes on) but silent: never joins the next all-reduce
         while not store.check(["done"]):
             time.sleep(0.1)
@@ -232,6 +237,7 @@ def test_dist_timeout_bounds_the_wait_for_a_hanging_peer(tmp_path):
     torch.multiprocessing.start_processes(_hanging_peer_worker, args=(_free_port(), str(out)), nprocs=2,
                                           start_method="spawn")
     waited, message, not_ours, terminated = out.read_text().split("\n")
+    assert [Path(f"{out}.{rank}.child").read_text() for rank in (0, 1)] == ["True", "True"]  # forked: default SIGTERM
     assert 1.5 <= float(waited) < 10, message
     assert message == ("rank 1 of 2 stopped responding at iteration 7 (its process died or hangs); CHECKPOINT")
     assert not_ours == "None"  # not a process-group error: the caller re-raises it with its traceback

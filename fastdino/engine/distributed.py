@@ -93,14 +93,15 @@ class PeerWatch:
     beating: then the other rank of a 2-process run is named, or none when there are more.
 
     SIGTERM: torchrun's agent and the DeepSpeed launcher send it to the survivors of a dead worker (and to their
-    DataLoader workers), then SIGKILL 30 s later. Where a gloo process group runs (the CPU) the handler only
-    notes it and mutes DataLoader's SIGCHLD handler (which would raise anywhere once the workers die); `guard`
-    raises Terminated before the loop's next batch, unless a failed collective (at once under gloo, as a dead
-    peer's socket closes) got there first. No exception is raised from inside the handler, where it could land
-    in a finaliser and be lost. DataLoader workers forked after `start` inherit the handler: they end with their
-    process (their watchdog sees it gone), not at the SIGTERM. Under NCCL the main thread waits inside CUDA when
-    a peer is gone, where no Python handler runs, so SIGTERM keeps its default action there. Single-process runs
-    get no thread and no handler: `guard` passes batches through and `failure` returns None at once.
+    DataLoader workers), then SIGKILL 30 s later. Where a gloo process group runs (the CPU) the handler only notes
+    it and mutes DataLoader's SIGCHLD handler (which would raise anywhere once the workers die); `guard` raises
+    Terminated before the loop's next batch, unless a failed collective got there first (under gloo as soon as the
+    dead peer's sockets close: at once, or when its forked DataLoader workers, which hold them too, see their parent
+    gone, within 5 s). No exception is raised from inside the handler, where it could land in a finaliser and be
+    lost. Forked children (DataLoader workers) get the previous handlers back, so the launcher's SIGTERM ends them
+    at once. Under NCCL the main thread waits inside CUDA when a peer is gone, where no Python handler runs, so
+    SIGTERM keeps its default action there. Single-process runs get no thread and no handler: `guard` passes batches
+    through and `failure` returns None at once.
     """
 
     def __init__(self, info: DistInfo, period_s: float = 1.0, window_s: float = 5.0):
@@ -125,7 +126,19 @@ class PeerWatch:
         threading.Thread(target=self._beat, name="fastdino-heartbeat", daemon=True).start()
         if threading.current_thread() is threading.main_thread() and dist.get_backend() == "gloo":
             self._replace(signal.SIGTERM, self._on_sigterm)
+            os.register_at_fork(after_in_child=self._in_child)
         return self
+
+    def _in_child(self) -> None:
+        """A forked child (a DataLoader worker) gets the handlers back that ours replaced: a launcher's SIGTERM to the
+        process group ends it at once."""
+        self._answering = True  # this copy never reports
+        try:
+            for signum, handler in self._handlers.items():
+                signal.signal(signum, handler)
+        except ValueError:  # forked from another thread than the main one: handlers cannot be set there
+            pass
+        self._handlers.clear()
 
     def stop(self) -> None:
         """End the heartbeat; the signal handlers go back, except while a failure is reported (the process is
