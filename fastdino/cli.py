@@ -421,6 +421,11 @@ def one_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit code: 0 done, 2 a user mistake (one line, before any work), 3 a non-finite loss,
+    4 a health stop (health.on_collapse=stop), 5 a checkpoint that could not be written, 6 another process of
+    the run died or stopped responding (the line names its rank), 130 Ctrl-C, 143 SIGTERM in a multi-process
+    run. Training stops 3-6 and 143 end in one line naming what `last.pt` holds; any other error is a bug in
+    fastdino and keeps its traceback."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help (0) or a refused flag (2, one line already printed)
@@ -428,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_float32_matmul_precision("high")
     from fastdino.engine.checkpoint import CheckpointWriteError
+    from fastdino.engine.distributed import PeerLostError, Terminated
     from fastdino.engine.health import TrainingHealthError
     from fastdino.engine.trainer import NonFiniteLossError
 
@@ -450,6 +456,12 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointWriteError as exc:
         print(f"fastdino: training stopped: {exc}", file=sys.stderr)
         return 5
+    except PeerLostError as exc:
+        print(f"fastdino: training stopped: {exc}", file=sys.stderr)
+        return 6
+    except Terminated as exc:
+        print(f"fastdino: training stopped: {exc}", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("fastdino: interrupted; the last checkpoint written is intact (train.resume=auto continues from it)",
               file=sys.stderr)

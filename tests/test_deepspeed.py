@@ -9,9 +9,12 @@ into an update of up to about lr; that part is checked against that bound, every
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,6 +37,7 @@ TINY = [
     "ema.impl=foreach", "health.enabled=false",
 ]
 LAST = "head.last_layer.parametrizations.weight.original1"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -269,3 +273,134 @@ def test_fp16_follows_the_ddp_grad_scaler_and_skips_overflows_everywhere(tmp_pat
     for name, value in before.items():
         if name.startswith("student."):  # no group stepped, weight decay included
             assert torch.equal(after[name], value), name
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+def test_two_processes_fp16_zero2_follow_the_ddp_grad_scaler(tmp_path):
+    """fp16 with 2 processes (torchrun, gloo, precision forced on the CPU by tests/fp16_on_cpu.py): ZeRO-2 against
+    the DDP engine's GradScaler step, same global batch (2 x 2), 12 iterations from the initial scale 2^16.
+
+    Tolerances: the overflow steps and the loss scale after the run are the same exactly; up to the first step
+    taken the weights are untouched, so the losses agree to 1e-6. DeepSpeed's torch-autocast mode reduces the
+    gradients of Linear weights in the autocast dtype (fp16: relative rounding 2^-11), DDP in fp32: the first
+    step's gradient norm agrees to 1e-4. From there fp16 forward passes amplify the difference (Adam turns the
+    rounding noise of near-zero gradients, such as the key part of the qkv bias, into steps of up to lr, and
+    fp16 casts of the weights turn those into rounding flips): losses and gradient norms within 1e-3, weights
+    within half the peak learning rate (the key part of the qkv bias: 2e-3, as above), center within 1e-4."""
+    images = image_folder(tmp_path / "images", 12)  # 3 iterations per epoch
+    common = [c for c in TINY if not c.startswith(("data.batch_size", "train.precision", "train.resume"))]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for engine, extra in (("ddp", []), ("deepspeed", ["train.deepspeed_config=configs/deepspeed/zero2_fp16.json"])):
+        out = tmp_path / engine
+        done = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", str(ROOT / "tests" / "fp16_on_cpu.py"),
+                               "train", "configs/demo.yaml", *common, f"data.path={images}", "data.batch_size=2",
+                               "train.precision=fp16", "train.log_every=1", "dino.head_bn=false",
+                               f"train.engine={engine}", *extra, f"train.output_dir={out}"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[engine] = [r for r in rows if "loss" in r], load_checkpoint(out / "last.pt")
+    (ddp, a), (ds, b) = runs["ddp"], runs["deepspeed"]
+    assert [r["step"] for r in ddp] == [r["step"] for r in ds] == list(range(12))
+    taken = [math.isfinite(r["grad_norm"]) for r in ddp]
+    assert taken == [math.isfinite(r["grad_norm"]) for r in ds], "an overflow in one engine only"
+    assert any(taken) and not all(taken), taken
+    first = taken.index(True)
+    for r, q in zip(ddp, ds):
+        rel = 1e-6 if r["step"] <= first else 1e-3
+        assert q["loss"] == pytest.approx(r["loss"], rel=rel), r["step"]
+        if math.isfinite(r["grad_norm"]):
+            assert q["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-4 if r["step"] == first else 1e-3), r["step"]
+    assert b["deepspeed"]["loss_scale"]["scale"] == a["scaler"]["scale"] < 2.0**16
+    peak_lr = 0.1 * 4 / 256  # optim.lr x global batch / 256
+    for key in ("student", "teacher"):
+        for name, x in a[key].items():
+            y = b[key][name]
+            if name.endswith("attn.qkv.bias"):
+                d = x.numel() // 3
+                assert (x[d:2 * d] - y[d:2 * d]).abs().max() <= 2e-3, f"{key}.{name} (key part)"
+                x, y = torch.cat((x[:d], x[2 * d:])), torch.cat((y[:d], y[2 * d:]))
+            torch.testing.assert_close(y, x, rtol=0, atol=peak_lr / 2, msg=f"{key}.{name}")
+    torch.testing.assert_close(b["center"]["center"], a["center"]["center"], rtol=0, atol=1e-4)
+
+
+# -- on CUDA (GPU-marked: they skip without one) -----------------------------------------------------------------
+
+
+def resume_state(trainer) -> dict[str, torch.Tensor]:
+    """What a resume restores: student, teacher, center, and ZeRO's fp32 partitions with their AdamW moments."""
+    state = {**snapshot(trainer), "center": trainer.method.center.center.clone()}
+    optimizer = trainer.backend.optimizer  # DeepSpeed's ZeRO optimizer around torch AdamW
+    for i, part in enumerate(optimizer.single_partition_of_fp32_groups):
+        state[f"fp32.{i}"] = part.detach().clone()
+        for name, value in optimizer.optimizer.state.get(part, {}).items():
+            state[f"adam.{i}.{name}"] = torch.as_tensor(value).clone()
+    return state
+
+
+def _zero_resume_worker(_index: int, root: str, device: str) -> None:
+    """Every ZeRO stage x precision in one fresh process: DeepSpeed keeps its process groups in module globals, so
+    the group of one it runs on (nccl on CUDA) is opened once here and never mixed with the CPU tests' (gloo)."""
+    import fastdino.engine.trainer as trainer_module
+
+    trainer_module.resolve_precision = lambda precision, dev: precision  # fp16 on the CPU (a dry run of this test)
+    images = image_folder(Path(root) / "images", 9)
+    for stage in (1, 2):
+        for precision in ("bf16", "fp16"):
+            case = f"ZeRO-{stage} {precision}"
+            name = f"zero{stage}" + ("_fp16" if precision == "fp16" else "")
+            out = Path(root) / name
+            config = TINY + [f"data.path={images}", f"train.output_dir={out}", "train.engine=deepspeed",
+                             "train.resume=auto", f"train.device={device}", f"train.precision={precision}",
+                             f"train.deepspeed_config=configs/deepspeed/{name}.json"]
+            first = Trainer(load_config(None, config + ["train.max_steps=2"]))
+            assert first.fit().steps_done == 2, case
+            assert torch.distributed.get_backend() == ("nccl" if device == "cuda" else "gloo"), case
+            assert {p.dtype for p in first.method.student_module().parameters()} == {torch.float32}, case
+            saved = resume_state(first)
+
+            second = Trainer(load_config(None, config + ["train.max_steps=4"]))
+            assert second.step == 2, case
+            restored = resume_state(second)
+            assert restored.keys() == saved.keys(), case
+            for key, value in saved.items():
+                assert torch.equal(restored[key], value), f"{case}: {key}"
+            if precision == "fp16":
+                assert second.backend.scaler.state_dict() == first.backend.scaler.state_dict(), case
+            result = second.fit()
+            assert result.steps_done == 4 and math.isfinite(result.last_loss), case
+            ckpt = load_checkpoint(out / "last.pt")
+            assert ckpt["step"] == 4 and ckpt["deepspeed"]["stage"] == stage, case
+
+
+@pytest.mark.gpu
+def test_cuda_zero1_zero2_bf16_fp16_resume_restores_every_state(tmp_path):
+    """ZeRO-1 and ZeRO-2, bf16 and fp16, on CUDA (NCCL: the center and clipping all-reduces, ZeRO's reductions), in a
+    spawned process: 2 iterations, then a resume that restores every state bitwise (the fp16 loss scale too), then
+    2 more across the end of the last-layer freeze; the student's weights stay fp32 for the EMA."""
+    torch.multiprocessing.start_processes(_zero_resume_worker, args=(str(tmp_path), "cuda"), nprocs=1,
+                                          start_method="spawn")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(shutil.which("deepspeed") is None, reason="the deepspeed launcher is not on PATH")
+def test_deepspeed_launcher_on_one_gpu(tmp_path):
+    """`deepspeed --num_gpus 1 --module fastdino train ...`, as the README writes it for one node: ZeRO-2, bf16."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    images = image_folder(tmp_path / "images", 9)
+    out = tmp_path / "run"
+    run = subprocess.run(["deepspeed", "--num_gpus", "1", f"--master_port={port}", "--module", "fastdino", "train",
+                          "configs/demo.yaml", *TINY, "train.device=cuda", "train.precision=bf16", "dino.head_bn=false",
+                          f"data.path={images}", "train.engine=deepspeed", "train.max_steps=2",
+                          "train.deepspeed_config=configs/deepspeed/zero2.json", f"train.output_dir={out}"],
+                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["step"] == 2 and ckpt["world_size"] == 1 and ckpt["deepspeed"]["stage"] == 2
+    assert json.loads((out / "summary.json").read_text())["device"] == "cuda:0"

@@ -4,9 +4,12 @@ The sampler hands each global step one contiguous slice of the permutation, augm
 image, DDP averages gradients and the center is all-reduced: so the runs agree up to float rounding.
 """
 
+import json
+import math
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,3 +123,40 @@ def test_two_process_resume_continues_bitwise(tmp_path):
     for i, state in a["optimizer"]["state"].items():
         for name, value in state.items():
             assert torch.equal(b["optimizer"]["state"][i][name], value), f"optimizer {i}.{name}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+def test_one_gpu_under_torchrun_then_resume(tmp_path):
+    """The DDP engine on CUDA under torchrun (1 process: torchrun's environment, LOCAL_RANK -> cuda:0, bf16 autocast,
+    the Triton loss and EMA), stopped after 2 of 6 iterations; a resume restores the student, teacher, center and
+    AdamW state bitwise and runs to the end. With one process torchrun opens no process group (DDP over a group
+    of one would only add its reducer): NCCL runs in the DeepSpeed GPU tests, where DeepSpeed opens a group of one."""
+    from fastdino.config import load_config
+    from fastdino.engine.trainer import Trainer
+
+    root = Path(__file__).resolve().parents[1]
+    data = make_demo_dataset(tmp_path / "data", n_train_per_class=2, n_val_per_class=1, size=32)  # 3 steps / epoch
+    out = tmp_path / "run"
+    args = [*COMMON, f"data.path={data}", "data.batch_size=4", "train.epochs=2", "train.device=cuda",
+            f"train.output_dir={out}"]
+    run = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=1", "-m", "fastdino", "train",
+                          str(root / "configs" / "demo.yaml"), *args, "train.max_steps=2"],
+                         cwd=root, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["step"] == 2 and ckpt["world_size"] == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["device"] == "cuda:0" and summary["precision"] == "bf16"
+
+    trainer = Trainer(load_config(str(root / "configs" / "demo.yaml"), args))  # train.resume=auto
+    assert trainer.step == 2
+    for key, module in (("student", trainer.method.student_module()), ("teacher", trainer.method.teacher)):
+        for name, value in module.state_dict().items():
+            assert torch.equal(value.cpu(), ckpt[key][name]), f"{key}.{name}"
+    assert torch.equal(trainer.method.center.center.cpu(), ckpt["center"]["center"])
+    for i, state in trainer.optimizer.state_dict()["state"].items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(value).cpu(), torch.as_tensor(ckpt["optimizer"]["state"][i][name]))
+    result = trainer.fit()
+    assert result.steps_done == 6 and math.isfinite(result.last_loss)

@@ -1,13 +1,19 @@
-"""torchrun / DDP set-up. Models never see this: the engine wraps the student here."""
+"""torchrun / DDP set-up, and which process is gone when a collective fails (PeerWatch). Models never see this:
+the engine wraps the student here."""
 
 from __future__ import annotations
 
 import datetime
 import os
+import signal
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from fastdino.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -51,3 +57,169 @@ def sync_batchnorm(module: torch.nn.Module, info: DistInfo, device: torch.device
     if info.world_size == 1 or device.type != "cuda":
         return module
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+
+
+# -- a lost process: which rank, in one line ------------------------------------------------------------------
+
+
+class PeerLostError(RuntimeError):
+    """Another process of the run died or stopped responding; the message names its rank (CLI exit code 6)."""
+
+
+class Terminated(Exception):
+    """SIGTERM reached a process of a multi-process run: its launcher or scheduler stops it (CLI exit code 143)."""
+
+
+def _is_collective_error(exc: BaseException) -> bool:
+    """A failure of torch.distributed: its typed errors, and gloo's, which arrive as plain RuntimeErrors naming
+    gloo's source file (`.../third_party/gloo/gloo/transport/tcp/pair.cc: Connection closed by peer`)."""
+    text = str(exc).lower()
+    return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and ("gloo" in text or "nccl" in text))
+
+
+def _ignore(signum, frame) -> None:
+    pass
+
+
+class PeerWatch:
+    """Heartbeats in the process group's key-value store, to name the rank that is gone when a collective fails.
+
+    A collective that fails does not say which process is missing (gloo names a socket address, NCCL nothing).
+    Every process of a multi-process run keeps a counter `fastdino/beat/<rank>` in the c10d store (torchrun's
+    agent holds it, else rank 0's process) and adds 1 to it every `period_s` from a daemon thread. When the loop
+    meets an error (a failed collective, or another) or SIGTERM, `failure` reads the other ranks' counters until
+    each has moved again or `window_s` has passed: those that did not move belong to processes that are gone
+    (their thread stopped with them); an unreachable store means its host is gone. A process that hangs keeps
+    beating: then the other rank of a 2-process run is named, or none when there are more.
+
+    SIGTERM: torchrun's agent and the DeepSpeed launcher send it to the survivors of a dead worker (and to their
+    DataLoader workers), then SIGKILL 30 s later. Where a gloo process group runs (the CPU) the handler only notes
+    it and mutes DataLoader's SIGCHLD handler (which would raise anywhere once the workers die); `guard` raises
+    Terminated before the loop's next batch, unless a failed collective got there first (under gloo as soon as the
+    dead peer's sockets close: at once, or when its forked DataLoader workers, which hold them too, see their parent
+    gone, within 5 s). No exception is raised from inside the handler, where it could land in a finaliser and be
+    lost. Forked children (DataLoader workers) get the previous handlers back, so the launcher's SIGTERM ends them
+    at once. Under NCCL the main thread waits inside CUDA when a peer is gone, where no Python handler runs, so
+    SIGTERM keeps its default action there. Single-process runs get no thread and no handler: `guard` passes batches
+    through and `failure` returns None at once.
+    """
+
+    def __init__(self, info: DistInfo, period_s: float = 1.0, window_s: float = 5.0):
+        self.info, self.period_s, self.window_s = info, period_s, window_s
+        self.store = None
+        if info.world_size > 1 and dist.is_initialized():
+            store = dist.distributed_c10d._get_default_store()
+            # a connection of its own (torch >= 2.8): a store call of the main thread holds the shared one's lock
+            self.store = store.clone() if hasattr(store, "clone") else store
+        self._stop = threading.Event()
+        self._handlers: dict[int, object] = {}  # signal -> the handler ours replaced
+        self.signalled = False  # SIGTERM came
+        self._answering = False  # a failure is being reported: the process ends with that report
+
+    @staticmethod
+    def _key(rank: int) -> str:
+        return f"fastdino/beat/{rank}"
+
+    def start(self) -> PeerWatch:
+        if self.store is None:
+            return self
+        threading.Thread(target=self._beat, name="fastdino-heartbeat", daemon=True).start()
+        if threading.current_thread() is threading.main_thread() and dist.get_backend() == "gloo":
+            self._replace(signal.SIGTERM, self._on_sigterm)
+            os.register_at_fork(after_in_child=self._in_child)
+        return self
+
+    def _in_child(self) -> None:
+        """A forked child (a DataLoader worker) gets the handlers back that ours replaced: a launcher's SIGTERM to the
+        process group ends it at once."""
+        self._answering = True  # this copy never reports
+        try:
+            for signum, handler in self._handlers.items():
+                signal.signal(signum, handler)
+        except ValueError:  # forked from another thread than the main one: handlers cannot be set there
+            pass
+        self._handlers.clear()
+
+    def stop(self) -> None:
+        """End the heartbeat; the signal handlers go back, except while a failure is reported (the process is
+        ending with its line, which a default SIGTERM would cut short)."""
+        self._stop.set()
+        if not self._answering:
+            for signum, handler in self._handlers.items():
+                signal.signal(signum, handler)
+            self._handlers.clear()
+
+    def _replace(self, signum: int, handler) -> None:
+        if signum not in self._handlers:
+            old = signal.signal(signum, handler)
+            self._handlers[signum] = old if old is not None else signal.SIG_DFL
+
+    def _beat(self) -> None:
+        while True:
+            try:
+                self.store.add(self._key(self.info.rank), 1)
+            except RuntimeError:  # the store's host is gone: `failure` finds that out for itself
+                return
+            if self._stop.wait(self.period_s):
+                return
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.signalled = True
+        # DataLoader's handler raises wherever the main thread is once its workers die; a Python no-op, not
+        # SIG_DFL, or a SIGCHLD already caught would raise `Signal 17 ignored due to race condition`
+        self._replace(signal.SIGCHLD, _ignore)
+
+    def guard(self, batches):
+        """`batches`, passed through; raises Terminated before the next one once SIGTERM came."""
+        for batch in batches:
+            if self.signalled:
+                raise Terminated("SIGTERM")
+            yield batch
+
+    def lost_ranks(self) -> list[int] | None:
+        """The other ranks whose counter does not move within `window_s` (sorted); None: the store is unreachable."""
+        others = [r for r in range(self.info.world_size) if r != self.info.rank]
+        try:
+            first = {r: self.store.add(self._key(r), 0) for r in others}
+            deadline = time.monotonic() + self.window_s
+            waiting = set(others)
+            while waiting and time.monotonic() < deadline:
+                time.sleep(self.period_s / 4)
+                waiting = {r for r in waiting if self.store.add(self._key(r), 0) == first[r]}
+        except RuntimeError:
+            return None
+        return sorted(waiting)
+
+    def failure(self, exc: BaseException, step: int, checkpoint: str) -> BaseException | None:
+        """The one-line error that replaces `exc`, raised in the loop at iteration `step`; None: `exc` is no
+        process-group failure (a bug of this process, which keeps its traceback).
+
+        Any error but a user mistake (UserError, the same on every process) is looked into, not only a
+        collective's: a process whose peer died may first meet something else (its DataLoader workers stopped by
+        the launcher beside it: a RuntimeError, or an OSError from their queue).
+        checkpoint: what the last complete checkpoint is and how to continue, appended to the message.
+        Returns PeerLostError naming the lost rank(s), or Terminated when SIGTERM came while every peer is alive.
+        """
+        if self.store is None or isinstance(exc, UserError):  # a user mistake is one on every process
+            return None
+        self._answering = True
+        terminated = self.signalled or isinstance(exc, Terminated)
+        n = self.info.world_size
+        lost = self.lost_ranks()
+        if lost == [] and not terminated and not _is_collective_error(exc):
+            self._answering = False
+            return None
+        if lost is None:
+            host = "torchrun's agent" if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else None
+            who = (f"the process holding the run's key-value store ({host})" if host else
+                   f"rank 0 of {n} (its process holds the run's key-value store, which is gone)")
+        elif lost:
+            who = f"rank{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))} of {n}"
+        elif terminated:
+            return Terminated(f"SIGTERM at iteration {step} (the launcher or scheduler stopped this process, rank "
+                              f"{self.info.rank} of {n}); {checkpoint}")
+        elif n == 2:
+            who = f"rank {1 - self.info.rank} of 2"
+        else:
+            who = f"one of the {n - 1} other processes (all are alive: one hangs, which one is not known here)"
+        return PeerLostError(f"{who} stopped responding at iteration {step} (its process died or hangs); {checkpoint}")

@@ -29,7 +29,7 @@ from fastdino.engine.checkpoint import (
     set_rng_state,
 )
 from fastdino.engine.compile import compile_networks, mark_step_begin
-from fastdino.engine.distributed import DistInfo, init_distributed, sync_batchnorm
+from fastdino.engine.distributed import DistInfo, PeerWatch, init_distributed, sync_batchnorm
 from fastdino.engine.ema import TeacherEMA
 from fastdino.engine.health import HealthMonitor, TrainingHealthError, agree
 from fastdino.engine.interop import init_from_weights, read_dino_weights
@@ -554,10 +554,11 @@ class Trainer:
         watch = cfg.health.enabled
         monitor = HealthMonitor(cfg.health, verbose=self.dist.is_main) if watch else None
         loop_start, knn_seconds = time.perf_counter(), 0.0
+        peers = PeerWatch(self.dist).start()  # heartbeats: which process is gone when a collective fails
         try:
             while self.step < self.stop_step:
                 epoch = self.step // self.steps_per_epoch
-                loader = self.batches.epoch(epoch, start_step=self.step % self.steps_per_epoch)
+                loader = peers.guard(self.batches.epoch(epoch, start_step=self.step % self.steps_per_epoch))
                 for views, _labels, unreadable in loader:
                     self.unreadable.add(unreadable)  # warns once per file per run
                     last_of_epoch = (self.step + 1) % self.steps_per_epoch == 0
@@ -598,7 +599,18 @@ class Trainer:
             self._write_report(result, monitor, f"stopped: {why}", start_step,
                                time.perf_counter() - loop_start - knn_seconds)
             raise
+        except Exception as exc:  # a collective failed, a peer's loss showed otherwise, or the launcher stops us
+            # rank 0 writes last.pt: only it knows that the latest write completed
+            after = f" (after {self.saved_step} iterations)" if self.dist.is_main else ""
+            kept = (f"the last complete checkpoint {self.output_dir / 'last.pt'}{after} is intact: resume with "
+                    "train.resume=auto" if self.saved_step is not None else
+                    "no checkpoint was written yet: start again")
+            lost = peers.failure(exc, self.step, kept)  # None: not a process-group failure
+            if lost is None:
+                raise
+            raise lost from exc
         finally:
+            peers.stop()
             logger.close()
         if monitor is not None:
             result.health = monitor.summary()

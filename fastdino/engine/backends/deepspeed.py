@@ -19,6 +19,10 @@ How, given ZeRO:
   group on every rank, no weight decay either) and unscales in the clipping hook by the scale the backward
   used. DeepSpeed's CPU accelerator lists no fp16 and fastdino refuses fp16 on the CPU, so the test forces
   the precision on the CPU: it follows the DDP backend's GradScaler step for step, overflows included.
+  Gradient communication: in torch_autocast mode DeepSpeed reduces the gradients of Linear weights in the
+  autocast dtype (bf16 / fp16; its `lower_precision_safe_modules`, left at DeepSpeed's default), DDP reduces
+  them in fp32: with several processes the two engines differ by that rounding (tests/test_deepspeed.py
+  states the tolerances it gives).
 - Clipping: ZeRO reduces gradients into flat partitions, one per rank, and a parameter may straddle
   two. Just before the inner optimizer step of each group (DeepSpeed's `unscale_and_clip_grads`, which
   we replace on the optimizer instance; DeepSpeed's own global clipping is off), each rank sums the
