@@ -256,6 +256,7 @@ def _finetune(args: argparse.Namespace) -> int:
     state = load_checkpoint(args.checkpoint)
     cfg = config_from_dict(state["config"])
     device = resolve_device(args.device, key="--device")
+    torch.manual_seed(args.seed)  # the --random-init weights follow --seed (torch seeds itself randomly at start)
     method = build_method(cfg, device)
     if args.random_init:
         print("backbone: random initialisation (the baseline; the checkpoint's weights are not loaded)")

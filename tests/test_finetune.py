@@ -72,6 +72,12 @@ def test_cli_finetunes_a_sit_checkpoint_and_refuses_bad_flags(demo_root, tmp_pat
     assert "fine-tune epoch 1/1" in out and "fine-tuned top-1 (6 classes, 1 epochs):" in out
     assert main(["finetune", ckpt, *common, "--epochs", "1", "--per-class", "2"]) == 0
     assert "(6 classes, 1 epochs, 2 labelled images per class)" in capsys.readouterr().out
+    runs = []
+    for seed in ("3", "3", "4"):  # the random-init baseline is a function of --seed
+        torch.seed()  # whatever state torch starts in
+        assert main(["finetune", ckpt, *common, "--epochs", "1", "--random-init", "--seed", seed]) == 0
+        runs.append([line for line in capsys.readouterr().out.splitlines() if "train loss" in line])
+    assert runs[0] == runs[1] and runs[0] != runs[2]
     bad_flags = ((["--epochs", "0"], "--epochs"), (["--lr", "-1"], "--lr"), (["--batch-size", "0"], "--batch-size"),
                  (["--per-class", "-1"], "--per-class"))
     for bad, word in bad_flags:
