@@ -268,6 +268,7 @@ def _finetune(args: argparse.Namespace) -> int:
     state = load_checkpoint(args.checkpoint)
     cfg = config_from_dict(state["config"])
     device = resolve_device(args.device, key="--device")
+    torch.manual_seed(args.seed)  # the --random-init weights follow --seed (torch seeds itself randomly at start)
     method = build_method(cfg, device)
     if args.random_init:
         print("backbone: random initialisation (the baseline; the checkpoint's weights are not loaded)")
@@ -279,9 +280,10 @@ def _finetune(args: argparse.Namespace) -> int:
     result = finetune(
         method.feature_backbone(), args.train, args.val, args.image_size or cfg.data.global_size, device,
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
-        num_workers=args.num_workers, seed=args.seed, report=print,
+        num_workers=args.num_workers, seed=args.seed, per_class=args.per_class, report=print,
     )
-    print(f"fine-tuned top-1 ({len(result.classes)} classes, {args.epochs} epochs): {result.top1:.2f}%")
+    labels = f", {args.per_class} labelled images per class" if args.per_class else ""
+    print(f"fine-tuned top-1 ({len(result.classes)} classes, {args.epochs} epochs{labels}): {result.top1:.2f}%")
     return 0
 
 
@@ -404,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--num-workers", type=nonnegative_int, default=DEFAULT_WORKERS)
     p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--per-class", type=nonnegative_int, default=0,
+                   help="train on at most N images of each class (a seeded pick; 0 = all): the low-label regime")
     p.add_argument("--random-init", action="store_true",
                    help="ignore the checkpoint's weights (same architecture, random init): the baseline")
     p.set_defaults(func=_finetune)

@@ -8,9 +8,9 @@ import torch
 from fastdino.cli import main
 from fastdino.config import load_config
 from fastdino.data.demo import make_demo_dataset
-from fastdino.data.files import DataError
+from fastdino.data.files import DataError, index_image_folder
 from fastdino.engine.trainer import train
-from fastdino.eval.finetune import finetune
+from fastdino.eval.finetune import finetune, per_class_subset
 from fastdino.models.vit import build_backbone
 
 
@@ -32,6 +32,18 @@ def test_finetune_trains_backbone_and_head_end_to_end(demo_root):
     tuned = result.model.backbone.state_dict()
     assert not torch.equal(tuned["blocks.0.mlp.fc1.weight"], before["blocks.0.mlp.fc1.weight"])  # end to end
     assert result.history[-1]["loss"] < result.history[0]["loss"]  # it learns the labels
+
+
+def test_per_class_subset_keeps_n_images_of_every_class_by_seed(demo_root):
+    index = index_image_folder(demo_root / "train")  # 4 images in each of 6 classes
+    sub = per_class_subset(index, 3, seed=0)
+    assert sub.classes == index.classes and len(sub) == 18
+    assert all(sub.labels.count(c) == 3 for c in range(6))
+    pairs = list(zip(index.paths, index.labels))
+    assert all(p in pairs for p in zip(sub.paths, sub.labels)) and sub.paths == sorted(sub.paths, key=index.paths.index)
+    assert per_class_subset(index, 3, seed=0).paths == sub.paths
+    assert per_class_subset(index, 3, seed=1).paths != sub.paths
+    assert len(per_class_subset(index, 10, seed=0)) == 24  # a class with fewer keeps all of them
 
 
 def test_finetune_refuses_unlabelled_or_mismatched_folders(demo_root, tmp_path):
@@ -58,7 +70,16 @@ def test_cli_finetunes_a_sit_checkpoint_and_refuses_bad_flags(demo_root, tmp_pat
     assert main(["finetune", ckpt, *common, "--epochs", "1"]) == 0
     out = capsys.readouterr().out
     assert "fine-tune epoch 1/1" in out and "fine-tuned top-1 (6 classes, 1 epochs):" in out
-    bad_flags = ((["--epochs", "0"], "--epochs"), (["--lr", "-1"], "--lr"), (["--batch-size", "0"], "--batch-size"))
+    assert main(["finetune", ckpt, *common, "--epochs", "1", "--per-class", "2"]) == 0
+    assert "(6 classes, 1 epochs, 2 labelled images per class)" in capsys.readouterr().out
+    runs = []
+    for seed in ("3", "3", "4"):  # the random-init baseline is a function of --seed
+        torch.seed()  # whatever state torch starts in
+        assert main(["finetune", ckpt, *common, "--epochs", "1", "--random-init", "--seed", seed]) == 0
+        runs.append([line for line in capsys.readouterr().out.splitlines() if "train loss" in line])
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+    bad_flags = ((["--epochs", "0"], "--epochs"), (["--lr", "-1"], "--lr"), (["--batch-size", "0"], "--batch-size"),
+                 (["--per-class", "-1"], "--per-class"))
     for bad, word in bad_flags:
         assert main(["finetune", ckpt, *common, *bad]) == 2
         err = capsys.readouterr().err

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastdino.data.loader import ResumableShardedSampler
 from fastdino.data.masking import (
     BLUR,
     GREY,
@@ -17,6 +18,7 @@ from fastdino.data.masking import (
     block_sides,
     corrupt_images,
     group_masks,
+    process_rows,
     to_pixels,
 )
 from fastdino.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
@@ -177,3 +179,50 @@ def test_bad_corruption_arguments_are_refused():
         corrupt_images(images(2), 4, 0.5, ("noise", "paint"))
     with pytest.raises(ValueError, match="group_size"):
         corrupt_images(images(6), 4, 0.5, group_size=4)
+
+
+def test_process_rows_follow_the_samplers_shards_view_major():
+    rows = process_rows(per_view=3, n_views=2, rank=1, world_size=2)
+    assert rows.total == 12 and rows.process == 1
+    assert rows.index.tolist() == [1, 3, 5, 7, 9, 11]  # view 0 rows 0-5, view 1 rows 6-11, the sampler's stride
+    assert process_rows(4, 2, 0, 1).index.tolist() == list(range(8))
+    one = list(ResumableShardedSampler(24, 6, seed=0, epoch=0))  # one process of batch 6: 4 steps
+    for rank in (0, 1):  # two processes of batch 3: each local image is the single run's image at its row
+        shard = list(ResumableShardedSampler(24, 3, seed=0, epoch=0, rank=rank, world_size=2))
+        rows = process_rows(3, 1, rank, 2).index.tolist()
+        for step in range(4):
+            assert [one[step * 6 + r] for r in rows] == shard[step * 3 : (step + 1) * 3]
+
+
+def test_each_process_draws_its_images_global_rows_whatever_the_process_count():
+    """One process with the global batch of 2 views x 4 images vs two processes of 2 images per view (simulated:
+    each starts from the same generator state, as every rank seeds alike): every image gets the same blocks,
+    kinds, grey / blur blocks, blur sigma and unchanged blocks; noise comes from each process's own stream
+    (different on the two processes, so image i of each does not share its noise); the shared generator ends
+    in the same state either way."""
+    x, p = images(8), 4
+    kwargs = dict(patch_size=p, ratio=0.5, kinds=("noise", "replace", "zeros"), keep_prob=0.2, grey_prob=0.5,
+                  blur_prob=0.5, blur_sigma=(0.5, 1.5))
+    g_one = gen(9)
+    one = corrupt_images(x, group_size=4, generator=g_one, rows=process_rows(4, 2, 0, 1), **kwargs)
+    parts, g_last = [], None
+    for rank in (0, 1):
+        rows = process_rows(2, 2, rank, 2)
+        g_last = gen(9)
+        parts.append(corrupt_images(x[rows.index], group_size=2, generator=g_last, rows=rows, **kwargs))
+    order = torch.cat([process_rows(2, 2, r, 2).index for r in (0, 1)])  # global row of each local image
+    for field in ("mask", "kind", "blur_sigma"):
+        merged = torch.empty_like(getattr(one, field))
+        merged[order] = torch.cat([getattr(c, field) for c in parts])
+        assert torch.equal(merged, getattr(one, field)), field
+    assert (one.kind == NOISE).any() and (one.kind == REPLACE).any() and (one.kind == BLUR).any()
+    for c, rows in zip(parts, (process_rows(2, 2, r, 2) for r in (0, 1))):
+        kind = to_pixels(c.kind, p)[:, None].expand(-1, 3, -1, -1)
+        unchanged = (kind == OUTSIDE) | (kind == KEEP)
+        assert torch.equal(c.images[unchanged], x[rows.index][unchanged])
+        assert torch.equal(c.images[kind == REPLACE], x[rows.index][c.source][kind == REPLACE])  # a local partner
+    both = (parts[0].kind == NOISE) & (parts[1].kind == NOISE)  # patches that are noise in image i of each process
+    assert both.any()
+    where = to_pixels(both, p)[:, None].expand(-1, 3, -1, -1)
+    assert (parts[0].images[where] != parts[1].images[where]).all()
+    assert torch.equal(torch.rand(4, generator=g_one), torch.rand(4, generator=g_last))

@@ -137,8 +137,8 @@ def test_exact_resume_of_a_sit_run_is_bitwise(demo_root, tmp_path, monkeypatch, 
     masks = {}
     original = SiT.corrupt
 
-    def recording(self, clean, group_size=None, generator=None):
-        c = original(self, clean, group_size, generator)
+    def recording(self, clean, group_size=None, generator=None, rows=None):
+        c = original(self, clean, group_size, generator, rows)
         if generator is None:  # training steps only, not the snapshots
             masks.setdefault(self._run, []).append(c.mask.clone())
         return c

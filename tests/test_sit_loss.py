@@ -1,5 +1,6 @@
 """SiT losses (losses/sit.py) against float64 references written as plain loops here: values and gradients,
-and under two gloo processes the DDP-averaged gradient equals the one-process gradient of the global batch."""
+and under two gloo processes the DDP-averaged gradient equals the one-process gradient of the global batch (the
+L1 too when the processes hold different numbers of masked pixels)."""
 
 import math
 import os
@@ -105,7 +106,7 @@ def test_uncertainty_weighting_follows_the_formula():
 
 DDP_SCRIPT = textwrap.dedent("""
     import sys, torch, torch.distributed as dist, torch.multiprocessing as mp
-    from fastdino.losses.sit import momentum_contrastive_loss, nt_xent_loss
+    from fastdino.losses.sit import masked_l1, momentum_contrastive_loss, nt_xent_loss
 
     def inputs():
         g = torch.Generator().manual_seed(0)
@@ -113,6 +114,14 @@ DDP_SCRIPT = textwrap.dedent("""
 
     def losses(q1, q2, k1, k2):
         return {"momentum": momentum_contrastive_loss(q1, q2, k1, k2, 0.2), "online": nt_xent_loss(q1, q2, 0.5)}
+
+    def l1_inputs():
+        g = torch.Generator().manual_seed(1)
+        pred, target = torch.randn(6, 3, 4, 4, generator=g), torch.randn(6, 3, 4, 4, generator=g)
+        mask = torch.zeros(6, 1, 4, 4, dtype=torch.bool)
+        mask[:3, :, :1] = True  # rank 0 holds 12 masked pixels, rank 1 holds 36
+        mask[3:, :, :3] = True
+        return pred, target, mask
 
     def worker(rank, world, init, out):
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
@@ -122,6 +131,10 @@ DDP_SCRIPT = textwrap.dedent("""
         for name, loss in losses(*local).items():
             grads = torch.autograd.grad(loss, local[:2])
             result[name] = (loss.detach(), [g / world for g in grads])  # what DDP's gradient average gives
+        pred, target, mask = (x[rank * b:(rank + 1) * b].clone() for x in l1_inputs())
+        pred.requires_grad_(True)
+        loss = masked_l1(pred, target, mask, across_processes=True)
+        result["l1"] = (loss.detach(), [torch.autograd.grad(loss, pred)[0] / world])
         torch.save(result, f"{out}/rank{rank}.pt")
         dist.destroy_process_group()
 
@@ -130,6 +143,10 @@ DDP_SCRIPT = textwrap.dedent("""
         mp.spawn(worker, args=(2, f"file://{out}/store", out), nprocs=2)
         full = [x.clone().requires_grad_(i < 2) for i, x in enumerate(inputs())]
         ref = {name: (loss.detach(), torch.autograd.grad(loss, full[:2])) for name, loss in losses(*full).items()}
+        pred, target, mask = l1_inputs()
+        pred.requires_grad_(True)
+        loss = masked_l1(pred, target, mask)
+        ref["l1"] = (loss.detach(), torch.autograd.grad(loss, pred))
         torch.save(ref, f"{out}/single.pt")
 """)
 
@@ -144,9 +161,9 @@ def test_global_batch_under_two_gloo_processes_matches_one_process(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     single = torch.load(tmp_path / "single.pt")
-    for name in ("momentum", "online"):
+    for name in ("momentum", "online", "l1"):
         loss, grads = single[name]
         torch.testing.assert_close((ranks[0][name][0] + ranks[1][name][0]) / 2, loss)  # mean of the local means
-        for i in range(2):
+        for i in range(len(grads)):
             ddp_grad = torch.cat([ranks[r][name][1][i] for r in range(2)])
             torch.testing.assert_close(ddp_grad, grads[i], rtol=1e-5, atol=1e-7, msg=f"{name} input {i}")

@@ -13,6 +13,16 @@ done at once on its device, without a host sync:
 `n_candidates` is sized so the target is reached with overwhelming probability (about three times the
 expected need); an image that does not reach it keeps all its blocks. Randomness comes from `generator`, or
 the device's global generator when None (the trainer checkpoints that one: masks are exact on resume).
+
+Data parallel: every process seeds its global generator alike, so with `rows` (`BatchRows`: where this
+process's images sit in the step's global batch) each per-image number is drawn for the whole global batch
+and a process keeps its own rows. An image then gets the same blocks, kinds, grey / blur blocks and blur
+sigma whatever the number of processes. Two things stay per process: the noise values and the `replace`
+partner. Noise is drawn for the local images only (drawing every process's pixels would cost the world size
+in random numbers), from a stream of the process's own, seeded from one draw of the CPU default generator
+(no device sync) and the process index: distinct on every process, and the shared stream advances alike
+whatever the process count. The partner is another image of the process's own batch (other processes'
+pixels are not there; the reference code also takes it from the local batch).
 Everything here knows shapes and pixels only, no model.
 """
 
@@ -65,15 +75,61 @@ def n_candidates(grid_h: int, grid_w: int, ratio: float, max_block: float, min_b
     return int(math.ceil(3 * -math.log1p(-ratio) * n / mean_area)) + 16
 
 
-def _uniform_int(low: torch.Tensor | int, high: torch.Tensor | int, shape: tuple[int, ...], device, generator):
-    """Integers uniform in [low, high] (inclusive, elementwise), from one `rand` draw."""
-    u = torch.rand(shape, device=device, generator=generator)
+@dataclass(frozen=True)
+class BatchRows:
+    """Where one process's B images sit in the step's global batch of `total` images.
+
+    index: (B,) int64 row of each local image in the global batch (`process_rows`).
+    total: the global batch size: per-image random numbers are drawn for all of it (the same draw on every
+    process, whose generators are in the same state) and each process keeps `index`.
+    process: the process's rank (it seeds the process's noise stream).
+    """
+
+    index: torch.Tensor
+    total: int
+    process: int = 0
+
+
+def process_rows(per_view: int, n_views: int, rank: int, world_size: int,
+                 device: torch.device | str | None = None) -> BatchRows:
+    """Rows of a process's torch.cat of `n_views` views of `per_view` images each, in the global batch laid out
+    the same way (view-major, the images in the sampler's order): image i of view v on process `rank` is row
+    v * world_size * per_view + i * world_size + rank, as data/loader.py's ResumableShardedSampler gives each
+    process every world_size-th image of the step's slice of the permutation. One process: arange."""
+    global_view = world_size * per_view
+    local = torch.arange(per_view, device=device) * world_size + rank  # (per_view,)
+    index = torch.cat([local + v * global_view for v in range(n_views)])  # (n_views * per_view,)
+    return BatchRows(index, n_views * global_view, rank)
+
+
+def _noise_stream(rows: BatchRows, device, generator: torch.Generator | None) -> torch.Generator:
+    """The process's noise generator for one batch: seeded from one draw of the CPU generator (`generator` when
+    it is a CPU one, else the CPU default: a host value, no device sync) and the process index."""
+    cpu = generator if generator is not None and generator.device.type == "cpu" else None
+    seed = int(torch.randint(2**62, (1,), generator=cpu)) + rows.process
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def rand_rows(shape: tuple[int, ...], device=None, generator: torch.Generator | None = None,
+              rows: BatchRows | None = None) -> torch.Tensor:
+    """Uniforms in [0, 1) of `shape` (B, ...); with `rows`, row i is row rows.index[i] of one draw of
+    (rows.total, ...): the same number for an image whatever process holds it."""
+    if rows is None:
+        return torch.rand(shape, device=device, generator=generator)
+    return torch.rand((rows.total, *shape[1:]), device=device, generator=generator)[rows.index]
+
+
+def _uniform_int(low: torch.Tensor | int, high: torch.Tensor | int, shape: tuple[int, ...], device, generator,
+                 rows: BatchRows | None = None):
+    """Integers uniform in [low, high] (inclusive, elementwise), from one `rand` draw (`rand_rows`)."""
+    u = rand_rows(shape, device, generator, rows)
     return (low + (u * (high - low + 1)).floor().long()).clamp(max=high)
 
 
 def draw_blocks(
     batch: int, grid_h: int, grid_w: int, n_blocks: int, max_block: float, min_block: int = 1,
     device: torch.device | str | None = None, generator: torch.Generator | None = None,
+    rows: BatchRows | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """n_blocks random grid-aligned rectangles per image, each inside the grid.
 
@@ -81,10 +137,10 @@ def draw_blocks(
     (B, n_blocks, gh, gw) bool. Sides are uniform in `block_sides`, positions uniform over where they fit.
     """
     shape = (batch, n_blocks)
-    h = _uniform_int(*block_sides(grid_h, max_block, min_block), shape, device, generator)
-    w = _uniform_int(*block_sides(grid_w, max_block, min_block), shape, device, generator)
-    top = _uniform_int(0, grid_h - h, shape, device, generator)
-    left = _uniform_int(0, grid_w - w, shape, device, generator)
+    h = _uniform_int(*block_sides(grid_h, max_block, min_block), shape, device, generator, rows)
+    w = _uniform_int(*block_sides(grid_w, max_block, min_block), shape, device, generator, rows)
+    top = _uniform_int(0, grid_h - h, shape, device, generator, rows)
+    left = _uniform_int(0, grid_w - w, shape, device, generator, rows)
     rows = torch.arange(grid_h, device=device)
     cols = torch.arange(grid_w, device=device)
     in_rows = (rows >= top[..., None]) & (rows < (top + h)[..., None])  # (B, R, gh)
@@ -95,16 +151,17 @@ def draw_blocks(
 def group_masks(
     batch: int, grid_h: int, grid_w: int, ratio: float, max_block: float = 0.3, min_block: int = 1,
     device: torch.device | str | None = None, generator: torch.Generator | None = None,
+    rows: BatchRows | None = None,
 ) -> GroupMask:
     """GMML masks for a batch: blocks added until at least `ratio` of the gh x gw patches is covered.
 
     The cover overshoots the target by less than one block (at most `block_sides(...)[1]**2` patches).
-    Raises ValueError for a ratio outside (0, 1).
+    With `rows`, image i gets the mask of global row rows.index[i]. Raises ValueError for a ratio outside (0, 1).
     """
     if not 0.0 < ratio < 1.0:
         raise ValueError(f"mask ratio must be in (0, 1), got {ratio}")
     r = n_candidates(grid_h, grid_w, ratio, max_block, min_block)
-    blocks, cells = draw_blocks(batch, grid_h, grid_w, r, max_block, min_block, device, generator)
+    blocks, cells = draw_blocks(batch, grid_h, grid_w, r, max_block, min_block, device, generator, rows)
     cells = cells.flatten(2)  # (B, R, N)
     target = math.ceil(ratio * grid_h * grid_w)
     union = cells.cumsum(1, dtype=torch.int32) > 0  # (B, R, N): cover after blocks 0..r
@@ -169,11 +226,11 @@ def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -
 
 
 def _one_block_per_image(
-    batch: int, grid_h: int, grid_w: int, prob: float, max_block: float, min_block: int, device, generator,
+    batch: int, grid_h: int, grid_w: int, prob: float, max_block: float, min_block: int, device, generator, rows,
 ) -> torch.Tensor:
     """(B, gh, gw) bool: one random block in each image chosen with probability `prob`, nothing elsewhere."""
-    _, cells = draw_blocks(batch, grid_h, grid_w, 1, max_block, min_block, device, generator)
-    chosen = torch.rand(batch, device=device, generator=generator) < prob
+    _, cells = draw_blocks(batch, grid_h, grid_w, 1, max_block, min_block, device, generator, rows)
+    chosen = rand_rows((batch,), device, generator, rows) < prob
     return cells[:, 0] & chosen[:, None, None]
 
 
@@ -190,6 +247,7 @@ def corrupt_images(
     min_block: int = 1,
     group_size: int | None = None,
     generator: torch.Generator | None = None,
+    rows: BatchRows | None = None,
 ) -> Corruption:
     """GMML corruption of a batch of normalised images (B, C, H, W), H and W multiples of patch_size.
 
@@ -199,7 +257,10 @@ def corrupt_images(
     unchanged with probability keep_prob, else filled by one of `kinds` drawn uniformly: noise N(0, 1),
     `replace` from the same pixels of another image (one partner per image, drawn within its group of
     `group_size` consecutive images, e.g. one augmented view of the batch; default the whole batch), zeros.
-    The mask covers all of these blocks. Raises ValueError for bad sizes, kinds or ratio.
+    The mask covers all of these blocks. With `rows` (data parallel: this process's place in the global
+    batch), every per-image draw but the partner is that of the image's global row, and the noise comes from
+    the process's own stream (module docstring).
+    Raises ValueError for bad sizes, kinds or ratio.
     """
     b, c, h, w = images.shape
     if h % patch_size or w % patch_size:
@@ -215,22 +276,23 @@ def corrupt_images(
     kind = torch.full((b, gh, gw), OUTSIDE, dtype=torch.long, device=device)
     sigma = torch.zeros(b, device=device)
     if grey_prob > 0:
-        grey_cells = _one_block_per_image(b, gh, gw, grey_prob, max_block, min_block, device, generator)
+        grey_cells = _one_block_per_image(b, gh, gw, grey_prob, max_block, min_block, device, generator, rows)
         kind = torch.where(grey_cells, GREY, kind)
     if blur_prob > 0:
-        blur_cells = _one_block_per_image(b, gh, gw, blur_prob, max_block, min_block, device, generator)
+        blur_cells = _one_block_per_image(b, gh, gw, blur_prob, max_block, min_block, device, generator, rows)
         kind = torch.where(blur_cells, BLUR, kind)
-        sigma = torch.empty(b, device=device).uniform_(*blur_sigma, generator=generator)
+        low, high = blur_sigma
+        sigma = low + (high - low) * rand_rows((b,), device, generator, rows)
         sigma = torch.where(blur_cells.flatten(1).any(1), sigma, 0.0)
-    groups = group_masks(b, gh, gw, ratio, max_block, min_block, device, generator)
-    pick = _uniform_int(0, len(kinds) - 1, groups.kept.shape, device, generator)  # (B, R) index into kinds
+    groups = group_masks(b, gh, gw, ratio, max_block, min_block, device, generator, rows)
+    pick = _uniform_int(0, len(kinds) - 1, groups.kept.shape, device, generator, rows)  # (B, R) index into kinds
     block_kind = sum((pick == i).long() * _CODE[k] for i, k in enumerate(kinds))  # codes without a host copy
-    keep = torch.rand(groups.kept.shape, device=device, generator=generator) < keep_prob
+    keep = rand_rows(groups.kept.shape, device, generator, rows) < keep_prob
     block_kind = torch.where(keep, KEEP, block_kind)
     owned = block_kind.gather(1, groups.owner.clamp(min=0).flatten(1)).view(b, gh, gw)
     kind = torch.where(groups.mask, owned, kind)
     within = torch.arange(b, device=device) % group_size
-    shift = _uniform_int(1, max(group_size - 1, 1), (b,), device, generator) if group_size > 1 else 0
+    shift = _uniform_int(1, max(group_size - 1, 1), (b,), device, generator, rows) if group_size > 1 else 0
     source = torch.arange(b, device=device) - within + (within + shift) % group_size  # (B,)
 
     pixel_kind = to_pixels(kind, patch_size)[:, None]  # (B, 1, H, W)
@@ -240,7 +302,8 @@ def corrupt_images(
     if blur_prob > 0:
         out = torch.where(pixel_kind == BLUR, gaussian_blur(images, sigma.clamp(min=blur_sigma[0]), blur_sigma[1]), out)
     if "noise" in kinds:
-        noise = torch.randn(images.shape, device=device, generator=generator, dtype=images.dtype)
+        stream = generator if rows is None else _noise_stream(rows, device, generator)
+        noise = torch.randn(images.shape, device=device, generator=stream, dtype=images.dtype)
         out = torch.where(pixel_kind == NOISE, noise, out)
     if "replace" in kinds:
         out = torch.where(pixel_kind == REPLACE, images[source], out)

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from fastdino.data.files import DataError, ImageFileDataset, collate_views, index_image_folder
+from fastdino.data.files import DataError, ImageFileDataset, ImageIndex, collate_views, index_image_folder
 from fastdino.data.loader import build_loader, steps_per_epoch
 from fastdino.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from fastdino.schedules import cosine_schedule
@@ -56,6 +56,21 @@ class Classifier(nn.Module):
         return self.head(self.backbone(images))
 
 
+def per_class_subset(index: ImageIndex, n: int, seed: int) -> ImageIndex:
+    """At most n images of each class of `index` (a class with fewer keeps all), picked by a permutation
+    seeded with `seed`, in index order: the low-label regime, where pretraining is expected to matter most."""
+    order = torch.randperm(len(index), generator=torch.Generator().manual_seed(seed)).tolist()
+    taken: dict[int, int] = {}
+    keep = []
+    for i in order:
+        label = index.labels[i]
+        if taken.get(label, 0) < n:
+            taken[label] = taken.get(label, 0) + 1
+            keep.append(i)
+    keep.sort()
+    return ImageIndex([index.paths[i] for i in keep], [index.labels[i] for i in keep], list(index.classes))
+
+
 @dataclass
 class FinetuneResult:
     top1: float
@@ -85,16 +100,19 @@ def top1_accuracy(model: nn.Module, loader: DataLoader, device: torch.device) ->
 def finetune(
     backbone: nn.Module, train_dir: str | Path, val_dir: str | Path, image_size: int, device: torch.device, *,
     epochs: int = 10, lr: float = 5e-4, batch_size: int = 64, weight_decay: float = 0.05, num_workers: int = 4,
-    seed: int = 0, report: Callable[[str], None] | None = None,
+    seed: int = 0, per_class: int = 0, report: Callable[[str], None] | None = None,
 ) -> FinetuneResult:
     """Fine-tune a copy of `backbone` (the argument is untouched; its `embed_dim` is the class token's width)
     with a new linear head on train_dir's classes, on `device`, evaluating on val_dir after each epoch
     (the last, ragged batch of an epoch is kept; one host sync per epoch, for the log). lr is the peak
-    learning rate for this batch size. Raises DataError for a missing folder, fewer than 2 classes, or
-    validation classes that training lacks."""
+    learning rate for this batch size; per_class > 0 trains on at most that many images of each class
+    (`per_class_subset`). Raises DataError for a missing folder, fewer than 2 classes, or validation classes
+    that training lacks."""
     train_index = index_image_folder(train_dir)
     if len(train_index.classes) < 2:
         raise DataError(f"fine-tuning needs class sub-folders in {train_dir} (found {len(train_index.classes)} class)")
+    if per_class:
+        train_index = per_class_subset(train_index, per_class, seed)
     val_index = index_image_folder(val_dir, classes=train_index.classes)
     torch.manual_seed(seed)
     model = Classifier(copy.deepcopy(backbone), backbone.embed_dim, len(train_index.classes)).to(device)

@@ -14,17 +14,27 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
-def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None,
+              across_processes: bool = False) -> torch.Tensor:
     """Mean absolute error over the masked pixels (every channel of them), an fp32 scalar.
 
     pred, target: (B, C, H, W); mask: (B, 1, H, W) bool (the corrupted pixels) or None for every pixel (the
     reference code's nn.L1Loss). A batch without a masked pixel gives 0. The gradient reaches pred only.
+    across_processes (every process must call it then: a collective): under torch.distributed, the sum over
+    this process's masked pixels divided by the global count and multiplied by the world size, so the mean
+    over processes (what DDP's gradient average takes) is the global batch's L1 whatever each process's
+    count; processes' counts differ, so the mean of per-process means would not be.
     """
     diff = (pred.float() - target.detach().float()).abs()  # (B, C, H, W)
     if mask is None:
-        return diff.mean()
+        return diff.mean()  # equal counts on every process: the mean of means is the global mean
     weight = mask.to(diff.dtype)
-    return (diff * weight).sum() / (weight.sum() * pred.shape[1]).clamp(min=1.0)
+    count = weight.sum() * pred.shape[1]
+    scale = 1.0
+    if across_processes and _distributed():
+        dist.all_reduce(count)  # a scalar, on the device: no host sync
+        scale = float(dist.get_world_size())
+    return scale * (diff * weight).sum() / count.clamp(min=1.0)
 
 
 def _distributed() -> bool:

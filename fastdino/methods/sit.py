@@ -9,6 +9,11 @@ of the clean views (the paper) or between the two student views (NT-Xent, the re
 batch as negatives. L = alpha * L_recons + L_contr. Options from the reference code: rotation prediction
 (a 4-way head on the class token; the reference has a separate rotation token) and learned task weights.
 The EMA teacher is kept in both contrastive modes (the reference code's model EMA) and is what k-NN reads.
+
+Data parallel: the InfoNCE keys are all-gathered and the L1's denominator is the global count of corrupted
+pixels (losses/sit.py), and each image's blocks, kinds and rotation are its global row's draw
+(data/masking.py `BatchRows`), so P processes of batch B train like one of batch P * B when the corruption
+draws no noise or `replace` partner and drop path is off (tests/test_sit_distributed.py).
 """
 
 from __future__ import annotations
@@ -17,11 +22,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from fastdino.config import Config, SitConfig
-from fastdino.data.masking import Corruption, corrupt_images
+from fastdino.data.masking import BatchRows, Corruption, corrupt_images, process_rows, rand_rows
 from fastdino.data.multicrop import multicrop_transform
 from fastdino.losses.signals import feature_spread
 from fastdino.losses.sit import masked_l1, momentum_contrastive_loss, nt_xent_loss, uncertainty_weighted
@@ -32,6 +38,13 @@ from fastdino.models.vit import VisionTransformer, build_backbone
 from fastdino.schedules import cosine_schedule
 
 ROTATIONS = 4
+
+
+def batch_rows(per_view: int, n_views: int, device: torch.device) -> BatchRows:
+    """This process's rows in the step's global batch (one process: all of it)."""
+    if dist.is_available() and dist.is_initialized():
+        return process_rows(per_view, n_views, dist.get_rank(), dist.get_world_size(), device)
+    return process_rows(per_view, n_views, 0, 1, device)
 
 
 def rotate_quarter_turns(images: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
@@ -120,13 +133,14 @@ class SiT(Method):
         )
 
     def corrupt(self, clean: torch.Tensor, group_size: int | None = None,
-                generator: torch.Generator | None = None) -> Corruption:
+                generator: torch.Generator | None = None, rows: BatchRows | None = None) -> Corruption:
         """GMML corruption of (B, 3, H, W) clean views per the sit.* settings; `replace` partners come from the
-        same group of `group_size` images (one view of the batch)."""
+        same group of `group_size` images (one view of the batch); `rows`: the views' place in the global batch."""
         s = self.cfg.sit
         return corrupt_images(
             clean, self.cfg.model.patch_size, s.mask_ratio, s.corruption_kinds(), s.keep_prob, s.grey_prob,
             s.blur_prob, s.blur_sigma, s.max_block, s.min_block, group_size=group_size, generator=generator,
+            rows=rows,
         )
 
     def forward(self, views: list[torch.Tensor], epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -134,15 +148,16 @@ class SiT(Method):
         b = views[0].shape[0]
         # views -> clean (rotated) batch -> corrupted batch, all on the device
         clean = torch.cat(views[:2])  # (2B, 3, H, W): view 1 rows, then view 2 rows
+        rows = batch_rows(b, 2, clean.device)  # each image draws as its row of the global batch
         if s.rotation:
-            turns = torch.randint(ROTATIONS, (2 * b,), device=clean.device)
+            turns = (rand_rows((2 * b,), clean.device, rows=rows) * ROTATIONS).long()  # (2B,) in 0..3
             clean = rotate_quarter_turns(clean, turns)
-        corrupted = self.corrupt(clean, group_size=b)
+        corrupted = self.corrupt(clean, group_size=b, rows=rows)
 
         # student on the corrupted views: reconstruction and projection
         out = self.student(corrupted.images)
         mask = corrupted.mask if s.recons_pixels == "masked" else None
-        loss_recons = masked_l1(out["reconstruction"], clean, mask)
+        loss_recons = masked_l1(out["reconstruction"], clean, mask, across_processes=True)
         z = out["projection"]  # (2B, P)
 
         # contrastive: momentum-encoder targets of the clean views, or the two student views against each other
