@@ -114,10 +114,12 @@ class SiT(Method):
         super().__init__()
         self.cfg = cfg
         m = cfg.model
-        arch_kwargs = {"img_size": m.img_size, "patch_size": m.patch_size, "attention": m.attention}
+        arch_kwargs = {"img_size": m.img_size, "patch_size": m.patch_size, "attention": m.attention,
+                       "pos_embed_interp": m.pos_embed_interp}
         if m.depth:
             arch_kwargs["depth"] = m.depth
-        student = build_backbone(m.arch, drop_path_rate=m.drop_path_rate, **arch_kwargs)
+        student = build_backbone(m.arch, drop_path_rate=m.drop_path_rate, grad_checkpointing=m.grad_checkpointing,
+                                 **arch_kwargs)
         teacher = build_backbone(m.arch, drop_path_rate=0.0, **arch_kwargs)
         self.student = SiTNetwork(student, cfg.sit, m.attention)
         self.teacher = SiTNetwork(teacher, cfg.sit, m.attention)
