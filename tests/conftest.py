@@ -35,3 +35,24 @@ def _index_cache(tmp_path_factory):
         os.environ.pop("FASTDINO_INDEX_CACHE")
     else:
         os.environ["FASTDINO_INDEX_CACHE"] = before
+
+
+@pytest.fixture
+def poison_loss(monkeypatch):
+    """poison_loss(at) makes DINO's forward call number `at` (1-based; 0: every call) return a NaN loss, whose
+    gradients are NaN too. Returns the call counter {"n": calls so far}; poison_loss.undo() restores DINO."""
+    from fastdino.methods.dino import DINO
+
+    original, calls = DINO.forward, {"n": 0}
+
+    def poison(at: int) -> dict:
+        def poisoned(self, views, epoch):
+            loss, stats = original(self, views, epoch)
+            calls["n"] += 1
+            return (loss * float("nan") if at in (0, calls["n"]) else loss), stats
+
+        monkeypatch.setattr(DINO, "forward", poisoned)
+        return calls
+
+    poison.undo = lambda: monkeypatch.setattr(DINO, "forward", original)
+    return poison

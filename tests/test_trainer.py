@@ -12,7 +12,6 @@ from fastdino.data.demo import make_demo_dataset
 from fastdino.data.files import DataError
 from fastdino.engine.checkpoint import CheckpointError, load_checkpoint
 from fastdino.engine.trainer import NonFiniteLossError, Trainer, train
-from fastdino.methods.dino import DINO
 
 TINY = [
     "model.arch=vit_tiny", "model.depth=2", "model.patch_size=8", "model.img_size=16", "model.drop_path_rate=0.1",
@@ -144,19 +143,11 @@ def test_checkpoint_from_another_architecture_is_refused(demo_root, tmp_path):
 
 
 def test_non_finite_step_is_skipped_on_the_device_and_stops_the_run_at_the_next_log_step(demo_root, tmp_path,
-                                                                                       monkeypatch):
+                                                                                       poison_loss):
     """No host read in the step: iteration 1's NaN loss skips its update on the device (fused AdamW's found_inf);
     the loop finds it at the next log step (the epoch end, iteration 2), names iteration 1, and nothing after it
     reaches the weights, the log or a checkpoint."""
-    original = DINO.forward
-    calls = {"n": 0}
-
-    def poisoned(self, views, epoch):
-        loss, stats = original(self, views, epoch)
-        calls["n"] += 1
-        return (loss * float("nan") if calls["n"] == 2 else loss), stats
-
-    monkeypatch.setattr(DINO, "forward", poisoned)
+    calls = poison_loss(2)
     out = tmp_path / "run"
     trainer = Trainer(tiny_cfg(demo_root, out, "train.log_every=100", "train.ckpt_every=100"))
     assert trainer.optimizer.defaults["fused"]
@@ -186,24 +177,16 @@ def test_the_cuda_step_never_waits_for_the_device(demo_root, tmp_path, precision
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_non_finite_loss_stops_at_once_and_last_checkpoint_resumes(demo_root, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_at_once_and_last_checkpoint_resumes(demo_root, tmp_path, poison_loss):
     out = tmp_path / "run"
     cfg = tiny_cfg(demo_root, out, "train.ckpt_every=1")
-    original = DINO.forward
-    calls = {"n": 0}
-
-    def poisoned(self, views, epoch):
-        loss, stats = original(self, views, epoch)
-        calls["n"] += 1
-        return (loss * float("nan") if calls["n"] == 4 else loss), stats
-
-    monkeypatch.setattr(DINO, "forward", poisoned)
+    poison_loss(4)
     with pytest.raises(NonFiniteLossError, match=r"iteration 3 .*last.pt.*intact"):
         train(cfg)
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["step"] == 3
     assert all(torch.isfinite(v).all() for v in ckpt["student"].values())
-    monkeypatch.setattr(DINO, "forward", original)
+    poison_loss.undo()
     assert train(cfg).steps_done == 6
 
 

@@ -12,7 +12,6 @@ from fastdino.data.files import DataError, index_image_folder
 from fastdino.engine.checkpoint import CheckpointError
 from fastdino.engine.trainer import NonFiniteLossError, train
 from fastdino.errors import MissingDependencyError, UserError
-from fastdino.methods.dino import DINO
 
 TINY = [
     "model.arch=vit_tiny", "model.depth=1", "model.patch_size=8", "model.img_size=16", "dino.out_dim=16",
@@ -114,14 +113,8 @@ def test_schedule_warnings_name_the_keys():
     assert schedule_warnings(load_config(None, ["train.epochs=100"]), steps_per_epoch=10) == []
 
 
-def test_non_finite_loss_in_a_fresh_run_says_no_checkpoint_exists(demo_root, tmp_path, monkeypatch):
-    original = DINO.forward
-
-    def poisoned(self, views, epoch):
-        loss, stats = original(self, views, epoch)
-        return loss * float("nan"), stats
-
-    monkeypatch.setattr(DINO, "forward", poisoned)
+def test_non_finite_loss_in_a_fresh_run_says_no_checkpoint_exists(demo_root, tmp_path, poison_loss):
+    poison_loss(0)
     out = tmp_path / "run"
     with pytest.raises(NonFiniteLossError, match="iteration 0 .*no checkpoint was written yet") as info:
         train(load_config(None, TINY + [f"data.path={demo_root}", f"train.output_dir={out}"]))
