@@ -343,9 +343,9 @@ def _host_reads(monkeypatch, trainer):
 
 
 def test_signals_only_on_log_steps_and_no_sync_in_the_step(demo_root, tmp_path, monkeypatch):
-    """Signals are computed only on log steps; they add no host read inside the step (the same reads as a run
-    without health: the finite-loss check, and on the CPU AdamW's step counters); values reach the host only
-    through RunLogger, on log steps."""
+    """Signals are computed only on log steps; they add no host read inside the step, which has none at all (the
+    non-finite check stays on the device, fused AdamW keeps its step counters there); values reach the host only
+    through RunLogger, on log steps, where the same hooks see them (so a read in the step would show)."""
     extra = ["train.log_every=4", "train.epochs=3"]  # 9 steps
     reads, signal_steps = _host_reads(monkeypatch, Trainer(tiny_cfg(demo_root, tmp_path / "on", *extra)))
     base, none = _host_reads(monkeypatch, Trainer(tiny_cfg(demo_root, tmp_path / "off", *extra,
@@ -353,8 +353,7 @@ def test_signals_only_on_log_steps_and_no_sync_in_the_step(demo_root, tmp_path, 
     log_steps = [2, 3, 5, 7, 8]  # every 4th, and the last of each 3-step epoch (0-based)
     assert signal_steps == log_steps and none == []
     per_step = [sum(1 for w, s in reads if (w, s) == ("step", i)) for i in range(9)]
-    assert per_step == [sum(1 for w, s in base if (w, s) == ("step", i)) for i in range(9)]
-    assert min(per_step) >= 1  # the check saw the finite-loss read, so it would see one more
+    assert per_step == [sum(1 for w, s in base if (w, s) == ("step", i)) for i in range(9)] == [0] * 9
     assert sorted({s for w, s in reads if w == "logger"}) == log_steps
 
 
