@@ -12,6 +12,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastdino.config import ModelConfig
+from fastdino.models.vit import VisionTransformer, build_backbone
+
+
+def backbone_from_config(m: ModelConfig, student: bool) -> VisionTransformer:
+    """The ViT of `model.*` every method builds on: the student's with stochastic depth (model.drop_path_rate) and,
+    when asked, recomputed blocks (model.grad_checkpointing); the teacher's with neither (no gradients)."""
+    kwargs = {"img_size": m.img_size, "patch_size": m.patch_size, "attention": m.attention,
+              "pos_embed_interp": m.pos_embed_interp, **({"depth": m.depth} if m.depth else {})}
+    if student:
+        return build_backbone(m.arch, drop_path_rate=m.drop_path_rate, grad_checkpointing=m.grad_checkpointing,
+                              **kwargs)
+    return build_backbone(m.arch, drop_path_rate=0.0, **kwargs)
+
 
 class Method(nn.Module):
     """student: trained by the optimizer (the engine may wrap it in DDP); teacher: its EMA copy."""

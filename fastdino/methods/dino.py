@@ -17,10 +17,9 @@ from fastdino.config import Config
 from fastdino.data.multicrop import multicrop_transform
 from fastdino.losses.dino import TeacherCenter, dino_loss, resolve_loss_impl
 from fastdino.losses.signals import distribution_signals, feature_spread
-from fastdino.methods.base import Method
+from fastdino.methods.base import Method, backbone_from_config
 from fastdino.models.flops import dino_train_flops_per_image
 from fastdino.models.heads import DINOHead
-from fastdino.models.vit import build_backbone
 from fastdino.schedules import cosine_schedule, teacher_temp_schedule
 from fastdino.telemetry import phase
 
@@ -56,20 +55,14 @@ class DINO(Method):
     def __init__(self, cfg: Config, device: torch.device):
         super().__init__()
         self.cfg = cfg
-        m = cfg.model
-        arch_kwargs = {"img_size": m.img_size, "patch_size": m.patch_size, "attention": m.attention,
-                       "pos_embed_interp": m.pos_embed_interp}
-        if m.depth:
-            arch_kwargs["depth"] = m.depth
         d = cfg.dino
 
         def head(dim: int) -> DINOHead:
             return DINOHead(dim, d.out_dim, d.hidden_dim, d.bottleneck_dim, d.norm_last_layer, use_bn=d.head_bn)
 
-        backbone = build_backbone(m.arch, drop_path_rate=m.drop_path_rate, grad_checkpointing=m.grad_checkpointing,
-                                  **arch_kwargs)
+        backbone = backbone_from_config(cfg.model, student=True)
         self.student = MultiCropNetwork(backbone, head(backbone.embed_dim))
-        teacher_backbone = build_backbone(m.arch, drop_path_rate=0.0, **arch_kwargs)
+        teacher_backbone = backbone_from_config(cfg.model, student=False)
         self.teacher = MultiCropNetwork(teacher_backbone, head(teacher_backbone.embed_dim))
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)

@@ -31,10 +31,10 @@ from fastdino.data.masking import BatchRows, Corruption, corrupt_images, process
 from fastdino.data.multicrop import multicrop_transform
 from fastdino.losses.signals import feature_spread
 from fastdino.losses.sit import masked_l1, momentum_contrastive_loss, nt_xent_loss, uncertainty_weighted
-from fastdino.methods.base import Method
+from fastdino.methods.base import Method, backbone_from_config
 from fastdino.models.decoder import ReconstructionDecoder
 from fastdino.models.flops import sit_train_flops_per_image
-from fastdino.models.vit import VisionTransformer, build_backbone
+from fastdino.models.vit import VisionTransformer
 from fastdino.schedules import cosine_schedule
 
 ROTATIONS = 4
@@ -114,13 +114,8 @@ class SiT(Method):
         super().__init__()
         self.cfg = cfg
         m = cfg.model
-        arch_kwargs = {"img_size": m.img_size, "patch_size": m.patch_size, "attention": m.attention,
-                       "pos_embed_interp": m.pos_embed_interp}
-        if m.depth:
-            arch_kwargs["depth"] = m.depth
-        student = build_backbone(m.arch, drop_path_rate=m.drop_path_rate, grad_checkpointing=m.grad_checkpointing,
-                                 **arch_kwargs)
-        teacher = build_backbone(m.arch, drop_path_rate=0.0, **arch_kwargs)
+        student = backbone_from_config(m, student=True)
+        teacher = backbone_from_config(m, student=False)
         self.student = SiTNetwork(student, cfg.sit, m.attention)
         self.teacher = SiTNetwork(teacher, cfg.sit, m.attention)
         self.teacher.load_state_dict(self.student.state_dict())
