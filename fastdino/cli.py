@@ -64,6 +64,13 @@ def _comma_list(convert, check, what: str):
     return parse
 
 
+def output_file(text: str) -> str:
+    """A flag type for a file to be written: its folder must exist (refused before any work otherwise)."""
+    if not Path(text).parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: its folder {Path(text).parent} does not exist")
+    return text
+
+
 def _folder(text: str) -> Path:
     if not Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{text} is not a folder")

@@ -56,7 +56,7 @@ from pathlib import Path
 
 import torch
 
-from fastdino.cli import OneLineParser, positive_int
+from fastdino.cli import OneLineParser, output_file, positive_int
 from fastdino.config import load_config
 from fastdino.data.demo import DEMO_CLASSES, make_demo_dataset
 from fastdino.engine.ema import ema_foreach_
@@ -433,12 +433,6 @@ def comma_list(choices: tuple[str, ...], what: str):
     return parse
 
 
-def writable_file(text: str) -> str:
-    if not Path(text).parent.is_dir():
-        raise argparse.ArgumentTypeError(f"{text}: its folder {Path(text).parent} does not exist")
-    return text
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="bench_step", description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=comma_list(tuple(CASES), "case"), default=list(CASES),
@@ -456,8 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--curve", type=positive_int, metavar="N",
                         help="also the loss curves of torch and the fastdino providers given over N steps on the "
                              "same real batches, for the first case (issue 17 asks for 200)")
-    parser.add_argument("--curve-png", type=writable_file, help="draw the --curve curves into this PNG")
-    parser.add_argument("--json", type=writable_file,
+    parser.add_argument("--curve-png", type=output_file, help="draw the --curve curves into this PNG")
+    parser.add_argument("--json", type=output_file,
                         help="write the rows here (rewritten after every row, so a cut-off run keeps some)")
     args = parser.parse_args(argv)
     providers, backends = args.providers, args.end_to_end

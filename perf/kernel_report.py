@@ -217,7 +217,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fastdino.cli import OneLineParser  # after __main__ dropped TRITON_INTERPRET
+    from fastdino.cli import OneLineParser, output_file  # after __main__ dropped TRITON_INTERPRET
 
     def targets(text: str) -> list[int]:
         ccs = [t for t in text.split(",") if t]
@@ -227,17 +227,12 @@ def main(argv: list[str] | None = None) -> int:
                                              f"{', '.join(map(str, SUPPORTED_TARGETS))} (Triton's bundled ptxas)")
         return [int(t) for t in ccs]
 
-    def writable(text: str) -> str:
-        if not Path(text).parent.is_dir():
-            raise argparse.ArgumentTypeError(f"{text}: its folder {Path(text).parent} does not exist")
-        return text
-
     parser = OneLineParser(prog="kernel_report", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="only the largest block size of each kernel variant (the most registers): the CI subset")
     parser.add_argument("--targets", type=targets, default=list(TARGETS),
                         help="comma-separated compute capabilities (default 80,90)")
-    parser.add_argument("--json", type=writable, help="also write the rows to this JSON file")
+    parser.add_argument("--json", type=output_file, help="also write the rows to this JSON file")
     parser.add_argument("--kernel", help="only kernels whose name contains this")
     args = parser.parse_args(argv)
     problem = api_problem()
