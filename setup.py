@@ -7,7 +7,10 @@ setup(
     version="0.1.0",
     description="Throughput-first self-supervised ViT pretraining (DINO) with Triton kernels",
     python_requires=">=3.10",
-    packages=find_packages(include=["fastdino", "fastdino.*", "kernels", "kernels.*"]),
+    # kernels/ is installed as fastdino.kernels, never as a top-level `kernels` (that name is Hugging Face's, a
+    # transformers dependency); fastdino/kernels/__init__.py finds the folder in a checkout (see its docstring).
+    packages=find_packages(include=["fastdino", "fastdino.*"]),
+    package_dir={"fastdino.kernels": "kernels"},
     install_requires=[
         "torch>=2.5",
         "torchvision>=0.20",

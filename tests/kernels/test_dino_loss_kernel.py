@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from fastdino.losses.dino import dino_loss_ref
-from kernels.dino_loss import dino_loss_forward, dino_loss_triton
+from fastdino.kernels.dino_loss import dino_loss_forward, dino_loss_triton
 
 STUDENT_TEMP = 0.1
 TEACHER_TEMP = 0.04
