@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from fastdino.config import load_config
-from fastdino.engine.interop import EXPORT_FORMATS
+from fastdino.interop.official import EXPORT_FORMATS
 from fastdino.errors import UserError
 from fastdino.models.vit import model_names
 
@@ -140,7 +140,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _knn(args: argparse.Namespace) -> int:
     from fastdino.config import EvalConfig
-    from fastdino.engine.interop import load_teacher_backbone
+    from fastdino.interop.official import load_teacher_backbone
     from fastdino.engine.trainer import resolve_device
     from fastdino.eval.knn import knn_evaluate
 
@@ -159,7 +159,7 @@ def _knn(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from fastdino.engine.interop import export_official
+    from fastdino.interop.official import export_official
 
     out = export_official(args.checkpoint, args.out, args.format)
     print(f"wrote {out} ({args.format} layout)")
@@ -169,7 +169,7 @@ def _export(args: argparse.Namespace) -> int:
 def _load_teacher_backbone(path: str, arch: str | None, patch_size: int | None, device: torch.device):
     """Checkpoint path (fastdino or official DINO) -> the frozen teacher backbone (eval mode, on `device`), with
     sdpa attention: `linear` needs no xformers, and attention maps always take the explicit-softmax path."""
-    from fastdino.engine.interop import load_teacher_backbone
+    from fastdino.interop.official import load_teacher_backbone
 
     loaded = load_teacher_backbone(path, arch=arch, patch_size=patch_size, attention="sdpa")
     return loaded.model.eval().requires_grad_(False).to(device)

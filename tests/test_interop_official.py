@@ -12,7 +12,7 @@ from fastdino.cli import main
 from fastdino.config import config_to_dict, load_config
 from fastdino.data.demo import make_demo_dataset
 from fastdino.engine.checkpoint import CheckpointError, save_checkpoint
-from fastdino.engine.interop import (
+from fastdino.interop.official import (
     export_official,
     load_teacher_backbone,
     read_dino_weights,
