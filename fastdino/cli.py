@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from fastdino.config import load_config
-from fastdino.interop.official import EXPORT_FORMATS
 from fastdino.errors import UserError
+from fastdino.interop.export import EXPORT_FORMATS, FOLDER_FORMATS
 from fastdino.models.vit import model_names
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -140,9 +140,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _knn(args: argparse.Namespace) -> int:
     from fastdino.config import EvalConfig
-    from fastdino.interop.official import load_teacher_backbone
     from fastdino.engine.trainer import resolve_device
     from fastdino.eval.knn import knn_evaluate
+    from fastdino.interop.official import load_teacher_backbone
 
     device = resolve_device(args.device, key="--device")
     loaded = load_teacher_backbone(args.checkpoint, arch=args.arch, patch_size=args.patch_size)
@@ -159,10 +159,10 @@ def _knn(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from fastdino.interop.official import export_official
+    from fastdino.interop.export import CHECK_ATOL, export
 
-    out = export_official(args.checkpoint, args.out, args.format)
-    print(f"wrote {out} ({args.format} layout)")
+    out = export(args.checkpoint, args.out or None, args.format)
+    print(f"wrote {out} ({args.format} format; loaded back, its class tokens match fastdino's within {CHECK_ATOL:g})")
     return 0
 
 
@@ -328,12 +328,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=nonnegative_int, default=DEFAULT_WORKERS)
     p.set_defaults(func=_knn)
 
-    p = sub.add_parser("export", help="write a checkpoint in the official DINO layout: fastdino export CKPT")
-    p.add_argument("checkpoint", help="fastdino checkpoint (or an official file, to change its layout)")
+    p = sub.add_parser("export", help="write a checkpoint's teacher for timm, transformers, torch.hub or the "
+                                      "official DINO code, checked by loading it back: fastdino export CKPT")
+    p.add_argument("checkpoint", help="fastdino checkpoint, or any file / model folder `knn` reads")
     p.add_argument("--format", default="official", choices=EXPORT_FORMATS,
                    help="official: full training checkpoint (student, teacher, dino_loss.center); "
-                        "official-backbone: the teacher's ViT state dict, as the released *_pretrain.pth files")
-    p.add_argument("--out", default="", help="output file; default <checkpoint stem>_<format>.pth beside it")
+                        "official-backbone, or its alias hub: the teacher's ViT state dict, as the released "
+                        "*_pretrain.pth files torch.hub loads; timm: a folder for timm.create_model('local-dir:DIR', "
+                        "pretrained=True); hf: a folder for transformers' ViTModel / AutoImageProcessor")
+    p.add_argument("--out", default="", help="output file (official formats) or a new or empty folder "
+                                             f"({', '.join(FOLDER_FORMATS)}); default <checkpoint stem>_<format>"
+                                             "[.pth] beside the checkpoint")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("linear", help="linear-probe top-1/top-5 of a checkpoint's frozen teacher backbone")
