@@ -267,25 +267,35 @@ def _budget(args: argparse.Namespace) -> int:
 
 def _finetune(args: argparse.Namespace) -> int:
     from fastdino.config import config_from_dict
-    from fastdino.engine.checkpoint import load_checkpoint
     from fastdino.engine.trainer import resolve_device
     from fastdino.eval.finetune import finetune
+    from fastdino.interop.official import load_teacher_backbone, read_weights_file
     from fastdino.methods import build_method
+    from fastdino.models.vit import build_backbone
 
-    state = load_checkpoint(args.checkpoint)
-    cfg = config_from_dict(state["config"])
+    path = Path(args.checkpoint)
     device = resolve_device(args.device, key="--device")
+    state = read_weights_file(path) if path.is_file() and path.suffix != ".safetensors" else None
     torch.manual_seed(args.seed)  # the --random-init weights follow --seed (torch seeds itself randomly at start)
-    method = build_method(cfg, device)
+    if isinstance(state, dict) and "config" in state:  # a fastdino run (DINO or SiT): its method's k-NN backbone
+        cfg = config_from_dict(state["config"])
+        method = build_method(cfg, device)
+        if not args.random_init:
+            try:
+                method.teacher.load_state_dict(state["teacher"])
+            except RuntimeError as exc:
+                raise UserError(f"checkpoint {args.checkpoint}: teacher weights do not load ({exc})") from exc
+        backbone, image_size = method.feature_backbone(), cfg.data.global_size
+    else:  # an official, timm or transformers ViT: its backbone
+        loaded = load_teacher_backbone(path)
+        backbone, image_size, s = loaded.model, loaded.image_size, loaded.spec
+        if args.random_init:
+            backbone = build_backbone(s.arch, img_size=s.img_size, patch_size=s.patch_size, depth=s.depth)
+        backbone = backbone.to(device)
     if args.random_init:
         print("backbone: random initialisation (the baseline; the checkpoint's weights are not loaded)")
-    else:
-        try:
-            method.teacher.load_state_dict(state["teacher"])
-        except RuntimeError as exc:
-            raise UserError(f"checkpoint {args.checkpoint}: teacher weights do not load ({exc})") from exc
     result = finetune(
-        method.feature_backbone(), args.train, args.val, args.image_size or cfg.data.global_size, device,
+        backbone, args.train, args.val, args.image_size or image_size, device,
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
         num_workers=args.num_workers, seed=args.seed, per_class=args.per_class, report=print,
     )
@@ -406,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_budget)
 
     p = sub.add_parser("finetune", help="fine-tune a checkpoint's backbone + a linear head end to end, print top-1")
-    p.add_argument("checkpoint", help="a fastdino checkpoint (DINO or SiT); its k-NN backbone is fine-tuned")
+    p.add_argument("checkpoint", help="a fastdino checkpoint (DINO or SiT; its k-NN backbone is fine-tuned), or any "
+                                      "file / model folder `knn` reads (official, timm, transformers)")
     p.add_argument("--train", required=True, type=_folder, help="labelled folder (class sub-folders) to train on")
     p.add_argument("--val", required=True, type=_folder,
                    help="labelled folder with the same classes: top-1 is measured on it")
