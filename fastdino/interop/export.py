@@ -122,10 +122,9 @@ def exported_class_token(fmt: str, written: Path, heads: int, x: torch.Tensor, u
 def fastdino_class_token(weights: DinoWeights, x: torch.Tensor) -> torch.Tensor:
     """The teacher backbone's class token (B, D) on x, as fastdino's own ViT computes it (fp32, eval mode)."""
     s = weights.spec
-    with torch.device("meta"):  # no initialisation: every tensor comes from the file
-        model = build_backbone(s.arch, img_size=s.img_size, patch_size=s.patch_size, depth=s.depth, attention="sdpa")
+    model = build_backbone(s.arch, img_size=s.img_size, patch_size=s.patch_size, depth=s.depth, attention="sdpa")
     load_exact(model, {k: v.float() for k, v in to_official_backbone(weights).items()},
-               f"checkpoint {weights.path}: teacher backbone weights", assign=True)
+               f"checkpoint {weights.path}: teacher backbone weights")
     return model.eval()(x)
 
 
