@@ -20,9 +20,13 @@ setup(
         "pyyaml",
         "tqdm",
         "matplotlib",  # reports/plots.py (Agg): SiT reconstruction grids
+        "safetensors",  # fastdino export --format timm|hf writes, and every reader takes, .safetensors weights
     ],
     extras_require={
-        "dev": ["pytest", "ruff"],
+        # timm (local-dir: loading), transformers 5 (AutoImageProcessor backends): the exports are loaded back by
+        # the real libraries in tests/test_interop_*.py;
+        # transformers 5.x brings Hugging Face's `kernels` package, which tests/test_packaging.py needs
+        "dev": ["pytest", "ruff", "timm>=1.0.16", "transformers>=5"],
         "tensorboard": ["tensorboard"],
         "gpu": ["nvidia-ml-py"],  # pynvml: GPU telemetry in the training log, benchmarks and profile
         "dali": ["nvidia-dali-cuda130"],  # data.backend=dali: decode and multi-crop on the GPU
