@@ -4,6 +4,7 @@ round-trips through train.init_from tensor for tensor, and a ViT transformers bu
 with its features."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from fastdino.cli import main
 from fastdino.config import config_to_dict, load_config
 from fastdino.data.multicrop import eval_transform
 from fastdino.engine.checkpoint import save_checkpoint
+from fastdino.errors import CheckpointError
 from fastdino.interop.hf import hf_class_token
 from fastdino.interop.official import init_from_weights, load_teacher_backbone, read_dino_weights
 from fastdino.methods import build_method
@@ -116,3 +118,20 @@ def test_a_vit_transformers_built_reads_with_its_features(head, tmp_path):
         theirs = vit(pixel_values=x).last_hidden_state[:, 0]
         torch.testing.assert_close(loaded.model(x), theirs, atol=1e-5, rtol=0)
     assert (loaded.kind, loaded.spec.arch, loaded.spec.patch_size, loaded.spec.depth) == ("hf", "vit_tiny", 8, 3)
+
+
+def test_transformers_default_eps_reads_with_a_warning_and_stray_tensors_are_refused(tmp_path, caplog):
+    """ViTConfig's default layer_norm_eps is 1e-12 (facebook/dino-vits16 carries it); a tensor fastdino's ViT has
+    no place for stops the read instead of being dropped."""
+    from safetensors.torch import load_file, save_file
+
+    config = transformers.ViTConfig(hidden_size=192, num_hidden_layers=1, num_attention_heads=3,
+                                    intermediate_size=768, image_size=32, patch_size=8)
+    transformers.ViTModel(config).save_pretrained(tmp_path / "m")
+    with caplog.at_level(logging.WARNING, logger="fastdino"):
+        load_teacher_backbone(tmp_path / "m")
+    assert "layer_norm_eps 1e-12" in caplog.text
+    weights = tmp_path / "m" / "model.safetensors"
+    save_file({**load_file(weights), "encoder.layer.0.attention.attention.extra": torch.zeros(3)}, weights)
+    with pytest.raises(CheckpointError, match="no place for: encoder.layer.0.attention.attention.extra"):
+        load_teacher_backbone(tmp_path / "m")

@@ -84,11 +84,12 @@ def to_hf(backbone: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def from_hf(state: dict[str, torch.Tensor], config: dict | None, source: str) -> dict[str, torch.Tensor]:
-    """ViTModel / ViTFor* state dict (+ its config.json, when there is one) -> official backbone names.
+    """ViTModel / ViTFor* state dict (+ its config.json, when there is one) -> official backbone names; the
+    pooler and a classifier are not part of the backbone and are dropped.
 
     Raises CheckpointError naming `source` for a config fastdino's ViT cannot express (another activation, an
-    MLP not 4x wide) or a missing tensor. A layer_norm_eps other than DINO's 1e-6 is read with a warning:
-    fastdino's ViT computes with 1e-6.
+    MLP not 4x wide), a missing tensor, or a tensor with no place in fastdino's ViT (nothing is dropped
+    silently). A layer_norm_eps other than DINO's 1e-6 is read with a warning: fastdino's ViT computes with 1e-6.
     """
     config = config or {}
     if config.get("hidden_act", "gelu") != "gelu":
@@ -97,24 +98,35 @@ def from_hf(state: dict[str, torch.Tensor], config: dict | None, source: str) ->
     if eps != LAYER_NORM_EPS:
         log.warning("%s: layer_norm_eps %g; fastdino's ViT (as DINO's) uses %g: its features differ slightly from "
                     "the transformers model's", source, eps, LAYER_NORM_EPS)
-    state = {k.removeprefix("vit."): v for k, v in state.items() if not k.startswith(("classifier.", "pooler."))}
-    state = {k: v for k, v in state.items() if not k.startswith("vit.pooler.")}
+    state = {k.removeprefix("vit."): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith(("classifier.", "pooler."))}
+    used: set[str] = set()
+
+    def take(key: str) -> torch.Tensor:
+        used.add(key)
+        return state[key]
+
     try:
-        out = {ours: state[hf] for ours, hf in _TOP.items()}
+        out = {ours: take(hf) for ours, hf in _TOP.items()}
         depth = len({k.split(".")[2] for k in state if k.startswith("encoder.layer.")})
         for i in range(depth):
             src, dst = f"encoder.layer.{i}.", f"blocks.{i}."
             for ours, hf in _BLOCK.items():
                 for p in ("weight", "bias"):
-                    out[f"{dst}{ours}.{p}"] = state[f"{src}{hf}.{p}"]
+                    out[f"{dst}{ours}.{p}"] = take(f"{src}{hf}.{p}")
             for p in ("weight", "bias"):
-                out[f"{dst}attn.qkv.{p}"] = torch.cat([state[f"{src}{name}.{p}"] for name in _QKV])
+                out[f"{dst}attn.qkv.{p}"] = torch.cat([take(f"{src}{name}.{p}") for name in _QKV])
     except KeyError as exc:
         raise CheckpointError(f"{source}: transformers ViT weights without {exc.args[0]} (fastdino reads ViTs with "
                               "qkv bias)") from None
-    if config.get("intermediate_size", 4 * out["norm.weight"].numel()) != 4 * out["norm.weight"].numel():
+    unused = sorted(state.keys() - used)
+    if unused:
+        raise CheckpointError(f"{source}: tensors fastdino's ViT has no place for: {', '.join(unused[:3])}"
+                              + (f" (+{len(unused) - 3} more)" if len(unused) > 3 else ""))
+    width = out["norm.weight"].numel()
+    if config.get("intermediate_size", 4 * width) != 4 * width:
         raise CheckpointError(f"{source}: intermediate_size {config['intermediate_size']} is not 4 x hidden_size "
-                              f"{out['norm.weight'].numel()}, fastdino's ViT MLP ratio")
+                              f"{width}, fastdino's ViT MLP ratio")
     return out
 
 
