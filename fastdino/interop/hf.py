@@ -152,10 +152,17 @@ def hf_class_token(folder: Path, x: torch.Tensor, *, use_library: bool = True) -
     if use_library:
         try:
             from transformers import ViTModel
+            from transformers.utils import logging as hf_logging
         except ImportError:
             ViTModel = None
         if ViTModel is not None:
-            model = ViTModel.from_pretrained(folder, add_pooling_layer=False).eval()
+            bar = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()  # no "Loading weights" bar in the middle of `fastdino export`
+            try:
+                model = ViTModel.from_pretrained(folder, add_pooling_layer=False).eval()
+            finally:
+                if bar:
+                    hf_logging.enable_progress_bar()
             return model(pixel_values=x).last_hidden_state[:, 0]
     from safetensors.torch import load_file
 
