@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from fastdino.kernels.dino_loss import dino_loss_triton
 from fastdino.losses.dino import dino_loss_ref
 from fastdino.telemetry import GpuTelemetry
-from fastdino.kernels.dino_loss import dino_loss_triton
 
 STUDENT_TEMP = 0.1
 TEACHER_TEMP = 0.04

@@ -10,8 +10,8 @@ spill stores / loads in bytes. Shared memory is Triton's own figure (`metadata.s
 each launch asks for: reduction scratch and layout conversions). Nothing here touches a GPU.
 
 Configurations (`configurations()`): for each kernel, every dtype its wrapper accepts, every constexpr variant
-(NEED_GRAD, M_IS_TENSOR, ALIGNED) and every block size the host can choose (`fastdino.kernels.dino_loss._block` gives the
-powers of two from 16 to ROW_BLOCK_K / COL_BLOCK_K; the EMA uses EMA_BLOCK on a GPU), with the wrapper's
+(NEED_GRAD, M_IS_TENSOR, ALIGNED) and every block size the host can choose (`fastdino.kernels.dino_loss._block`
+gives the powers of two from 16 to ROW_BLOCK_K / COL_BLOCK_K; the EMA uses EMA_BLOCK on a GPU), with the wrapper's
 num_warps. Argument attributes are those Triton's launcher derives at the training shape (B = 128, 12 crops,
 K = 65536): every pointer 16-byte aligned, and the integer arguments that are multiples of 16 marked so.
 
@@ -66,7 +66,8 @@ class KernelConfig:
 
 
 def _block_sizes(largest: int, quick: bool) -> list[int]:
-    """The blocks `fastdino.kernels.dino_loss._block` can return: powers of two in [16, largest] (quick: largest only)."""
+    """The blocks `fastdino.kernels.dino_loss._block` can return: powers of two in [16, largest] (quick: largest
+    only)."""
     sizes = [1 << i for i in range(4, largest.bit_length()) if 1 << i <= largest]
     return sizes[-1:] if quick else sizes
 
