@@ -2,6 +2,8 @@
 is the release layout, SiT runs export their backbone, bad input is one line and exit 2, and the written formats
 start evaluations and runs (knn, finetune, init_from from a lone .safetensors file)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -88,11 +90,16 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     no_weights = tmp_path / "no_weights"
     no_weights.mkdir()
     (no_weights / "config.json").write_text('{"architecture": "vit_tiny_patch16_224"}')
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text('{"architecture": "vit_tiny_patch16_224"}')
+    torch.save({"cls_token": torch.zeros(1, 1, 192), "where": Path("/")}, pickled / "pytorch_model.bin")
     cases = [
         (["export", str(tmp_path / "last.pt"), "--format", "onnx"], "--format"),
         (["export", str(tmp_path / "last.pt"), "--format", "timm", "--out", str(full)], "not an empty folder"),
         (["export", str(tmp_path / "last.pt"), "--format", "hub", "--out", str(full)], "is a folder"),
         (["export", str(no_weights), "--format", "hub"], "has no weights"),
+        (["export", str(pickled), "--format", "hub"], "pickled Python object"),
         (["knn", "--checkpoint", str(no_weights), "--train", str(tmp_path), "--val", str(tmp_path)], "has no weights"),
         (["export", str(tmp_path / "last.pt"), "--out", str(tmp_path / "nowhere" / "x.pth")], "does not exist"),
     ]
