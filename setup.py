@@ -7,7 +7,10 @@ setup(
     version="0.1.0",
     description="Throughput-first self-supervised ViT pretraining (DINO) with Triton kernels",
     python_requires=">=3.10",
-    packages=find_packages(include=["fastdino", "fastdino.*", "kernels", "kernels.*"]),
+    # kernels/ is installed as fastdino.kernels, never as a top-level `kernels` (that name is Hugging Face's, a
+    # transformers dependency); fastdino/kernels/__init__.py finds the folder in a checkout (see its docstring).
+    packages=find_packages(include=["fastdino", "fastdino.*"]),
+    package_dir={"fastdino.kernels": "kernels"},
     install_requires=[
         "torch>=2.5",
         "torchvision>=0.20",
@@ -17,9 +20,13 @@ setup(
         "pyyaml",
         "tqdm",
         "matplotlib",  # reports/plots.py (Agg): SiT reconstruction grids
+        "safetensors",  # fastdino export --format timm|hf writes, and every reader takes, .safetensors weights
     ],
     extras_require={
-        "dev": ["pytest", "ruff"],
+        # timm (local-dir: loading), transformers 5 (AutoImageProcessor backends): the exports are loaded back by
+        # the real libraries in tests/test_interop_*.py;
+        # transformers 5.x brings Hugging Face's `kernels` package, which tests/test_packaging.py needs
+        "dev": ["pytest", "ruff", "timm>=1.0.16", "transformers>=5"],
         "tensorboard": ["tensorboard"],
         "gpu": ["nvidia-ml-py"],  # pynvml: GPU telemetry in the training log, benchmarks and profile
         "dali": ["nvidia-dali-cuda130"],  # data.backend=dali: decode and multi-crop on the GPU

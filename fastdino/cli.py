@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from fastdino.config import load_config
-from fastdino.engine.interop import EXPORT_FORMATS
 from fastdino.errors import UserError
+from fastdino.interop.export import EXPORT_FORMATS, FOLDER_FORMATS
 from fastdino.models.vit import model_names
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -140,9 +140,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _knn(args: argparse.Namespace) -> int:
     from fastdino.config import EvalConfig
-    from fastdino.engine.interop import load_teacher_backbone
     from fastdino.engine.trainer import resolve_device
     from fastdino.eval.knn import knn_evaluate
+    from fastdino.interop.official import load_teacher_backbone
 
     device = resolve_device(args.device, key="--device")
     loaded = load_teacher_backbone(args.checkpoint, arch=args.arch, patch_size=args.patch_size)
@@ -159,17 +159,17 @@ def _knn(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from fastdino.engine.interop import export_official
+    from fastdino.interop.export import CHECK_ATOL, export
 
-    out = export_official(args.checkpoint, args.out, args.format)
-    print(f"wrote {out} ({args.format} layout)")
+    out = export(args.checkpoint, args.out or None, args.format)
+    print(f"wrote {out} ({args.format} format; loaded back, its class tokens match fastdino's within {CHECK_ATOL:g})")
     return 0
 
 
 def _load_teacher_backbone(path: str, arch: str | None, patch_size: int | None, device: torch.device):
     """Checkpoint path (fastdino or official DINO) -> the frozen teacher backbone (eval mode, on `device`), with
     sdpa attention: `linear` needs no xformers, and attention maps always take the explicit-softmax path."""
-    from fastdino.engine.interop import load_teacher_backbone
+    from fastdino.interop.official import load_teacher_backbone
 
     loaded = load_teacher_backbone(path, arch=arch, patch_size=patch_size, attention="sdpa")
     return loaded.model.eval().requires_grad_(False).to(device)
@@ -267,25 +267,35 @@ def _budget(args: argparse.Namespace) -> int:
 
 def _finetune(args: argparse.Namespace) -> int:
     from fastdino.config import config_from_dict
-    from fastdino.engine.checkpoint import load_checkpoint
     from fastdino.engine.trainer import resolve_device
     from fastdino.eval.finetune import finetune
+    from fastdino.interop.official import load_teacher_backbone, read_weights_file
     from fastdino.methods import build_method
+    from fastdino.models.vit import build_backbone
 
-    state = load_checkpoint(args.checkpoint)
-    cfg = config_from_dict(state["config"])
+    path = Path(args.checkpoint)
     device = resolve_device(args.device, key="--device")
+    state = read_weights_file(path) if path.is_file() and path.suffix != ".safetensors" else None
     torch.manual_seed(args.seed)  # the --random-init weights follow --seed (torch seeds itself randomly at start)
-    method = build_method(cfg, device)
+    if isinstance(state, dict) and "config" in state:  # a fastdino run (DINO or SiT): its method's k-NN backbone
+        cfg = config_from_dict(state["config"])
+        method = build_method(cfg, device)
+        if not args.random_init:
+            try:
+                method.teacher.load_state_dict(state["teacher"])
+            except RuntimeError as exc:
+                raise UserError(f"checkpoint {args.checkpoint}: teacher weights do not load ({exc})") from exc
+        backbone, image_size = method.feature_backbone(), cfg.data.global_size
+    else:  # an official, timm or transformers ViT: its backbone
+        loaded = load_teacher_backbone(path)
+        backbone, image_size, s = loaded.model, loaded.image_size, loaded.spec
+        if args.random_init:
+            backbone = build_backbone(s.arch, img_size=s.img_size, patch_size=s.patch_size, depth=s.depth)
+        backbone = backbone.to(device)
     if args.random_init:
         print("backbone: random initialisation (the baseline; the checkpoint's weights are not loaded)")
-    else:
-        try:
-            method.teacher.load_state_dict(state["teacher"])
-        except RuntimeError as exc:
-            raise UserError(f"checkpoint {args.checkpoint}: teacher weights do not load ({exc})") from exc
     result = finetune(
-        method.feature_backbone(), args.train, args.val, args.image_size or cfg.data.global_size, device,
+        backbone, args.train, args.val, args.image_size or image_size, device,
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
         num_workers=args.num_workers, seed=args.seed, per_class=args.per_class, report=print,
     )
@@ -328,12 +338,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=nonnegative_int, default=DEFAULT_WORKERS)
     p.set_defaults(func=_knn)
 
-    p = sub.add_parser("export", help="write a checkpoint in the official DINO layout: fastdino export CKPT")
-    p.add_argument("checkpoint", help="fastdino checkpoint (or an official file, to change its layout)")
+    p = sub.add_parser("export", help="write a checkpoint's teacher for timm, transformers, torch.hub or the "
+                                      "official DINO code, checked by loading it back: fastdino export CKPT")
+    p.add_argument("checkpoint", help="fastdino checkpoint, or any file / model folder `knn` reads")
     p.add_argument("--format", default="official", choices=EXPORT_FORMATS,
                    help="official: full training checkpoint (student, teacher, dino_loss.center); "
-                        "official-backbone: the teacher's ViT state dict, as the released *_pretrain.pth files")
-    p.add_argument("--out", default="", help="output file; default <checkpoint stem>_<format>.pth beside it")
+                        "official-backbone, or its alias hub: the teacher's ViT state dict, as the released "
+                        "*_pretrain.pth files torch.hub loads; timm: a folder for timm.create_model('local-dir:DIR', "
+                        "pretrained=True); hf: a folder for transformers' ViTModel / AutoImageProcessor")
+    p.add_argument("--out", default="", help="output file (official formats) or a new or empty folder "
+                                             f"({', '.join(FOLDER_FORMATS)}); default <checkpoint stem>_<format>"
+                                             "[.pth] beside the checkpoint")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("linear", help="linear-probe top-1/top-5 of a checkpoint's frozen teacher backbone")
@@ -401,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_budget)
 
     p = sub.add_parser("finetune", help="fine-tune a checkpoint's backbone + a linear head end to end, print top-1")
-    p.add_argument("checkpoint", help="a fastdino checkpoint (DINO or SiT); its k-NN backbone is fine-tuned")
+    p.add_argument("checkpoint", help="a fastdino checkpoint (DINO or SiT; its k-NN backbone is fine-tuned), or any "
+                                      "file / model folder `knn` reads (official, timm, transformers)")
     p.add_argument("--train", required=True, type=_folder, help="labelled folder (class sub-folders) to train on")
     p.add_argument("--val", required=True, type=_folder,
                    help="labelled folder with the same classes: top-1 is measured on it")

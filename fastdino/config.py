@@ -305,7 +305,8 @@ class TrainConfig:
     """auto (continue from output_dir/last.pt if present) | none | a checkpoint path."""
     init_from: str = ""
     """Start a fresh run (iteration 0, new optimizer) from a checkpoint's weights: fastdino or official DINO (full:
-    student, teacher, center; backbone-only: both backbones). Ignored when the run resumes. "" = off."""
+    student, teacher, center; backbone-only: both backbones), or a timm / transformers ViT (a model folder, a
+    .safetensors file or a state dict: both backbones). Ignored when the run resumes. "" = off."""
     seed: int = 0
     device: str = "auto"
     """auto | cpu | cuda."""

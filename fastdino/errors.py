@@ -15,3 +15,7 @@ class UserError(Exception):
 
 class MissingDependencyError(UserError, ImportError):
     """A setting needs an optional package that is not installed; the message names the setting and the extra."""
+
+
+class CheckpointError(UserError, RuntimeError):
+    """An unreadable or incompatible checkpoint or model file; the message names the file."""

@@ -7,7 +7,7 @@ Providers:
             beat: one log_softmax of B x K per (teacher view, student view) pair, under autocast for half dtypes
             as the official fp16 runs use it (softmax / log_softmax in fp32).
   torch     fastdino.losses.dino.dino_loss_ref (one log_softmax per student row, fp32 math).
-  triton    kernels.dino_loss.dino_loss_triton (three fused passes; the gradient is written in the forward).
+  triton    fastdino.kernels.dino_loss.dino_loss_triton (three fused passes; the gradient is written in the forward).
 
 Modes: forward (as in training: the student requires grad), backward (backward alone, graph retained), full
 (forward + backward; the default). Times are medians of triton.testing.do_bench, which flushes L2 between runs.
@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from fastdino.kernels.dino_loss import dino_loss_triton
 from fastdino.losses.dino import dino_loss_ref
 from fastdino.telemetry import GpuTelemetry
-from kernels.dino_loss import dino_loss_triton
 
 STUDENT_TEMP = 0.1
 TEACHER_TEMP = 0.04

@@ -63,7 +63,7 @@ def copy_bandwidth(device: torch.device, do_bench) -> float:
 def bench_model(arch: str, k: int, dtype_name: str, m: float, bw: float, bench, device: torch.device) -> list[str]:
     """Markdown rows for every provider on one (model, student dtype); each starts from the same teacher."""
     from fastdino.engine.ema import TeacherEMA
-    from kernels.ema import EMAPlan
+    from fastdino.kernels.ema import EMAPlan
 
     student, teacher = setup(arch, k, DTYPES[dtype_name], device)
     n_params = sum(p.numel() for p in teacher.parameters()) / 1e6

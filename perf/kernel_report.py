@@ -10,8 +10,8 @@ spill stores / loads in bytes. Shared memory is Triton's own figure (`metadata.s
 each launch asks for: reduction scratch and layout conversions). Nothing here touches a GPU.
 
 Configurations (`configurations()`): for each kernel, every dtype its wrapper accepts, every constexpr variant
-(NEED_GRAD, M_IS_TENSOR, ALIGNED) and every block size the host can choose (`kernels.dino_loss._block` gives the
-powers of two from 16 to ROW_BLOCK_K / COL_BLOCK_K; the EMA uses EMA_BLOCK on a GPU), with the wrapper's
+(NEED_GRAD, M_IS_TENSOR, ALIGNED) and every block size the host can choose (`fastdino.kernels.dino_loss._block`
+gives the powers of two from 16 to ROW_BLOCK_K / COL_BLOCK_K; the EMA uses EMA_BLOCK on a GPU), with the wrapper's
 num_warps. Argument attributes are those Triton's launcher derives at the training shape (B = 128, 12 crops,
 K = 65536): every pointer 16-byte aligned, and the integer arguments that are multiples of 16 marked so.
 
@@ -66,7 +66,8 @@ class KernelConfig:
 
 
 def _block_sizes(largest: int, quick: bool) -> list[int]:
-    """The blocks `kernels.dino_loss._block` can return: powers of two in [16, largest] (quick: largest only)."""
+    """The blocks `fastdino.kernels.dino_loss._block` can return: powers of two in [16, largest] (quick: largest
+    only)."""
     sizes = [1 << i for i in range(4, largest.bit_length()) if 1 << i <= largest]
     return sizes[-1:] if quick else sizes
 
@@ -79,21 +80,21 @@ def configurations(quick: bool = False) -> list[KernelConfig]:
     the EMA kernel for every dtype pair and momentum kind (float or tensor) with aligned tensors (what PyTorch's
     allocator gives), and unaligned as well for the fp32 teacher with an fp32 or bf16 student.
     """
-    from kernels import dino_loss as dl
-    from kernels import ema
+    from fastdino.kernels import dino_loss as dl
+    from fastdino.kernels import ema
 
     out = []
     for dt in DTYPES:
         for bk in _block_sizes(dl.ROW_BLOCK_K, quick):
             sig = {"T": f"*{dt}", "C": "*fp32", "ROW_MAX": "*fp32", "ROW_INV_SUM": "*fp32", "stride_t": "i32",
                    "K": "i32", "inv_tau": "fp32", "BLOCK_K": "constexpr"}
-            out.append(KernelConfig("kernels.dino_loss", "_teacher_stats_kernel", sig, {"BLOCK_K": bk},
+            out.append(KernelConfig("fastdino.kernels.dino_loss", "_teacher_stats_kernel", sig, {"BLOCK_K": bk},
                                     dl.ROW_NUM_WARPS, f"T={dt} BLOCK_K={bk}"))
         for bk in _block_sizes(dl.COL_BLOCK_K, quick):
             sig = {"T": f"*{dt}", "C": "*fp32", "ROW_MAX": "*fp32", "ROW_INV_SUM": "*fp32", "PT": "*fp32",
                    "TSUM": "*fp32", "stride_t": "i32", "stride_p": "i32", "N_ROWS": "i32", "K": "i32",
                    "inv_tau": "fp32", "BLOCK_R": "constexpr", "BLOCK_K": "constexpr"}
-            out.append(KernelConfig("kernels.dino_loss", "_teacher_probs_kernel", sig,
+            out.append(KernelConfig("fastdino.kernels.dino_loss", "_teacher_probs_kernel", sig,
                                     {"BLOCK_R": dl.COL_BLOCK_R, "BLOCK_K": bk}, dl.COL_NUM_WARPS,
                                     f"T={dt} BLOCK_R={dl.COL_BLOCK_R} BLOCK_K={bk}"))
         for need_grad in (True, False):
@@ -102,7 +103,7 @@ def configurations(quick: bool = False) -> list[KernelConfig]:
                        "stride_p": "i32", "stride_g": "i32", "B": "i32", "N_CROPS": "i32", "K": "i32",
                        "inv_tau": "fp32", "grad_scale": "fp32", "BLOCK_K": "constexpr", "NEED_GRAD": "constexpr",
                        "ROUND_BF16_BY_HAND": "constexpr"}  # the by-hand rounding is for the interpreter only
-                out.append(KernelConfig("kernels.dino_loss", "_dino_loss_fwd_kernel", sig,
+                out.append(KernelConfig("fastdino.kernels.dino_loss", "_dino_loss_fwd_kernel", sig,
                                         {"BLOCK_K": bk, "NEED_GRAD": need_grad, "ROUND_BF16_BY_HAND": False},
                                         dl.ROW_NUM_WARPS, f"S={dt} NEED_GRAD={int(need_grad)} BLOCK_K={bk}"))
     for t_dt in DTYPES:
@@ -116,7 +117,7 @@ def configurations(quick: bool = False) -> list[KernelConfig]:
                            "S_DTYPE": "constexpr", "BLOCK": "constexpr", "M_IS_TENSOR": "constexpr",
                            "ALIGNED": "constexpr"}
                     out.append(KernelConfig(
-                        "kernels.ema", "_ema_multi_tensor_kernel", sig,
+                        "fastdino.kernels.ema", "_ema_multi_tensor_kernel", sig,
                         {"BLOCK": ema.EMA_BLOCK, "M_IS_TENSOR": m_is_tensor, "ALIGNED": aligned},
                         ema.EMA_NUM_WARPS,
                         f"T={t_dt} S={s_dt} M_IS_TENSOR={int(m_is_tensor)} ALIGNED={int(aligned)} "

@@ -11,11 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastdino.errors import UserError
-
-
-class CheckpointError(UserError, RuntimeError):
-    """An unreadable or incompatible checkpoint; the message names the file."""
+from fastdino.errors import CheckpointError
 
 
 class CheckpointWriteError(RuntimeError):

@@ -138,7 +138,7 @@ class TeacherEMA:
         teacher.requires_grad_(False)
         self._plan = None
         if self.impl == "triton":
-            from kernels.ema import EMAPlan  # lazy: the foreach path needs no Triton
+            from fastdino.kernels.ema import EMAPlan  # lazy: the foreach path needs no Triton
 
             self._plan_cls = EMAPlan
             self._plan = EMAPlan(*self._tensors(self._ema_slots))  # fail early (device, dtypes, layout)

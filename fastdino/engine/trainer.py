@@ -32,9 +32,9 @@ from fastdino.engine.compile import compile_networks, mark_step_begin
 from fastdino.engine.distributed import DistInfo, PeerWatch, init_distributed, sync_batchnorm
 from fastdino.engine.ema import TeacherEMA
 from fastdino.engine.health import HealthMonitor, TrainingHealthError, agree
-from fastdino.engine.interop import init_from_weights, read_dino_weights
 from fastdino.engine.logging import RunLogger, write_run_report
 from fastdino.eval.knn import knn_evaluate
+from fastdino.interop.official import init_from_weights, read_dino_weights
 from fastdino.methods import build_method, method_class
 from fastdino.methods.base import Method
 from fastdino.reports.plots import read_metrics

@@ -82,7 +82,7 @@ def dino_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatch to the reference (`torch`) or the fused kernel (`triton`); same contract as dino_loss_ref."""
     if impl == "triton":
-        from kernels.dino_loss import dino_loss_triton
+        from fastdino.kernels.dino_loss import dino_loss_triton
 
         return dino_loss_triton(student_logits, teacher_logits, center, student_temp, teacher_temp)
     return dino_loss_ref(student_logits, teacher_logits, center, student_temp, teacher_temp)

@@ -20,8 +20,8 @@ import itertools
 import pytest
 import torch
 
+from fastdino.kernels.dino_loss import dino_loss_forward, dino_loss_triton
 from fastdino.losses.dino import dino_loss_ref
-from kernels.dino_loss import dino_loss_forward, dino_loss_triton
 
 STUDENT_TEMP = 0.1
 TEACHER_TEMP = 0.04

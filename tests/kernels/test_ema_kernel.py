@@ -12,11 +12,11 @@ import copy
 import pytest
 import torch
 
-import kernels.ema as kema
+import fastdino.kernels.ema as kema
 from fastdino.engine.ema import ema_foreach_
+from fastdino.kernels.ema import EMAPlan, ema_multi_tensor_
 from fastdino.models.heads import DINOHead
 from fastdino.models.vit import vit_small, vit_tiny
-from kernels.ema import EMAPlan, ema_multi_tensor_
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ATOL = {torch.float32: 1e-6, torch.bfloat16: 1e-6}  # teacher fp32 either way: the student dtype only sets inputs

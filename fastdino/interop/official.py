@@ -12,16 +12,21 @@ attributes whose construction runs no code from the file). A file that needs mor
   `weight_v` (K, bottleneck)); fastdino's has torch's parametrization (`parametrizations.weight.original0` /
   `original1`): the same two tensors under other names;
 - official backbone-only release files: a ViT state dict, possibly under `teacher` / `student`, possibly with
-  `module.` / `backbone.` prefixes.
+  `module.` / `backbone.` prefixes; timm ViT state dicts are the same (a classifier `head.*` is dropped);
+- the formats of other tools (interop/timm.py, interop/hf.py): a timm or transformers model folder
+  (`config.json` + `model.safetensors` or `pytorch_model.bin`), or a `.safetensors` file; a transformers state
+  dict (split q / k / v) is recognised by its key names in any file.
 
 Every file becomes a `DinoWeights` (networks in fastdino's key names) whose architecture is read from tensor
 shapes (`NetworkSpec`). The ViT's parameter names are the official ones (models/vit.py), so only prefixes and
-the weight norm are mapped. `load_teacher_backbone` is the one entry point for evaluation commands.
+the weight norm are mapped. `load_teacher_backbone` is the one entry point for evaluation commands. Writing
+these layouts (and timm's, transformers') is interop/export.py's.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import re
@@ -33,15 +38,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastdino.engine.checkpoint import CheckpointError, save_checkpoint
-from fastdino.errors import UserError
+from fastdino.errors import CheckpointError, UserError
+from fastdino.interop.hf import from_hf, is_hf_state
+from fastdino.interop.timm import from_timm
 from fastdino.models.vit import VisionTransformer, build_backbone, model_names
 
 log = logging.getLogger("fastdino")
 
 SAFE_GLOBALS = [argparse.Namespace]
 """Allowed in a file beyond tensors and containers: the official checkpoints' pickled `args`."""
-EXPORT_FORMATS = ("official", "official-backbone")
+BACKBONE_KINDS = ("official-backbone", "timm", "hf")
+"""DinoWeights kinds that hold a ViT backbone alone (no head, no student, no center)."""
+MODEL_FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 HEAD_LINEAR_LAYERS = 3  # fastdino's DINOHead: the official default nlayers=3
 
 _OFFICIAL_G, _OFFICIAL_V = "head.last_layer.weight_g", "head.last_layer.weight_v"
@@ -78,10 +86,11 @@ CONFIG_KEYS = {"arch": "model.arch", "patch_size": "model.patch_size", "img_size
 class DinoWeights:
     """One checkpoint file in fastdino's key names (the MultiCropNetwork's `backbone.*`, `head.*`).
 
-    kind: "fastdino" | "official" (a full training checkpoint) | "official-backbone" (a ViT alone: `teacher`
-    holds `backbone.*` keys only, `student` and `center` are None). center: (K,) float32, or None when the file
-    has none. image_size: the global crop size it was trained on (fastdino: data.global_size; official: the
-    stored position-embedding grid, 224 px for the released models).
+    kind: "fastdino" | "official" (a full training checkpoint) | one of BACKBONE_KINDS: "official-backbone",
+    "timm", "hf" (a ViT alone: `teacher` holds `backbone.*` keys only, `student` and `center` are None).
+    center: (K,) float32, or None when the file has none. image_size: the crop size it was trained on
+    (fastdino: data.global_size; timm / transformers folders: their config's input size; otherwise the stored
+    position-embedding grid, 224 px for the released models).
     """
 
     path: Path
@@ -128,6 +137,63 @@ def read_weights_file(path: str | Path) -> Any:
                 "could run code from the file); re-save only its tensors (state dicts) with code you trust"
             ) from None
         raise CheckpointError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {_one_line(exc)})") from exc
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A .safetensors file's tensors on the CPU (the format holds tensors only: nothing to refuse); raises
+    CheckpointError naming the file when it is unreadable."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except Exception as exc:  # safetensors raises its own error types for a bad header or a truncated file
+        raise CheckpointError(f"{path} is not a readable safetensors file ({type(exc).__name__}: "
+                              f"{_one_line(exc)})") from None
+
+
+def _read_model_folder(path: Path) -> tuple[str, dict[str, torch.Tensor], int | None]:
+    """A timm or transformers model folder -> (kind, backbone state dict in official names, image size)."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path} is a folder without config.json: name a checkpoint file, or a timm or "
+                              "transformers model folder")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{config_file} is not JSON ({_one_line(exc)})") from None
+    weights = next((path / n for n in MODEL_FOLDER_WEIGHTS if (path / n).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"model folder {path} has no weights: expected {' or '.join(MODEL_FOLDER_WEIGHTS)}")
+    state = read_safetensors(weights) if weights.suffix == ".safetensors" else read_weights_file(weights)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{weights} holds no state dict of tensors")
+    if isinstance(config, dict) and config.get("model_type") == "vit":
+        kind, backbone = "hf", from_hf(state, config, f"model folder {path}")
+        heads, size = config.get("num_attention_heads"), config.get("image_size")
+    elif isinstance(config, dict) and "architecture" in config:
+        kind, backbone = "timm", from_timm(state)
+        heads = config.get("model_args", {}).get("num_heads")
+        size = (config.get("pretrained_cfg", {}).get("input_size") or [None])[-1]
+    else:
+        raise CheckpointError(f"{config_file} describes neither a transformers ViT (model_type vit) nor a timm "
+                              "model (architecture)")
+    if isinstance(heads, int):
+        _check_heads(backbone, heads, f"model folder {path}")
+    return kind, backbone, size if isinstance(size, int) else None
+
+
+@cache
+def arch_heads(arch: str) -> int:
+    """The number of attention heads of a registered architecture (not visible in the tensors)."""
+    return build_backbone(arch, depth=1, img_size=16, patch_size=16).blocks[0].attn.num_heads
+
+
+def _check_heads(backbone: dict[str, torch.Tensor], heads: int, source: str) -> None:
+    width = backbone["norm.weight"].numel() if "norm.weight" in backbone else None
+    arch = _arch_by_width().get(width)
+    if arch is not None and heads != arch_heads(arch):
+        raise CheckpointError(f"{source}: {heads} attention heads; fastdino's {arch} (width {width}) has "
+                              f"{arch_heads(arch)}")
 
 
 @cache
@@ -190,8 +256,10 @@ def _official_network(state: Any, path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint {path} holds no ViT state dict (expected tensors, or `teacher` / `student` "
                               "entries holding them)")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    if not any(k.startswith("backbone.") for k in state):  # a backbone alone (release file)
-        return {f"backbone.{k}": v for k, v in state.items()}
+    if is_hf_state(state):
+        state = from_hf(state, None, f"checkpoint {path}")
+    if not any(k.startswith("backbone.") for k in state):  # a backbone alone (release file, timm state dict)
+        return {f"backbone.{k}": v for k, v in from_timm(state).items()}
     return {_TO_OURS.get(k, k): v for k, v in state.items()}
 
 
@@ -202,7 +270,12 @@ def read_dino_weights(path: str | Path) -> DinoWeights:
     `student`, else the file itself. Raises CheckpointError naming the file for anything else.
     """
     path = Path(path)
-    state = read_weights_file(path)
+    if path.is_dir():
+        kind, backbone, size = _read_model_folder(path)
+        teacher = {f"backbone.{k}": v for k, v in backbone.items()}
+        spec = network_spec(teacher, f"model folder {path}")
+        return DinoWeights(path, kind, teacher, None, None, spec, size or spec.img_size)
+    state = read_safetensors(path) if path.suffix == ".safetensors" and path.is_file() else read_weights_file(path)
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict of weights")
     if "config" in state and "teacher" in state:
@@ -296,7 +369,7 @@ def init_from_weights(method: nn.Module, weights: DinoWeights, norm_last_layer: 
         raise CheckpointError(f"train.init_from={weights.path} is another architecture than the config: "
                               + "; ".join(diffs) + "; set these keys to the file's values")
     student, teacher = method.student_module(), method.teacher
-    if weights.kind == "official-backbone":
+    if weights.kind in BACKBONE_KINDS:
         load_exact(student, {**student.state_dict(), **weights.teacher}, f"train.init_from={weights.path}: backbone")
         load_exact(teacher, {**teacher.state_dict(), **weights.teacher}, f"train.init_from={weights.path}: backbone")
         log.info("train.init_from: student and teacher backbones from %s (a backbone alone: head and center start "
@@ -326,8 +399,9 @@ def to_official(weights: DinoWeights) -> dict:
     tensors, so torch.load's default weights_only=True (torch >= 2.6) reads it. Raises CheckpointError for a
     backbone without a head.
     """
-    if weights.kind == "official-backbone":
-        raise CheckpointError(f"checkpoint {weights.path} has no DINO head: export it with --format official-backbone")
+    if weights.spec.out_dim is None:
+        raise CheckpointError(f"checkpoint {weights.path} has no DINO head (a SiT run, or a backbone alone): export "
+                              "its backbone with --format official-backbone, hub, timm or hf")
     center = weights.center if weights.center is not None else torch.zeros(weights.spec.out_dim)
     return {
         "student": _official_keys(weights.student or weights.teacher, "module."),
@@ -341,19 +415,3 @@ def to_official_backbone(weights: DinoWeights) -> dict[str, torch.Tensor]:
     hubconf.py loads it with strict=True, load_pretrained_weights with strict=False."""
     teacher = weights.teacher
     return {k.removeprefix("backbone."): v.contiguous() for k, v in teacher.items() if k.startswith("backbone.")}
-
-
-def export_official(src: str | Path, out: str | Path | None = None, fmt: str = "official") -> Path:
-    """Write `src` (any checkpoint read_dino_weights reads) in an official layout (EXPORT_FORMATS: `official` =
-    to_official, `official-backbone` = to_official_backbone), atomically. out defaults to
-    <src stem>_<format>.pth beside src. Returns the path written; raises CheckpointError (bad source, out
-    equal to src) or ValueError for an unknown format."""
-    if fmt not in EXPORT_FORMATS:
-        raise ValueError(f"format must be one of {EXPORT_FORMATS}, got {fmt!r}")
-    src = Path(src)
-    out = Path(out) if out else src.with_name(f"{src.stem}_{fmt.replace('-', '_')}.pth")
-    if out.resolve() == src.resolve():
-        raise CheckpointError(f"export would overwrite its source {src}; pass another --out")
-    weights = read_dino_weights(src)
-    save_checkpoint(to_official(weights) if fmt == "official" else to_official_backbone(weights), out)
-    return out

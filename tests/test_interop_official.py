@@ -12,13 +12,13 @@ from fastdino.cli import main
 from fastdino.config import config_to_dict, load_config
 from fastdino.data.demo import make_demo_dataset
 from fastdino.engine.checkpoint import CheckpointError, save_checkpoint
-from fastdino.engine.interop import (
-    export_official,
+from fastdino.engine.trainer import Trainer, train
+from fastdino.interop.export import export
+from fastdino.interop.official import (
     load_teacher_backbone,
     read_dino_weights,
     to_official,
 )
-from fastdino.engine.trainer import Trainer, train
 from fastdino.methods import build_method
 
 TINY = [
@@ -81,7 +81,7 @@ def assert_equal_dicts(a, b):
 def test_round_trip_fastdino_official_fastdino(tmp_path, head_bn):
     src = fastdino_checkpoint(tmp_path / "last.pt", TINY + [f"dino.head_bn={str(head_bn).lower()}",
                                                          "dino.norm_last_layer=false"])
-    out = export_official(tmp_path / "last.pt")
+    out = export(tmp_path / "last.pt")
     assert out == tmp_path / "last_official.pth"
     raw = torch.load(out, map_location="cpu", weights_only=True)  # plain tensors: the default torch.load reads it
     assert set(raw) == {"student", "teacher", "dino_loss"}
@@ -101,7 +101,7 @@ def test_round_trip_fastdino_official_fastdino(tmp_path, head_bn):
     assert (spec.out_dim, spec.hidden_dim, spec.bottleneck_dim, spec.head_bn) == (32, 16, 8, head_bn)
     assert spec.norm_last_layer is False  # read from the trained gain
 
-    bb = export_official(tmp_path / "last.pt", tmp_path / "bb.pth", "official-backbone")
+    bb = export(tmp_path / "last.pt", tmp_path / "bb.pth", "official-backbone")
     raw_bb = torch.load(bb, map_location="cpu", weights_only=True)
     assert "cls_token" in raw_bb and not any(k.startswith(("backbone.", "head.", "module.")) for k in raw_bb)
     loaded = load_teacher_backbone(bb)
@@ -145,7 +145,7 @@ def official_head_f64(sd, features):
 
 def test_official_layout_gives_the_source_class_tokens_and_head_outputs(tmp_path):
     src = fastdino_checkpoint(tmp_path / "last.pt", SMALL + ["dino.norm_last_layer=false"])
-    official = export_official(tmp_path / "last.pt")
+    official = export(tmp_path / "last.pt")
     loaded = load_teacher_backbone(official, arch="vit_small", patch_size=16)
     assert loaded.image_size == 224 and loaded.spec.depth == 2
     method = build_method(load_config(None, SMALL), torch.device("cpu")).eval()
@@ -223,7 +223,7 @@ def test_pickled_objects_are_refused_without_running(tmp_path):
 
 def test_init_from_starts_at_step_0_with_the_files_weights_and_center(demo_root, tmp_path, caplog):
     src = fastdino_checkpoint(tmp_path / "last.pt", TINY)
-    official = export_official(tmp_path / "last.pt")
+    official = export(tmp_path / "last.pt")
     out = tmp_path / "run"
     cfg = load_config(None, TINY + [f"data.path={demo_root}", f"train.output_dir={out}", f"train.init_from={official}"])
     trainer = Trainer(cfg)
@@ -245,7 +245,7 @@ def test_init_from_starts_at_step_0_with_the_files_weights_and_center(demo_root,
 
 def test_init_from_refuses_another_architecture_naming_the_keys(demo_root, tmp_path):
     fastdino_checkpoint(tmp_path / "last.pt", TINY)
-    official = export_official(tmp_path / "last.pt")
+    official = export(tmp_path / "last.pt")
     base = TINY + [f"data.path={demo_root}", f"train.output_dir={tmp_path / 'run'}", f"train.init_from={official}"]
     with pytest.raises(CheckpointError, match=r"model.depth: file 2 vs config 3; dino.out_dim: file 32 vs config 64"):
         Trainer(load_config(None, base + ["dino.out_dim=64", "model.depth=3"]))
@@ -258,7 +258,7 @@ def test_init_from_refuses_another_architecture_naming_the_keys(demo_root, tmp_p
 
 def test_init_from_a_backbone_alone_sets_both_backbones(demo_root, tmp_path):
     src = fastdino_checkpoint(tmp_path / "last.pt", TINY)
-    bb = export_official(tmp_path / "last.pt", fmt="official-backbone")
+    bb = export(tmp_path / "last.pt", fmt="official-backbone")
     cfg = load_config(None, TINY + [f"data.path={demo_root}", f"train.output_dir={tmp_path / 'run'}",
                                     f"train.init_from={bb}"])
     trainer = Trainer(cfg)
@@ -296,6 +296,6 @@ def test_cli_knn_on_an_official_file_and_refusals(demo_root, tmp_path, capsys):
 
 def test_to_official_refuses_a_backbone_alone(tmp_path):
     fastdino_checkpoint(tmp_path / "last.pt", TINY)
-    bb = export_official(tmp_path / "last.pt", fmt="official-backbone")
+    bb = export(tmp_path / "last.pt", fmt="official-backbone")
     with pytest.raises(CheckpointError, match="no DINO head.*official-backbone"):
         to_official(read_dino_weights(bb))

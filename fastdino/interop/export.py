@@ -1,0 +1,174 @@
+"""`fastdino export`: a checkpoint's teacher in another tool's format, checked on the spot, written atomically.
+
+Formats (EXPORT_FORMATS): `official` (main_dino.py's full checkpoint), `official-backbone` and its alias `hub`
+(the released *_pretrain.pth layout that facebookresearch/dino's hubconf.py loads), `timm` (a folder for
+`timm.create_model("local-dir:DIR", pretrained=True)`), `hf` (a folder for transformers'
+`ViTModel.from_pretrained(DIR)` and `AutoImageProcessor`). Weights in folders are safetensors.
+
+The check: the written files are loaded back as the target loads them (timm or transformers when installed,
+else a tensor restatement of that library's ViT, interop/restated.py; the official layouts always by the
+restatement) and must give fastdino's class tokens, on a fixed input at the stored grid, within CHECK_ATOL in
+fp32. Everything is written into a temporary folder beside the output and renamed into place only after the
+check passes: a failed export leaves nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fastdino.errors import CheckpointError, UserError
+from fastdino.interop.hf import hf_class_token, hf_config, hf_preprocessor_config, to_hf
+from fastdino.interop.official import (
+    DinoWeights,
+    arch_heads,
+    load_exact,
+    read_dino_weights,
+    to_official,
+    to_official_backbone,
+)
+from fastdino.interop.restated import from_fused_qkv
+from fastdino.interop.timm import timm_class_token, timm_config, to_timm
+from fastdino.models.vit import build_backbone
+
+EXPORT_FORMATS = ("official", "official-backbone", "hub", "timm", "hf")
+FOLDER_FORMATS = ("timm", "hf")
+CHECK_ATOL = 1e-5
+"""Largest |class token - fastdino's| the check accepts (fp32): all formats hold the same fp32 tensors, so only
+the order of float operations differs."""
+CHECK_BATCH = 2
+
+
+class ExportCheckError(CheckpointError):
+    """The exported model, loaded back, does not give fastdino's features: nothing is written."""
+
+
+def default_out(src: Path, fmt: str) -> Path:
+    """<src stem>_<format>.pth beside src for the file formats, <src stem>_<format>/ for the folder formats."""
+    name = f"{src.stem}_{fmt.replace('-', '_')}"
+    return src.with_name(name if fmt in FOLDER_FORMATS else f"{name}.pth")
+
+
+def _check_out(src: Path, out: Path, fmt: str) -> None:
+    if out.resolve() == src.resolve():
+        raise UserError(f"export would overwrite its source {src}; pass another --out")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: its folder {out.parent} does not exist")
+    if fmt in FOLDER_FORMATS:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise UserError(f"--out {out} exists and is not an empty folder: the {fmt} format writes a folder; "
+                            "name a new one")
+    elif out.is_dir():
+        raise UserError(f"--out {out} is a folder: the {fmt} format writes one file; name it")
+
+
+def _fsynced(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write(fmt: str, weights: DinoWeights, stage: Path) -> Path:
+    """Write the format into `stage` (a fresh temporary folder); returns the file or folder to publish."""
+    from safetensors.torch import save_file
+
+    s = weights.spec
+    backbone = to_official_backbone(weights)
+    if fmt in ("official", "official-backbone", "hub"):
+        path = stage / "weights.pth"
+        torch.save(to_official(weights) if fmt == "official" else backbone, path)
+        return path
+    folder = stage / "model"
+    folder.mkdir()
+    shape = {"embed_dim": backbone["norm.weight"].numel(), "depth": s.depth, "heads": arch_heads(s.arch),
+             "patch_size": s.patch_size, "img_size": s.img_size}
+    if fmt == "timm":
+        save_file(to_timm(backbone), folder / "model.safetensors", metadata={"format": "pt"})
+        config = timm_config(s.arch, **shape)
+    else:
+        save_file(to_hf(backbone), folder / "model.safetensors", metadata={"format": "pt"})
+        config = hf_config(**shape)
+        (folder / "preprocessor_config.json").write_text(json.dumps(hf_preprocessor_config(s.img_size), indent=2))
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def _official_class_token(path: Path, fmt: str, heads: int, x: torch.Tensor) -> torch.Tensor:
+    """An official file read as the official code reads it: torch.load, then the teacher backbone (a full
+    checkpoint: `teacher`, keys `backbone.*`, behind `module.` with a BatchNorm head) or the whole state dict."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if fmt == "official":
+        teacher = {k.removeprefix("module."): v for k, v in state["teacher"].items()}
+        state = {k.removeprefix("backbone."): v for k, v in teacher.items() if k.startswith("backbone.")}
+    return from_fused_qkv(state, heads).class_token(x)
+
+
+def exported_class_token(fmt: str, written: Path, heads: int, x: torch.Tensor, use_library: bool = True):
+    """The class token (B, D) the written export gives on x, loaded as its target loads it (module docstring)."""
+    if fmt == "timm":
+        return timm_class_token(written, x, use_library=use_library)
+    if fmt == "hf":
+        return hf_class_token(written, x, use_library=use_library)
+    return _official_class_token(written, fmt, heads, x)
+
+
+def fastdino_class_token(weights: DinoWeights, x: torch.Tensor) -> torch.Tensor:
+    """The teacher backbone's class token (B, D) on x, as fastdino's own ViT computes it (fp32, eval mode)."""
+    s = weights.spec
+    model = build_backbone(s.arch, img_size=s.img_size, patch_size=s.patch_size, depth=s.depth, attention="sdpa")
+    load_exact(model, {k: v.float() for k, v in to_official_backbone(weights).items()},
+               f"checkpoint {weights.path}: teacher backbone weights")
+    return model.eval()(x)
+
+
+def export(src: str | Path, out: str | Path | None = None, fmt: str = "official", *,
+           use_library: bool = True) -> Path:
+    """Write checkpoint `src` (anything read_dino_weights reads) in format `fmt` at `out` (default_out when
+    None), after the on-the-spot check (module docstring). use_library=False checks with the tensor
+    restatement even when timm / transformers are installed (tests). Returns the path written.
+
+    Raises UserError before any work for an unknown format or an unusable `out` (the file formats: not a
+    folder; the folder formats: a new or empty folder; its parent must exist), CheckpointError for a source
+    that cannot be read or has no DINO head for `official`, and ExportCheckError when the check fails.
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise UserError(f"--format {fmt!r} is not one of {', '.join(EXPORT_FORMATS)}")
+    src = Path(src)
+    out = Path(out) if out else default_out(src, fmt)
+    _check_out(src, out, fmt)
+    weights = read_dino_weights(src)
+    s = weights.spec
+    x = torch.randn(CHECK_BATCH, 3, s.img_size, s.img_size, generator=torch.Generator().manual_seed(0))
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        with torch.no_grad():
+            reference = fastdino_class_token(weights, x)
+            written = _write(fmt, weights, stage)
+            try:
+                got = exported_class_token(fmt, written, arch_heads(s.arch), x, use_library).float()
+            except Exception as exc:  # the target library refusing the files is a failed check too
+                raise ExportCheckError(f"export of {src} to {fmt} refused: the written model does not load back "
+                                       f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); nothing "
+                                       "written") from exc
+        err = (got - reference).abs().max().item() if got.shape == reference.shape else float("inf")
+        if not err <= CHECK_ATOL:
+            raise ExportCheckError(f"export of {src} to {fmt} refused: loaded back, it gives class tokens that "
+                                   f"differ from fastdino's by {err:.3g} (> {CHECK_ATOL:g}) on a fixed input; "
+                                   "nothing written")
+        for path in [written, *written.rglob("*")] if written.is_dir() else [written]:
+            if path.is_file():
+                _fsynced(path)
+        if written.is_dir() and out.is_dir():
+            out.rmdir()  # empty (checked above): rename needs the name free
+        os.replace(written, out)
+        _fsynced(out.parent)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return out

@@ -1,1 +1,0 @@
-"""Standalone Triton kernels (import only torch and triton); fastdino chooses when to call them."""

@@ -1,0 +1,130 @@
+"""`fastdino export` (interop/export.py): the on-the-spot check refuses a broken mapping and writes nothing, `hub`
+is the release layout, SiT runs export their backbone, bad input is one line and exit 2, and the written formats
+start evaluations and runs (knn, finetune, init_from from a lone .safetensors file)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastdino.interop.export as export_module
+from fastdino.cli import main
+from fastdino.config import config_to_dict, load_config
+from fastdino.data.demo import make_demo_dataset
+from fastdino.engine.checkpoint import save_checkpoint
+from fastdino.interop.export import ExportCheckError, export
+from fastdino.interop.hf import to_hf
+from fastdino.interop.official import init_from_weights, read_dino_weights
+from fastdino.methods import build_method
+
+safetensors = pytest.importorskip("safetensors.torch")
+
+TINY = ["model.arch=vit_tiny", "model.depth=2", "model.patch_size=8", "model.img_size=32", "data.global_size=32",
+        "data.local_size=16", "dino.out_dim=64", "dino.hidden_dim=32", "dino.bottleneck_dim=16"]
+
+
+def checkpoint(path, overrides=TINY):
+    cfg = load_config(None, overrides)
+    method = build_method(cfg, torch.device("cpu"))
+    with torch.no_grad():
+        for t in method.teacher.state_dict().values():
+            if t.is_floating_point():
+                t.add_(0.02 * torch.randn_like(t))
+    save_checkpoint({"config": config_to_dict(cfg), "step": 3, "student": method.student.state_dict(),
+                     "teacher": method.teacher.state_dict()}, path)
+    return cfg, method
+
+
+def _swap_q_k(backbone):
+    out = to_hf(backbone)
+    for k in [k for k in out if ".attention.attention.query." in k]:
+        other = k.replace(".query.", ".key.")
+        out[k], out[other] = out[other], out[k]
+    return out
+
+
+@pytest.mark.parametrize("use_library", [True, False], ids=["transformers", "restatement"])
+@pytest.mark.parametrize("broken", ["q_k_swapped", "eps_1e-12"])
+def test_a_broken_mapping_fails_the_check_and_writes_nothing(broken, use_library, tmp_path, monkeypatch):
+    if use_library:
+        pytest.importorskip("transformers")
+    checkpoint(tmp_path / "last.pt")
+    if broken == "q_k_swapped":
+        monkeypatch.setattr(export_module, "to_hf", _swap_q_k)
+    else:
+        real = export_module.hf_config
+        monkeypatch.setattr(export_module, "hf_config", lambda **shape: {**real(**shape), "layer_norm_eps": 1e-12})
+    before = set(tmp_path.iterdir())
+    with pytest.raises(ExportCheckError, match="refused: loaded back, it gives class tokens that differ"):
+        export(tmp_path / "last.pt", tmp_path / "hf", "hf", use_library=use_library)
+    assert set(tmp_path.iterdir()) == before  # no output, no temporary folder left
+
+
+def test_hub_is_the_official_backbone_layout(tmp_path):
+    checkpoint(tmp_path / "last.pt")
+    hub = export(tmp_path / "last.pt", fmt="hub")
+    backbone = export(tmp_path / "last.pt", fmt="official-backbone")
+    assert (hub.name, backbone.name) == ("last_hub.pth", "last_official_backbone.pth")
+    a, b = torch.load(hub, weights_only=True), torch.load(backbone, weights_only=True)
+    assert a.keys() == b.keys() and "cls_token" in a and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_sit_run_exports_its_backbone_and_refuses_the_full_official_layout(tmp_path, capsys):
+    cfg, method = checkpoint(tmp_path / "sit.pt", ["train.method=sit", "sit.decoder=linear", "sit.proj_hidden_dim=0",
+                                                   "sit.proj_dim=16", *TINY[:6]])
+    assert main(["export", str(tmp_path / "sit.pt")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "no DINO head" in err and "--format" in err
+    assert not (tmp_path / "sit_official.pth").exists()
+    assert main(["export", str(tmp_path / "sit.pt"), "--format", "timm"]) == 0
+    weights = read_dino_weights(tmp_path / "sit_timm")
+    for name, t in method.teacher.backbone.state_dict().items():
+        assert torch.equal(weights.teacher[f"backbone.{name}"], t), name
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    checkpoint(tmp_path / "last.pt")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text('{"architecture": "vit_tiny_patch16_224"}')
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text('{"architecture": "vit_tiny_patch16_224"}')
+    torch.save({"cls_token": torch.zeros(1, 1, 192), "where": Path("/")}, pickled / "pytorch_model.bin")
+    cases = [
+        (["export", str(tmp_path / "last.pt"), "--format", "onnx"], "--format"),
+        (["export", str(tmp_path / "last.pt"), "--format", "timm", "--out", str(full)], "not an empty folder"),
+        (["export", str(tmp_path / "last.pt"), "--format", "hub", "--out", str(full)], "is a folder"),
+        (["export", str(no_weights), "--format", "hub"], "has no weights"),
+        (["export", str(pickled), "--format", "hub"], "pickled Python object"),
+        (["knn", "--checkpoint", str(no_weights), "--train", str(tmp_path), "--val", str(tmp_path)], "has no weights"),
+        (["export", str(tmp_path / "last.pt"), "--out", str(tmp_path / "nowhere" / "x.pth")], "does not exist"),
+    ]
+    for argv, words in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert [p.name for p in full.iterdir()] == ["keep.txt"]
+
+
+def test_exports_start_evaluations_and_runs(tmp_path, capsys):
+    demo = make_demo_dataset(tmp_path / "demo", n_train_per_class=2, n_val_per_class=1, size=32)
+    cfg, method = checkpoint(tmp_path / "last.pt")
+    for fmt in ("timm", "hf"):
+        assert main(["export", str(tmp_path / "last.pt"), "--format", fmt]) == 0
+        folder = tmp_path / f"last_{fmt}"
+        common = ["--train", str(demo / "train"), "--val", str(demo / "val"), "--num-workers", "0"]
+        assert main(["knn", "--checkpoint", str(folder), *common, "--k", "2"]) == 0
+        assert main(["finetune", str(folder), *common, "--epochs", "1", "--batch-size", "4"]) == 0
+        assert "fine-tuned top-1" in capsys.readouterr().out
+    # a lone .safetensors file (transformers' names) starts a run: both backbones, tensor for tensor
+    safetensors.save_file(to_hf(export_module.to_official_backbone(read_dino_weights(tmp_path / "last.pt"))),
+                          tmp_path / "model.safetensors")
+    fresh_cfg = load_config(None, TINY)
+    fresh = build_method(fresh_cfg, torch.device("cpu"))
+    init_from_weights(fresh, read_dino_weights(tmp_path / "model.safetensors"), fresh_cfg.dino.norm_last_layer)
+    for name, t in method.teacher.backbone.state_dict().items():
+        assert torch.equal(fresh.student_module().backbone.state_dict()[name], t), name

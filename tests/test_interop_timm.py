@@ -1,0 +1,121 @@
+"""timm folders out and in (interop/timm.py): `fastdino export --format timm` loads in timm itself with the same
+class tokens and preprocessing, round-trips through train.init_from tensor for tensor, and a model timm built and
+saved reads into fastdino with timm's features."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastdino.cli import main
+from fastdino.config import config_to_dict, load_config
+from fastdino.data.multicrop import eval_transform
+from fastdino.engine.checkpoint import save_checkpoint
+from fastdino.interop.official import init_from_weights, load_teacher_backbone, read_dino_weights
+from fastdino.interop.timm import timm_class_token
+from fastdino.methods import build_method
+
+timm = pytest.importorskip("timm")
+pytest.importorskip("safetensors")
+
+HEAD = ["dino.out_dim=64", "dino.hidden_dim=32", "dino.bottleneck_dim=16"]
+SIZES = {  # ViT-T/8 at 32 px (all 12 blocks), ViT-S/16 at 224 px (2 blocks: 2 shared CPU cores)
+    "vit_tiny_p8_32": ["model.arch=vit_tiny", "model.patch_size=8", "model.img_size=32", "data.global_size=32"],
+    "vit_small_p16_224": ["model.arch=vit_small", "model.depth=2", "model.patch_size=16", "model.img_size=224",
+                          "data.global_size=224"],
+}
+
+
+def checkpoint(path, overrides):
+    """A fastdino checkpoint with random weights (the teacher moved away from the student)."""
+    cfg = load_config(None, overrides + HEAD)
+    method = build_method(cfg, torch.device("cpu"))
+    with torch.no_grad():
+        for t in method.teacher.state_dict().values():
+            if t.is_floating_point():
+                t.add_(0.02 * torch.randn_like(t))
+    save_checkpoint({"config": config_to_dict(cfg), "step": 3, "student": method.student.state_dict(),
+                     "teacher": method.teacher.state_dict()}, path)
+    return cfg, method
+
+
+def images(size: int, n: int = 2) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module", params=list(SIZES))
+def exported(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(request.param)
+    cfg, method = checkpoint(tmp / "last.pt", SIZES[request.param])
+    assert main(["export", str(tmp / "last.pt"), "--format", "timm", "--out", str(tmp / "timm")]) == 0
+    return cfg, method, tmp / "timm"
+
+
+def test_timm_loads_the_export_three_ways_with_fastdinos_class_tokens(exported):
+    cfg, method, folder = exported
+    size = cfg.model.img_size
+    x = images(size)
+    with torch.no_grad():
+        ours = method.teacher.backbone.eval()(x)
+        config = json.loads((folder / "config.json").read_text())
+        weights = str(folder / "model.safetensors")
+        models = [
+            timm.create_model(f"local-dir:{folder}", pretrained=True),
+            timm.create_model(config["architecture"], pretrained=True, num_classes=0,
+                              pretrained_cfg_overlay={"file": weights}, **config["model_args"]),
+            timm.create_model(config["architecture"], checkpoint_path=weights, num_classes=0, **config["model_args"]),
+        ]
+        for model in models:
+            assert model.num_features == ours.shape[1]
+            torch.testing.assert_close(model.eval()(x), ours, atol=1e-5, rtol=0)
+    assert config["num_classes"] == 0 and config["num_features"] == ours.shape[1]
+    assert config["pretrained_cfg"]["input_size"] == [3, size, size]
+
+
+def test_timm_preprocessing_is_fastdinos_eval_transform(exported):
+    cfg, _, folder = exported
+    model = timm.create_model(f"local-dir:{folder}", pretrained=False)
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).resize((400, 300), Image.BILINEAR)
+    torch.testing.assert_close(transform(img), eval_transform(cfg.model.img_size)(img), atol=1e-5, rtol=0)
+
+
+def test_timm_export_round_trips_through_init_from_tensor_for_tensor(exported):
+    cfg, method, folder = exported
+    weights = read_dino_weights(folder)
+    assert weights.kind == "timm" and weights.spec.arch == cfg.model.arch and weights.image_size == cfg.model.img_size
+    fresh = build_method(cfg, torch.device("cpu"))
+    init_from_weights(fresh, weights, cfg.dino.norm_last_layer)
+    for net in (fresh.student_module(), fresh.teacher):
+        for name, t in method.teacher.backbone.state_dict().items():
+            assert torch.equal(net.backbone.state_dict()[name], t), name
+
+
+def test_the_restatement_of_timms_vit_matches_timm(exported):
+    """The check used when timm is not installed computes what timm computes."""
+    cfg, _, folder = exported
+    x = images(cfg.model.img_size)
+    with torch.no_grad():
+        torch.testing.assert_close(timm_class_token(folder, x, use_library=False),
+                                   timm_class_token(folder, x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("save", ["save_for_hf", "state_dict_pth"])
+def test_a_model_timm_built_reads_with_timms_features(save, tmp_path):
+    model = timm.create_model("vit_tiny_patch16_224", patch_size=8, img_size=32, depth=3, num_classes=5).eval()
+    if save == "save_for_hf":
+        pytest.importorskip("huggingface_hub")
+        timm.models.save_for_hf(model, str(tmp_path / "m"), safe_serialization=True)
+        source = tmp_path / "m"
+    else:
+        source = tmp_path / "m.pth"
+        torch.save(model.state_dict(), source)  # with its classifier head.*: not part of the backbone
+    loaded = load_teacher_backbone(source)
+    x = images(32)
+    with torch.no_grad():
+        theirs = model.forward_head(model.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(loaded.model(x), theirs, atol=1e-5, rtol=0)
+    assert (loaded.spec.arch, loaded.spec.patch_size, loaded.spec.depth, loaded.image_size) == ("vit_tiny", 8, 3, 32)
