@@ -91,6 +91,80 @@ def test_resized_crop_matches_torchvision_antialiased_bicubic(box, size, flip):
     assert (got - ref).abs().max() <= 3 / 255
 
 
+def _dense_resample_weights(start, length, out_size, in_size):
+    """The filter as it was first written (before issue 21): every crop's weights over the whole axis of the
+    batch's largest image, (n, out_size, in_size) and temporaries of that size."""
+    start, length = start.float(), length.float()
+    scale = length / out_size
+    centres = start[:, None] + (torch.arange(out_size) + 0.5) * scale[:, None]
+    src = torch.arange(in_size) + 0.5
+    w = ga._cubic((src - centres[:, :, None]) / scale.clamp(min=1)[:, None, None])
+    w = w * ((src >= start[:, None, None]) & (src < (start + length)[:, None, None]))
+    return w / w.sum(-1, keepdim=True)
+
+
+def _dense_multicrop_views(images, params, recipe):
+    """multicrop_views as first written: the weights of every crop sized by the batch's largest image."""
+    batch, heights, widths = len(images), [i.shape[1] for i in images], [i.shape[2] for i in images]
+    views = []
+    for size, crops in ((recipe.global_size, slice(0, 2)), (recipe.local_size, slice(2, recipe.n_crops))):
+        g = params[:, crops].reshape(-1, ga.N_PARAMS).float()
+        n = g.shape[0] // batch
+        rows = _dense_resample_weights(g[:, ga.P_TOP], g[:, ga.P_HEIGHT], size, max(heights)).view(batch, n, size, -1)
+        cols = _dense_resample_weights(g[:, ga.P_LEFT], g[:, ga.P_WIDTH], size, max(widths))
+        cols = torch.where(g[:, ga.P_FLIP].view(-1, 1, 1) > 0, cols.flip(1), cols).view(batch, n, size, -1)
+        out = torch.stack([ga.resized_crops(img.float() / 255, rows[b, :, :, :heights[b]], cols[b, :, :, :widths[b]])
+                           for b, img in enumerate(images)])
+        out = ga.augment_crops(out.view(-1, 3, size, size), params[:, crops].reshape(-1, ga.N_PARAMS),
+                               recipe.blur_taps(size)).view(batch, n, 3, size, size)
+        views += [out[:, k] for k in range(n)]
+    return views
+
+
+class _LargestAllocation(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest storage (bytes) any op creates: views of existing tensors share their storage."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest, self._seen = 0, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out
+
+
+def test_resize_memory_follows_the_crops_not_the_largest_image_and_the_views_are_unchanged():
+    """One 1000 x 750 image among small ones: no op of the multi-crop allocates more than that image's float
+    copy (the filters cover each crop's support, each image gets its own dense matrices), where the first
+    version made (B * n_crops, S, 1000) weights and temporaries; the views equal that version's."""
+    recipe = ga.CropRecipe(32, 32, 8, (0.4, 1.0), (0.05, 0.4), (0.1, 2.0), 1.0)
+    g = torch.Generator().manual_seed(0)
+    sizes = [(750, 1000)] + [(40 + k % 7, 48 - k % 5) for k in range(23)]
+    images = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in sizes]
+    params = torch.stack([ga.draw_crop_params(100 + k, h, w, recipe) for k, (h, w) in enumerate(sizes)])
+    big_image = 3 * 750 * 1000 * 4  # bytes of its float copy, which the matmuls need anyway
+    with _LargestAllocation() as new:
+        views = ga.multicrop_views(images, params, recipe)
+    with _LargestAllocation() as old:
+        want = _dense_multicrop_views(images, params, recipe)
+    assert new.largest <= big_image < old.largest / 1.5, (new.largest, big_image, old.largest)
+    for got, ref in zip(views, want, strict=True):
+        torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)
+    # the filter itself: the same weights as the dense formula, in memory of the crops' support only
+    start, length = params[:, 2:, ga.P_LEFT].flatten(), params[:, 2:, ga.P_WIDTH].flatten()
+    with _LargestAllocation() as taps:
+        index, w = ga.resample_taps(start, length, 32, ga.n_taps(length.max(), 32))
+    assert taps.largest <= index.numel() * 8 < 192 * 32 * 1000 * 4 / 4
+    dense = ga.dense_weights(torch.minimum(index.clamp(min=0), torch.tensor([w for _, w in sizes])
+                                           .repeat_interleave(8).view(-1, 1, 1) - 1), w, 1000)
+    torch.testing.assert_close(dense, _dense_resample_weights(start, length, 32, 1000), atol=1e-7, rtol=0)
+
+
 def test_augment_crops_applies_the_drawn_ops_in_the_drawn_order():
     n, size = 24, 16
     x = _pixels(n, size=size, seed=1)
@@ -197,6 +271,26 @@ def test_formats_the_gpu_decoder_is_not_given_are_decoded_exactly_by_pillow(tmp_
     views, bad = source.views(items)
     assert bad == [] and [tuple(v.shape) for v in views] == [(5, 3, 32, 32)] * 2 + [(5, 3, 16, 16)] * 2
     assert all(v.device.type == device and torch.isfinite(v).all() for v in views)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("files", [("0.png", "1.png", "2.png"), ("0.png", "1.jpg", "2.png", "3.jpg")])
+def test_a_batch_without_jpegs_or_mixing_formats_decodes(tmp_path, files, device):
+    """A PNG-only batch gives the decoder no file at all (torchvision refuses an empty list with ValueError)."""
+    for k, name in enumerate(files):
+        photo = _smooth(40 + 3 * k, 24 + 2 * k, k)
+        photo.save(tmp_path / name, quality=95) if name.endswith(".jpg") else photo.save(tmp_path / name)
+    ds = ga.EncodedImages(ImageFileDataset(index_image_folder(tmp_path), multicrop_transform(32, 16, 2)), RECIPE)
+    items = [ds[i] for i in range(len(ds))]
+    assert [it.jpeg is not None for it in items] == [name.endswith(".jpg") for name in files]
+    source = ga.TorchGpuBatches(ds.base, len(items), 0, 0, device=device)
+    images, _ = source._decode(list(items))
+    for img, path in zip(images, ds.base.index.paths, strict=True):
+        diff = (img.cpu().float() - _pillow_chw(path).float()).abs()
+        assert img.device.type == device and diff.mean() < (1.5 if path.endswith(".jpg") else 1e-9), path
+    views, bad = source.views(items)
+    assert bad == [] and [tuple(v.shape) for v in views] == [(len(files), 3, 32, 32)] * 2 + [(len(files), 3, 16, 16)] * 2
+    assert all(torch.isfinite(v).all() for v in views)
 
 
 @pytest.mark.gpu
