@@ -2,6 +2,7 @@
 parameters, the parameter distributions against SPEC "Augmentations", determinism and resume, bad files, and
 the choice of backend."""
 
+import functools
 import io
 import math
 from pathlib import Path
@@ -289,7 +290,8 @@ def test_a_batch_without_jpegs_or_mixing_formats_decodes(tmp_path, files, device
         diff = (img.cpu().float() - _pillow_chw(path).float()).abs()
         assert img.device.type == device and diff.mean() < (1.5 if path.endswith(".jpg") else 1e-9), path
     views, bad = source.views(items)
-    assert bad == [] and [tuple(v.shape) for v in views] == [(len(files), 3, 32, 32)] * 2 + [(len(files), 3, 16, 16)] * 2
+    n = len(files)
+    assert bad == [] and [tuple(v.shape) for v in views] == [(n, 3, 32, 32)] * 2 + [(n, 3, 16, 16)] * 2
     assert all(torch.isfinite(v).all() for v in views)
 
 
@@ -464,9 +466,50 @@ def test_backend_choice(monkeypatch):
     assert err.value.key == "data.backend"
     with pytest.raises(ConfigError, match="data.backend='gpu' is not one of"):
         loader.resolve_backend("gpu", cpu)
-    monkeypatch.setattr(loader, "dali_available", lambda: True)
+    monkeypatch.setattr(loader, "dali_problem", lambda device: None)
     assert loader.resolve_backend("auto", cuda) == "dali"
     assert loader.resolve_backend("auto", cpu) == "cpu"
+
+
+def test_auto_picks_dali_only_where_its_probe_pipeline_runs(monkeypatch):
+    """DALI imports but its probe fails (a driver older than the wheel needs): auto takes torch_gpu, an explicit
+    dali is refused in one line naming data.backend; the probe runs once per device, never for a CPU run."""
+    dali = pytest.importorskip("fastdino.data.dali")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.setattr(loader, "dali_available", lambda: True)
+    calls = []
+
+    def failing_pipeline(*args, **kwargs):
+        calls.append(args)
+        raise RuntimeError("CUDA driver version is insufficient for CUDA runtime version\nmore detail")
+
+    monkeypatch.setattr(dali, "_import_dali", failing_pipeline)
+    dali.gpu_problem.cache_clear()
+    try:
+        assert loader.resolve_backend("auto", cpu) == "cpu" and calls == []  # no GPU, no probe
+        assert loader.resolve_backend("auto", cuda) == "torch_gpu"
+        assert loader.resolve_backend("auto", cuda) == "torch_gpu" and len(calls) == 1  # cached
+        with pytest.raises(ConfigError, match=r"data\.backend=dali: DALI cannot run on cuda:0 \(RuntimeError: CUDA "
+                           r"driver version is insufficient for CUDA runtime version\): use data\.backend=torch_gpu"):
+            loader.resolve_backend("dali", cuda)
+        assert len(calls) == 1
+        dali.gpu_problem.cache_clear()
+        monkeypatch.setattr(dali, "gpu_problem", functools.cache(lambda index: None))
+        assert loader.resolve_backend("auto", cuda) == "dali" and loader.resolve_backend("dali", cuda) == "dali"
+    finally:
+        dali.gpu_problem.cache_clear()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the probe on a machine without a GPU")
+def test_the_real_dali_probe_reports_why_without_a_gpu():
+    dali = pytest.importorskip("fastdino.data.dali")
+    pytest.importorskip("nvidia.dali")
+    dali.gpu_problem.cache_clear()
+    try:
+        problem = dali.gpu_problem(0)
+    finally:
+        dali.gpu_problem.cache_clear()
+    assert problem and "\n" not in problem and "CUDA" in problem
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
