@@ -12,6 +12,7 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageOps
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 
 from fastdino.cli import main
@@ -311,6 +312,57 @@ def test_a_gpu_batch_has_the_cpu_backends_shapes_dtypes_ranges_and_labels(tmp_pa
     host = next(iter(ga.TorchGpuBatches(dataset, 4, 0, seed=3, device="cpu").epoch(0)))[0]
     for v, h in zip(views, host, strict=True):
         assert (v.cpu() - h).abs().mean() < 0.05  # normalised units: about one grey level is 0.017
+
+
+@pytest.mark.gpu
+def test_a_torch_gpu_epoch_never_waits_for_the_device(tmp_path):
+    """Decode (batched nvJPEG, EXIF turns, PNGs from the workers), crops, colour ops and normalisation of
+    whole batches under `set_sync_debug_mode("error")`, which raises on any synchronising call. One batch first:
+    first-use set-up (cuBLAS and cuDNN handles, nvJPEG's decoder) may sync once; the steady state may not."""
+    dataset = ImageFileDataset(index_image_folder(_folder(tmp_path, n=16)), multicrop_transform(32, 16, 4), seed=3)
+    source = ga.TorchGpuBatches(dataset, 4, 0, seed=3, device="cuda")
+    next(iter(source.epoch(0)))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batches = [views for views, _, _ in source.epoch(1)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(batches) == 4 and all(torch.isfinite(v).all() for views in batches for v in views)
+
+
+@pytest.mark.gpu
+def test_decode_under_load_equals_the_cpu_decode(tmp_path):
+    """pytorch/vision PR 9606's race, in the shape the trainer meets it: kernels queued behind a long one on the
+    training stream write (then read) buffers of the decoded images' sizes, freed on the host at once, while 200
+    batches are decoded. torchvision alone hands the decoder those blocks and its writes land under the queued
+    kernels; on the side stream every decoded image equals its CPU decode (libjpeg) within JPEG rounding and every
+    queued read sees what was written."""
+    sizes = [(500, 375), (375, 500), (320, 240), (640, 480), (333, 250), (256, 256)]
+    for k, (w, h) in enumerate(sizes):
+        _smooth(w, h, k).save(tmp_path / f"{k}.jpg", quality=90, subsampling=k % 3)
+    ds = ga.EncodedImages(ImageFileDataset(index_image_folder(tmp_path), multicrop_transform()), RECIPE)
+    items = [ds[i] for i in range(len(ds))]
+    want = [decode_jpeg(it.jpeg, mode=ImageReadMode.RGB).cuda().float() for it in items]  # CPU decode, uploaded
+    source = ga.TorchGpuBatches(ds.base, len(items), 0, 0, device="cuda")
+    source._decode(list(items))  # warm-up: nvJPEG's decoder
+    torch.cuda.synchronize()
+    errors, sums, expected = [], [], []
+    for step in range(200):
+        torch.cuda._sleep(5_000_000)  # a few ms of queued work: the host runs ahead, as in training
+        value = step % 251 + 1
+        for img in want:
+            buf = torch.full((img.numel(),), value, dtype=torch.uint8, device="cuda")  # a queued write
+            sums.append(buf.sum(dtype=torch.int64))  # and a queued read, then freed on the host
+            expected.append(img.numel() * value)
+            del buf
+        images, decoded = source._decode(list(items))
+        assert all(it.pixels is None for it in decoded)  # every image from the GPU decoder
+        errors.append(torch.stack([(img.float() - ref).abs().mean() for img, ref in zip(images, want, strict=True)]))
+    torch.cuda.synchronize()
+    errors = torch.stack(errors).cpu()  # (200, n_images) mean grey-level differences
+    assert errors.max() < 1.5, (errors.max(), (errors >= 1.5).sum())
+    assert torch.stack(sums).cpu().tolist() == expected
 
 
 # --- random parameters against SPEC ---

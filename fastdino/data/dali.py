@@ -19,6 +19,11 @@ blur mask, solarisation by arithmetic on the solarise mask, `fn.crop_mirror_norm
 Files DALI is not given as they are (PNG and other formats, CMYK or greyscale JPEG) are decoded by Pillow in
 the worker and handed over as uncompressed BMP.
 
+The pipeline runs DALI's asynchronous, pipelined executor PREFETCH = 2 batches ahead of the step (it pulls the
+batches from the DataLoader itself, in order: `build_pipeline` says why order and resume stay exact); a run
+stopped mid-epoch drains it. `auto` picks this backend only where a probe pipeline ran on the GPU
+(`gpu_problem`).
+
 Where DALI's ops differ from torchvision's (the cpu backend):
 - colour jitter: `color_twist` applies brightness, contrast, saturation and hue as one fixed-order colour
   transform, not torchvision's random order per sample; hue rotates in YIQ space, not HSV; contrast scales
@@ -148,15 +153,16 @@ def build_pipeline(recipe: CropRecipe, batch_size: int, num_threads: int, device
     return multicrop()
 
 
-def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
+def _to_torch(tensor_list, device: torch.device) -> tuple[torch.Tensor, object]:
+    """(a torch copy of one DALI output, the DALI tensor it is copied from, to keep until the copy has run)."""
+    dense = tensor_list.as_tensor()
     if device.type == "cuda":
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
-        dense = tensor_list.as_tensor()
         out = torch.empty(dense.shape(), dtype=torch.float32, device=device)
-        feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device))
-        return out
-    return torch.from_numpy(np.array(tensor_list.as_tensor()))
+        feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device))  # queued on the training stream
+        return out, dense
+    return torch.from_numpy(np.array(dense)), dense
 
 
 def _stop() -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -248,14 +254,14 @@ class DaliBatches:
         which the step never waits for; DALI's output buffers are kept referenced (so DALI cannot reuse them)
         until an event after the copies has passed, polled without blocking, the way torch's caching allocator
         treats `record_stream`."""
-        views = [_to_torch(out, self.device) for out in outputs]
+        views, sources = zip(*(_to_torch(out, self.device) for out in outputs), strict=True)
         if self.device.type == "cuda":
             while self._held and self._held[0][0].query():
                 self._held.popleft()
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self.device))
-            self._held.append((event, outputs))
-        return views
+            self._held.append((event, (outputs, sources)))
+        return list(views)
 
     def views(self, items: list[EncodedItem]) -> list[torch.Tensor]:
         """One batch through the pipeline: the views, (B, 3, S, S) float32 each, on the device."""
