@@ -175,8 +175,9 @@ def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None =
     On a GPU the tensor goes through pinned memory: a `non_blocking` copy from pageable memory lets the driver
     wait for the stream while it stages the bytes (CUDA's "API synchronization behavior"), one from pinned
     memory is only queued. torch's caching host allocator keeps the pinned block until the queued copy has run.
+    Made contiguous first: torch copies a strided source through a contiguous pageable temporary.
     """
-    t = t if dtype is None else t.to(dtype)
+    t = (t if dtype is None else t.to(dtype)).contiguous()
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
