@@ -35,9 +35,9 @@ The gradient of fp16 inputs is kept in fp32 until backward. It is computed in th
 scale of fp16 training (GradScaler) arrives as grad_output, and an element is small: about 3.6e-3 / K at B = 128
 and 12 crops, ~5e-8 at K = 65536, below fp16's smallest normal (6.1e-5) and at its smallest subnormal (6e-8).
 Stored in fp16 it flushes to zero or keeps a bit or two: measured on the CPU, the gradient of 65536 * loss at
-B = 4, 12 crops, K = 65536 (the interpreter, tests/kernels/test_dino_loss_kernel.py) had 1.1% of its entries
-flushed and a median relative error of 7e-3, and a float64 emulation of that rounding at the training shape 31%
-and 26%. Kept in fp32 and rounded to fp16 after the scale multiplies it: 0 flushed, median 1.7e-4 (fp16's own
+B = 4, 12 crops, K = 65536 (the interpreter; tests/kernels/test_dino_loss_kernel.py runs K = 32768) had 1.1% of
+its entries flushed and a median relative error of 7e-3, and a float64 emulation of that rounding at the training
+shape 31% and 26%. Kept in fp32 and rounded to fp16 after the scale multiplies it: 0 flushed, median 1.7e-4 (fp16's own
 rounding). The alternative, a backward kernel that recomputes dloss/dS with
 grad_output applied before rounding, would read S and P_t again. The cost here is 2 more bytes per element of
 saved gradient under fp16 only (403 MB instead of 201 MB at the training shape). bf16 has fp32's exponent range:
