@@ -12,6 +12,8 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageOps
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 
@@ -123,18 +125,18 @@ def _dense_multicrop_views(images, params, recipe):
     return views
 
 
-class _LargestAllocation(torch.utils._python_dispatch.TorchDispatchMode):
+class _LargestAllocation(TorchDispatchMode):
     """Records the largest storage (bytes) any op creates: views of existing tensors share their storage."""
 
     def __init__(self):
         super().__init__()
-        self.largest, self._seen = 0, set()
+        self.largest = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
                   if isinstance(t, torch.Tensor)}
         out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
+        for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
                 self.largest = max(self.largest, t.untyped_storage().nbytes())
         return out
