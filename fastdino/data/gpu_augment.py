@@ -246,7 +246,8 @@ def resample_taps(start: torch.Tensor, length: torch.Tensor, out_size: int, taps
 
 def n_taps(longest: float, out_size: int) -> int:
     """Taps per output pixel that cover the filter's support for crops up to `longest` pixels (`resample_taps`):
-    the support spans 4 s pixels, plus the spare tap each side and one against rounding."""
+    the support spans 4 s pixels, so ceil(4 s) + 2 taps from `resample_taps`' first tap reach past it; two more
+    absorb the float32 rounding of s and of the centres on the device."""
     return math.ceil(4 * max(float(longest) / out_size, 1.0)) + 4
 
 
