@@ -143,15 +143,15 @@ class _LargestAllocation(TorchDispatchMode):
 
 
 def test_resize_memory_follows_the_crops_not_the_largest_image_and_the_views_are_unchanged():
-    """One 1000 x 750 image among small ones: no op of the multi-crop allocates more than that image's float
+    """One 640 x 480 image among 15 small ones: no op of the multi-crop allocates more than that image's float
     copy (the filters cover each crop's support, each image gets its own dense matrices), where the first
-    version made (B * n_crops, S, 1000) weights and temporaries; the views equal that version's."""
+    version made (B * n_crops, S, 640) weights and temporaries; the views equal that version's."""
     recipe = ga.CropRecipe(32, 32, 8, (0.4, 1.0), (0.05, 0.4), (0.1, 2.0), 1.0)
     g = torch.Generator().manual_seed(0)
-    sizes = [(750, 1000)] + [(40 + k % 7, 48 - k % 5) for k in range(23)]
+    sizes = [(480, 640)] + [(40 + k % 7, 48 - k % 5) for k in range(15)]
     images = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in sizes]
     params = torch.stack([ga.draw_crop_params(100 + k, h, w, recipe) for k, (h, w) in enumerate(sizes)])
-    big_image = 3 * 750 * 1000 * 4  # bytes of its float copy, which the matmuls need anyway
+    big_image = 3 * 480 * 640 * 4  # bytes of its float copy, which the matmuls need anyway
     with _LargestAllocation() as new:
         views = ga.multicrop_views(images, params, recipe)
     with _LargestAllocation() as old:
@@ -163,10 +163,10 @@ def test_resize_memory_follows_the_crops_not_the_largest_image_and_the_views_are
     start, length = params[:, 2:, ga.P_LEFT].flatten(), params[:, 2:, ga.P_WIDTH].flatten()
     with _LargestAllocation() as taps:
         index, w = ga.resample_taps(start, length, 32, ga.n_taps(length.max(), 32))
-    assert taps.largest <= index.numel() * 8 < 192 * 32 * 1000 * 4 / 4
+    assert taps.largest <= index.numel() * 8 < 128 * 32 * 640 * 4 / 4
     dense = ga.dense_weights(torch.minimum(index.clamp(min=0), torch.tensor([w for _, w in sizes])
-                                           .repeat_interleave(8).view(-1, 1, 1) - 1), w, 1000)
-    torch.testing.assert_close(dense, _dense_resample_weights(start, length, 32, 1000), atol=1e-7, rtol=0)
+                                           .repeat_interleave(8).view(-1, 1, 1) - 1), w, 640)
+    torch.testing.assert_close(dense, _dense_resample_weights(start, length, 32, 640), atol=1e-7, rtol=0)
 
 
 def test_augment_crops_applies_the_drawn_ops_in_the_drawn_order():
