@@ -28,8 +28,20 @@ Passes (three launches, plus a torch sum of the per-row losses so the result is 
      max) and writes the row's loss term; when a gradient is needed, sweep 2 re-reads the row backwards (last
      block first, so the recently read blocks come from L2: a 64k bf16 row is 128 KiB, and ~260 programs in flight
      on an H100 hold ~34 MiB of rows against its 50 MiB L2; an fp32 row is twice that, so expect part of the second
-     read of S to come from HBM) and writes dloss/dS in S's dtype. Backward only scales that saved gradient by
-     grad_output.
+     read of S to come from HBM) and writes dloss/dS (in S's dtype; fp32 for fp16 S, see below). Backward only
+     scales that saved gradient by grad_output.
+
+The gradient of fp16 inputs is kept in fp32 until backward. It is computed in the forward pass, before the loss
+scale of fp16 training (GradScaler) arrives as grad_output, and an element is small: about 3.6e-3 / K at B = 128
+and 12 crops, ~5e-8 at K = 65536, below fp16's smallest normal (6.1e-5) and at its smallest subnormal (6e-8).
+Stored in fp16 it flushes to zero or keeps a bit or two: measured on the CPU, the gradient of 65536 * loss at
+B = 4, 12 crops, K = 65536 (the interpreter; tests/kernels/test_dino_loss_kernel.py runs K = 32768) had 1.1% of
+its entries flushed and a median relative error of 7e-3, and a float64 emulation of that rounding at the training
+shape 31% and 26%. Kept in fp32 and rounded to fp16 after the scale multiplies it: 0 flushed, median 1.7e-4 (fp16's own
+rounding). The alternative, a backward kernel that recomputes dloss/dS with
+grad_output applied before rounding, would read S and P_t again. The cost here is 2 more bytes per element of
+saved gradient under fp16 only (403 MB instead of 201 MB at the training shape). bf16 has fp32's exponent range:
+its gradient stays bf16, and fp32 stays fp32.
 
 Why materialise P_t rather than recompute it from T in pass 3: it is 2B x K fp32, i.e. 8 / (n_crops * itemsize)
 of S (1/3 of S in bf16 at 12 crops, 1/6 in fp32), written once and read back mostly from L2 thanks to the
@@ -39,8 +51,8 @@ units against ~0.7e12 S elements/s of memory traffic (bf16, two reads and one wr
 become a second bottleneck; at 2 they hide under the memory time. The mixture P_t[0] + P_t[1] of a local crop is
 not stored either (a further B x K fp32 buffer): local rows load both partner rows, from L2.
 
-Memory beyond the inputs: P_t (2B x K fp32), the gradient (same shape and dtype as S, only when a gradient is
-needed; this is the gradient autograd needs anyway) and O(rows) scalars. No K-wide fp32 copy of S.
+Memory beyond the inputs: P_t (2B x K fp32), the gradient (same shape and dtype as S, fp32 for fp16 S, only when
+a gradient is needed; this is the gradient autograd needs anyway) and O(rows) scalars. No K-wide fp32 copy of S.
 
 Design limits: one student row per program (a row is never split across programs, so very small batches use
 few SMs: n_crops * B programs); K any size >= 1 (masked tail blocks), but K * itemsize must fit in int32 offsets
@@ -146,7 +158,7 @@ def _to_bf16_rtne(x):
 def _dino_loss_fwd_kernel(
     S,  # (n_crops*B, K) student logits, crop-major
     PT,  # (2B, K) fp32 teacher probabilities
-    GRAD,  # (n_crops*B, K) out, S's dtype: dloss/dS (untouched unless NEED_GRAD)
+    GRAD,  # (n_crops*B, K) out, S's dtype (fp32 for fp16 S): dloss/dS (untouched unless NEED_GRAD)
     ROW_LOSS,  # (n_crops*B,) fp32 out: n_v * lse_v - mix_v . x_v, indexed by program id
     stride_s,
     stride_p,
@@ -190,7 +202,7 @@ def _dino_loss_fwd_kernel(
     n_partners = tl.sum(msum_vec, axis=0)
     tl.store(ROW_LOSS + pid, n_partners * (m + log_sum) - tl.sum(dot_vec, axis=0))
 
-    # Sweep 2: dloss/dS = (n_partners * softmax(x) - mix) / tau_s / (B * n_pairs), in S's dtype. n_partners is
+    # Sweep 2: dloss/dS = (n_partners * softmax(x) - mix) / tau_s / (B * n_pairs), in GRAD's dtype. n_partners is
     # sum(mix) as accumulated (1 or 2 up to rounding), which is what autograd of the reference uses too.
     if NEED_GRAD:
         g_row = GRAD + (v * B + b) * stride_g
@@ -260,7 +272,8 @@ def _dino_loss_fwd_impl(
     teacher_temp: float,
     need_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Host side of passes 1-3: returns (loss fp32 scalar, teacher_sum (K,) fp32, dloss/dS or an empty tensor)."""
+    """Host side of passes 1-3: returns (loss fp32 scalar, teacher_sum (K,) fp32, dloss/dS or an empty tensor);
+    dloss/dS has S's dtype, except fp32 for fp16 S (rounded after the loss scale, in backward)."""
     s = student_logits if student_logits.stride(-1) == 1 else student_logits.contiguous()
     t = teacher_logits if teacher_logits.stride(-1) == 1 else teacher_logits.contiguous()
     c = center.reshape(-1).to(torch.float32).contiguous()
@@ -276,7 +289,8 @@ def _dino_loss_fwd_impl(
     p_t = torch.empty((n_teacher, k), dtype=torch.float32, device=dev)
     teacher_sum = torch.empty((k,), dtype=torch.float32, device=dev)
     row_loss = torch.empty((n_rows,), dtype=torch.float32, device=dev)
-    grad = torch.empty((n_rows, k) if need_grad else (0,), dtype=s.dtype, device=dev)
+    grad_dtype = torch.float32 if s.dtype == torch.float16 else s.dtype
+    grad = torch.empty((n_rows, k) if need_grad else (0,), dtype=grad_dtype, device=dev)
 
     block_k = _block(k, ROW_BLOCK_K)
     _launcher(_teacher_stats_kernel)[(n_teacher,)](
@@ -316,14 +330,16 @@ class DinoLossFunction(torch.autograd.Function):
             student_logits, teacher_logits, center, float(student_temp), float(teacher_temp), need_grad
         )
         ctx.save_for_backward(grad)
+        ctx.student_dtype = student_logits.dtype
         ctx.mark_non_differentiable(teacher_sum)
         return loss, teacher_sum
 
     @staticmethod
     def backward(ctx, grad_loss, grad_teacher_sum):
         (grad,) = ctx.saved_tensors
-        # grad_loss is a 0-dim fp32 tensor: the product keeps the gradient's dtype.
-        return grad * grad_loss, None, None, None, None
+        # grad_loss is a 0-dim fp32 tensor: the product keeps the saved gradient's dtype (fp32 for fp16 inputs,
+        # whose scaled gradient is rounded to fp16 only here).
+        return (grad * grad_loss).to(ctx.student_dtype), None, None, None, None
 
 
 def dino_loss_forward(
@@ -353,7 +369,8 @@ def dino_loss_triton(
     student_logits: (n_crops*B, K), crop-major; rows [0, 2B) are the two global crops. teacher_logits: (2B, K),
     detached. center: (K,). Any of fp32 / bf16 / fp16. Returns (loss: fp32 scalar, teacher_sum: (K,) fp32 column
     sum of the raw teacher logits, for the center update; the caller all-reduces it). Differentiable w.r.t.
-    student_logits only; the gradient is computed in the forward pass and has student_logits' dtype.
+    student_logits only; the gradient is computed in the forward pass and has student_logits' dtype (for fp16 it
+    is kept in fp32 until backward has applied grad_output, the loss scale: see the module docstring).
 
     The autograd.Function wraps a `torch.library.triton_op` (torch >= 2.6), so torch.compile traces through it
     without a graph break. Runs on CPU tensors under TRITON_INTERPRET=1 (slowly: tests only).

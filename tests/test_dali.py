@@ -16,7 +16,10 @@ from fastdino.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, multicrop_trans
 pytest.importorskip("nvidia.dali")
 from nvidia.dali import fn, pipeline_def, types  # noqa: E402
 
+from fastdino.data import dali as dali_module  # noqa: E402
 from fastdino.data.dali import DaliBatches, _encoded, dali_rows  # noqa: E402
+from fastdino.data.gpu_augment import collate_encoded  # noqa: E402
+from fastdino.data.loader import build_loader  # noqa: E402
 
 # CPU operators here; nvJPEG ("mixed") and the GPU operators in `pytest -m gpu` (perf/gpu_suite.py).
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -125,6 +128,37 @@ def test_batches_are_deterministic_resume_exactly_and_skip_bad_files(tmp_path):
     everything = list(dali.epoch(1)) + list(dali.epoch(2)) + first
     reported = {p.rsplit("/", 1)[-1] for _, _, bad in everything for p, _ in bad}
     assert reported <= {"9_empty.jpg", "9_truncated.jpg"} and reported  # met in some epoch, never a crash
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_prefetch_runs_ahead_keeps_the_order_and_a_stopped_epoch_leaves_nothing_behind(tmp_path, monkeypatch, device):
+    """DALI runs PREFETCH batches ahead (asynchronous executor), each batch's views and labels stay together, and a
+    run stopped mid-epoch (the generator closed) leaves the pipeline ready for the next epoch from its start."""
+    dali, _ = _sources(_folder(tmp_path, n=12), device=device)
+    want = list(dali.epoch(0))
+    assert len(want) == 3
+    fed = []
+    encoded = dali_module._encoded
+    monkeypatch.setattr(dali_module, "_encoded", lambda item: fed.append(item.index) or encoded(item))
+    batches = dali.epoch(0)
+    views, labels, _ = next(batches)
+    assert len(fed) == dali_module.PREFETCH * 4  # two batches pulled before the first was handed out
+    assert torch.equal(labels, want[0][1]) and all(torch.equal(a, b) for a, b in zip(views, want[0][0], strict=True))
+    batches.close()  # stopped after one step, with a batch still in DALI
+    for (v1, l1, _), (v2, l2, _) in zip(want, dali.epoch(0), strict=True):
+        assert torch.equal(l1, l2) and all(torch.equal(a, b) for a, b in zip(v1, v2, strict=True))
+    # one batch on its own (no prefetch behind it) gives the same views as inside the epoch
+    loader = build_loader(dali.encoded, 4, 0, seed=5, epoch=0, collate_fn=collate_encoded)
+    for (items, labels, _), (v, want_labels, _) in zip(loader, want, strict=True):
+        assert torch.equal(labels, want_labels)
+        assert all(torch.equal(a, b) for a, b in zip(dali.views(items), v, strict=True))
+
+
+@pytest.mark.gpu
+def test_the_gpu_probe_pipeline_runs():
+    """Where DALI and a GPU are there, the probe `auto` relies on passes (else auto silently takes torch_gpu)."""
+    dali_module.gpu_problem.cache_clear()
+    assert dali_module.gpu_problem(torch.cuda.current_device()) is None
 
 
 def _jpeg(img, orientation=1, **kw) -> bytes:

@@ -2,6 +2,7 @@
 parameters, the parameter distributions against SPEC "Augmentations", determinism and resume, bad files, and
 the choice of backend."""
 
+import functools
 import io
 import math
 from pathlib import Path
@@ -11,6 +12,9 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageOps
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 
 from fastdino.cli import main
@@ -89,6 +93,80 @@ def test_resized_crop_matches_torchvision_antialiased_bicubic(box, size, flip):
     pil_crop = TF.horizontal_flip(pil_crop) if flip else pil_crop
     ref = TF.pil_to_tensor(pil_crop).float() / 255
     assert (got - ref).abs().max() <= 3 / 255
+
+
+def _dense_resample_weights(start, length, out_size, in_size):
+    """The filter as it was first written (before issue 21): every crop's weights over the whole axis of the
+    batch's largest image, (n, out_size, in_size) and temporaries of that size."""
+    start, length = start.float(), length.float()
+    scale = length / out_size
+    centres = start[:, None] + (torch.arange(out_size) + 0.5) * scale[:, None]
+    src = torch.arange(in_size) + 0.5
+    w = ga._cubic((src - centres[:, :, None]) / scale.clamp(min=1)[:, None, None])
+    w = w * ((src >= start[:, None, None]) & (src < (start + length)[:, None, None]))
+    return w / w.sum(-1, keepdim=True)
+
+
+def _dense_multicrop_views(images, params, recipe):
+    """multicrop_views as first written: the weights of every crop sized by the batch's largest image."""
+    batch, heights, widths = len(images), [i.shape[1] for i in images], [i.shape[2] for i in images]
+    views = []
+    for size, crops in ((recipe.global_size, slice(0, 2)), (recipe.local_size, slice(2, recipe.n_crops))):
+        g = params[:, crops].reshape(-1, ga.N_PARAMS).float()
+        n = g.shape[0] // batch
+        rows = _dense_resample_weights(g[:, ga.P_TOP], g[:, ga.P_HEIGHT], size, max(heights)).view(batch, n, size, -1)
+        cols = _dense_resample_weights(g[:, ga.P_LEFT], g[:, ga.P_WIDTH], size, max(widths))
+        cols = torch.where(g[:, ga.P_FLIP].view(-1, 1, 1) > 0, cols.flip(1), cols).view(batch, n, size, -1)
+        out = torch.stack([ga.resized_crops(img.float() / 255, rows[b, :, :, :heights[b]], cols[b, :, :, :widths[b]])
+                           for b, img in enumerate(images)])
+        out = ga.augment_crops(out.view(-1, 3, size, size), params[:, crops].reshape(-1, ga.N_PARAMS),
+                               recipe.blur_taps(size)).view(batch, n, 3, size, size)
+        views += [out[:, k] for k in range(n)]
+    return views
+
+
+class _LargestAllocation(TorchDispatchMode):
+    """Records the largest storage (bytes) any op creates: views of existing tensors share their storage."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out
+
+
+def test_resize_memory_follows_the_crops_not_the_largest_image_and_the_views_are_unchanged():
+    """One 640 x 480 image among 15 small ones: no op of the multi-crop allocates more than that image's float
+    copy (the filters cover each crop's support, each image gets its own dense matrices), where the first
+    version made (B * n_crops, S, 640) weights and temporaries; the views equal that version's."""
+    recipe = ga.CropRecipe(32, 32, 8, (0.4, 1.0), (0.05, 0.4), (0.1, 2.0), 1.0)
+    g = torch.Generator().manual_seed(0)
+    sizes = [(480, 640)] + [(40 + k % 7, 48 - k % 5) for k in range(15)]
+    images = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in sizes]
+    params = torch.stack([ga.draw_crop_params(100 + k, h, w, recipe) for k, (h, w) in enumerate(sizes)])
+    big_image = 3 * 480 * 640 * 4  # bytes of its float copy, which the matmuls need anyway
+    with _LargestAllocation() as new:
+        views = ga.multicrop_views(images, params, recipe)
+    with _LargestAllocation() as old:
+        want = _dense_multicrop_views(images, params, recipe)
+    assert new.largest <= big_image < old.largest / 1.5, (new.largest, big_image, old.largest)
+    for got, ref in zip(views, want, strict=True):
+        torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)
+    # the filter itself: the same weights as the dense formula, in memory of the crops' support only
+    start, length = params[:, 2:, ga.P_LEFT].flatten(), params[:, 2:, ga.P_WIDTH].flatten()
+    with _LargestAllocation() as taps:
+        index, w = ga.resample_taps(start, length, 32, ga.n_taps(length.max(), 32))
+    assert taps.largest <= index.numel() * 8 < 128 * 32 * 640 * 4 / 4
+    dense = ga.dense_weights(torch.minimum(index.clamp(min=0), torch.tensor([w for _, w in sizes])
+                                           .repeat_interleave(8).view(-1, 1, 1) - 1), w, 640)
+    torch.testing.assert_close(dense, _dense_resample_weights(start, length, 32, 640), atol=1e-7, rtol=0)
 
 
 def test_augment_crops_applies_the_drawn_ops_in_the_drawn_order():
@@ -199,6 +277,27 @@ def test_formats_the_gpu_decoder_is_not_given_are_decoded_exactly_by_pillow(tmp_
     assert all(v.device.type == device and torch.isfinite(v).all() for v in views)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("files", [("0.png", "1.png", "2.png"), ("0.png", "1.jpg", "2.png", "3.jpg")])
+def test_a_batch_without_jpegs_or_mixing_formats_decodes(tmp_path, files, device):
+    """A PNG-only batch gives the decoder no file at all (torchvision refuses an empty list with ValueError)."""
+    for k, name in enumerate(files):
+        photo = _smooth(40 + 3 * k, 24 + 2 * k, k)
+        photo.save(tmp_path / name, quality=95) if name.endswith(".jpg") else photo.save(tmp_path / name)
+    ds = ga.EncodedImages(ImageFileDataset(index_image_folder(tmp_path), multicrop_transform(32, 16, 2)), RECIPE)
+    items = [ds[i] for i in range(len(ds))]
+    assert [it.jpeg is not None for it in items] == [name.endswith(".jpg") for name in files]
+    source = ga.TorchGpuBatches(ds.base, len(items), 0, 0, device=device)
+    images, _ = source._decode(list(items))
+    for img, path in zip(images, ds.base.index.paths, strict=True):
+        diff = (img.cpu().float() - _pillow_chw(path).float()).abs()
+        assert img.device.type == device and diff.mean() < (1.5 if path.endswith(".jpg") else 1e-9), path
+    views, bad = source.views(items)
+    n = len(files)
+    assert bad == [] and [tuple(v.shape) for v in views] == [(n, 3, 32, 32)] * 2 + [(n, 3, 16, 16)] * 2
+    assert all(torch.isfinite(v).all() for v in views)
+
+
 @pytest.mark.gpu
 def test_a_gpu_batch_has_the_cpu_backends_shapes_dtypes_ranges_and_labels(tmp_path):
     dataset = ImageFileDataset(index_image_folder(_folder(tmp_path)), multicrop_transform(32, 16, 2), seed=3)
@@ -215,6 +314,57 @@ def test_a_gpu_batch_has_the_cpu_backends_shapes_dtypes_ranges_and_labels(tmp_pa
     host = next(iter(ga.TorchGpuBatches(dataset, 4, 0, seed=3, device="cpu").epoch(0)))[0]
     for v, h in zip(views, host, strict=True):
         assert (v.cpu() - h).abs().mean() < 0.05  # normalised units: about one grey level is 0.017
+
+
+@pytest.mark.gpu
+def test_a_torch_gpu_epoch_never_waits_for_the_device(tmp_path):
+    """Decode (batched nvJPEG, EXIF turns, PNGs from the workers), crops, colour ops and normalisation of
+    whole batches under `set_sync_debug_mode("error")`, which raises on any synchronising call. One batch first:
+    first-use set-up (cuBLAS and cuDNN handles, nvJPEG's decoder) may sync once; the steady state may not."""
+    dataset = ImageFileDataset(index_image_folder(_folder(tmp_path, n=16)), multicrop_transform(32, 16, 4), seed=3)
+    source = ga.TorchGpuBatches(dataset, 4, 0, seed=3, device="cuda")
+    next(iter(source.epoch(0)))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batches = [views for views, _, _ in source.epoch(1)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(batches) == 4 and all(torch.isfinite(v).all() for views in batches for v in views)
+
+
+@pytest.mark.gpu
+def test_decode_under_load_equals_the_cpu_decode(tmp_path):
+    """pytorch/vision PR 9606's race, in the shape the trainer meets it: kernels queued behind a long one on the
+    training stream write (then read) buffers of the decoded images' sizes, freed on the host at once, while 200
+    batches are decoded. torchvision alone hands the decoder those blocks and its writes land under the queued
+    kernels; on the side stream every decoded image equals its CPU decode (libjpeg) within JPEG rounding and every
+    queued read sees what was written."""
+    sizes = [(500, 375), (375, 500), (320, 240), (640, 480), (333, 250), (256, 256)]
+    for k, (w, h) in enumerate(sizes):
+        _smooth(w, h, k).save(tmp_path / f"{k}.jpg", quality=90, subsampling=k % 3)
+    ds = ga.EncodedImages(ImageFileDataset(index_image_folder(tmp_path), multicrop_transform()), RECIPE)
+    items = [ds[i] for i in range(len(ds))]
+    want = [decode_jpeg(it.jpeg, mode=ImageReadMode.RGB).cuda().float() for it in items]  # CPU decode, uploaded
+    source = ga.TorchGpuBatches(ds.base, len(items), 0, 0, device="cuda")
+    source._decode(list(items))  # warm-up: nvJPEG's decoder
+    torch.cuda.synchronize()
+    errors, sums, expected = [], [], []
+    for step in range(200):
+        torch.cuda._sleep(5_000_000)  # a few ms of queued work: the host runs ahead, as in training
+        value = step % 251 + 1
+        for img in want:
+            buf = torch.full((img.numel(),), value, dtype=torch.uint8, device="cuda")  # a queued write
+            sums.append(buf.sum(dtype=torch.int64))  # and a queued read, then freed on the host
+            expected.append(img.numel() * value)
+            del buf
+        images, decoded = source._decode(list(items))
+        assert all(it.pixels is None for it in decoded)  # every image from the GPU decoder
+        errors.append(torch.stack([(img.float() - ref).abs().mean() for img, ref in zip(images, want, strict=True)]))
+    torch.cuda.synchronize()
+    errors = torch.stack(errors).cpu()  # (200, n_images) mean grey-level differences
+    assert errors.max() < 1.5, (errors.max(), (errors >= 1.5).sum())
+    assert torch.stack(sums).cpu().tolist() == expected
 
 
 # --- random parameters against SPEC ---
@@ -370,9 +520,50 @@ def test_backend_choice(monkeypatch):
     assert err.value.key == "data.backend"
     with pytest.raises(ConfigError, match="data.backend='gpu' is not one of"):
         loader.resolve_backend("gpu", cpu)
-    monkeypatch.setattr(loader, "dali_available", lambda: True)
+    monkeypatch.setattr(loader, "dali_problem", lambda device: None)
     assert loader.resolve_backend("auto", cuda) == "dali"
     assert loader.resolve_backend("auto", cpu) == "cpu"
+
+
+def test_auto_picks_dali_only_where_its_probe_pipeline_runs(monkeypatch):
+    """DALI imports but its probe fails (a driver older than the wheel needs): auto takes torch_gpu, an explicit
+    dali is refused in one line naming data.backend; the probe runs once per device, never for a CPU run."""
+    dali = pytest.importorskip("fastdino.data.dali")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.setattr(loader, "dali_available", lambda: True)
+    calls = []
+
+    def failing_pipeline(*args, **kwargs):
+        calls.append(args)
+        raise RuntimeError("CUDA driver version is insufficient for CUDA runtime version\nmore detail")
+
+    monkeypatch.setattr(dali, "_import_dali", failing_pipeline)
+    dali.gpu_problem.cache_clear()
+    try:
+        assert loader.resolve_backend("auto", cpu) == "cpu" and calls == []  # no GPU, no probe
+        assert loader.resolve_backend("auto", cuda) == "torch_gpu"
+        assert loader.resolve_backend("auto", cuda) == "torch_gpu" and len(calls) == 1  # cached
+        with pytest.raises(ConfigError, match=r"data\.backend=dali: DALI cannot run on cuda:0 \(RuntimeError: CUDA "
+                           r"driver version is insufficient for CUDA runtime version\): use data\.backend=torch_gpu"):
+            loader.resolve_backend("dali", cuda)
+        assert len(calls) == 1
+        dali.gpu_problem.cache_clear()
+        monkeypatch.setattr(dali, "gpu_problem", functools.cache(lambda index: None))
+        assert loader.resolve_backend("auto", cuda) == "dali" and loader.resolve_backend("dali", cuda) == "dali"
+    finally:
+        dali.gpu_problem.cache_clear()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the probe on a machine without a GPU")
+def test_the_real_dali_probe_reports_why_without_a_gpu():
+    dali = pytest.importorskip("fastdino.data.dali")
+    pytest.importorskip("nvidia.dali")
+    dali.gpu_problem.cache_clear()
+    try:
+        problem = dali.gpu_problem(0)
+    finally:
+        dali.gpu_problem.cache_clear()
+    assert problem and "\n" not in problem and "CUDA" in problem
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")

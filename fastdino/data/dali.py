@@ -19,6 +19,11 @@ blur mask, solarisation by arithmetic on the solarise mask, `fn.crop_mirror_norm
 Files DALI is not given as they are (PNG and other formats, CMYK or greyscale JPEG) are decoded by Pillow in
 the worker and handed over as uncompressed BMP.
 
+The pipeline runs DALI's asynchronous, pipelined executor PREFETCH = 2 batches ahead of the step (it pulls the
+batches from the DataLoader itself, in order: `build_pipeline` says why order and resume stay exact); a run
+stopped mid-epoch drains it. `auto` picks this backend only where a probe pipeline ran on the GPU
+(`gpu_problem`).
+
 Where DALI's ops differ from torchvision's (the cpu backend):
 - colour jitter: `color_twist` applies brightness, contrast, saturation and hue as one fixed-order colour
   transform, not torchvision's random order per sample; hue rotates in YIQ space, not HSV; contrast scales
@@ -30,8 +35,10 @@ Where DALI's ops differ from torchvision's (the cpu backend):
 
 from __future__ import annotations
 
+import collections
+import functools
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -66,6 +73,7 @@ from fastdino.errors import MissingDependencyError
 F_ROI = slice(0, 4)  # y0, x0, y1, x1: a flipped crop has x0 > x1
 F_BRIGHTNESS, F_CONTRAST, F_SATURATION, F_HUE, F_GRAY, F_BLUR, F_SIGMA, F_SOLARIZE = range(4, 12)
 N_FEED = 12
+PREFETCH = 2  # batches DALI runs ahead of the step (its prefetch_queue_depth)
 
 
 def dali_rows(params: torch.Tensor) -> np.ndarray:
@@ -95,20 +103,32 @@ def _encoded(item: EncodedItem) -> np.ndarray:
     return np.frombuffer(buf.getvalue(), dtype=np.uint8)
 
 
-def build_pipeline(recipe: CropRecipe, batch_size: int, num_threads: int, device_id: int | None, seed: int):
-    """The DALI pipeline (not built): inputs "encoded" (bytes) and "params" ((n_crops, N_FEED) float32),
-    outputs one normalised float32 (3, S, S) batch per crop. device_id None runs CPU operators only."""
+def _import_dali():
     try:
         from nvidia.dali import fn, pipeline_def, types
     except ImportError as err:
         raise MissingDependencyError('data.backend=dali needs NVIDIA DALI: pip install -e ".[dali]"') from err
+    return fn, pipeline_def, types
+
+
+def build_pipeline(recipe: CropRecipe, batch_size: int, num_threads: int, device_id: int | None, seed: int,
+                   source: Callable[[], tuple[list[np.ndarray], list[np.ndarray]]]):
+    """The DALI pipeline (not built): `source()` gives each batch's bytes and (n_crops, N_FEED) float32 rows,
+    and raises StopIteration at the end of the data; outputs one normalised float32 (3, S, S) batch per crop.
+    device_id None runs CPU operators only.
+
+    Asynchronous and pipelined, PREFETCH batches deep: DALI calls `source` in order, in the calling thread, when a
+    run is scheduled, and runs iterations in order, so batch i's outputs are batch i's inputs whatever the depth.
+    No operator draws a random number (every choice comes in `params`), so running ahead changes nothing either.
+    """
+    fn, pipeline_def, types = _import_dali()
     gpu = device_id is not None
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
-                  exec_async=False, exec_pipelined=False, prefetch_queue_depth=1)
+                  exec_async=True, exec_pipelined=True, exec_dynamic=True, prefetch_queue_depth=PREFETCH)
     def multicrop():
-        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-        params = fn.external_source(name="params", dtype=types.FLOAT, ndim=2)
+        encoded, params = fn.external_source(source=source, num_outputs=2, dtype=[types.UINT8, types.FLOAT],
+                                             ndim=[1, 2])
         if gpu:
             params_dev = params.gpu()
         images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
@@ -133,19 +153,59 @@ def build_pipeline(recipe: CropRecipe, batch_size: int, num_threads: int, device
     return multicrop()
 
 
-def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
+def _to_torch(tensor_list, device: torch.device) -> tuple[torch.Tensor, object]:
+    """(a torch copy of one DALI output, the DALI tensor it is copied from, to keep until the copy has run)."""
+    dense = tensor_list.as_tensor()
     if device.type == "cuda":
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
-        dense = tensor_list.as_tensor()
         out = torch.empty(dense.shape(), dtype=torch.float32, device=device)
-        feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device))
-        return out
-    return torch.from_numpy(np.array(tensor_list.as_tensor()))
+        feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device))  # queued on the training stream
+        return out, dense
+    return torch.from_numpy(np.array(dense)), dense
+
+
+def _stop() -> tuple[list[np.ndarray], list[np.ndarray]]:
+    raise StopIteration
+
+
+@functools.cache
+def gpu_problem(device_index: int) -> str | None:
+    """Why DALI cannot run on cuda:`device_index`, or None when a tiny GPU pipeline (one 16 x 16 JPEG through
+    the nvJPEG "mixed" decoder and a GPU resize) built and ran there. Cached per device: one probe a process.
+
+    Importing DALI says nothing about the machine: a driver older than the wheel's CUDA, or a GPU DALI does
+    not support, only fails when a pipeline is built or run. `loader.resolve_backend` asks this before `auto`
+    picks DALI.
+    """
+    try:
+        fn, pipeline_def, types = _import_dali()
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), (200, 30, 60)).save(buf, format="JPEG")
+        jpeg = np.frombuffer(buf.getvalue(), dtype=np.uint8)
+
+        @pipeline_def(batch_size=1, num_threads=1, device_id=device_index, exec_async=False, exec_pipelined=False,
+                      prefetch_queue_depth=1)
+        def probe():
+            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+            images = fn.decoders.image(encoded, device="mixed", output_type=types.RGB)
+            return fn.resize(images, size=[8, 8])
+
+        pipe = probe()
+        pipe.build()
+        pipe.feed_input("encoded", [jpeg])
+        (out,) = pipe.run()
+        shape = tuple(out.as_cpu().as_array().shape)
+        if shape != (1, 8, 8, 3):
+            return f"a probe pipeline gave shape {shape}, not (1, 8, 8, 3)"
+    except Exception as err:  # noqa: BLE001 - whatever fails here, DALI is not usable on this device
+        return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    return None
 
 
 class DaliBatches:
-    """The dali `BatchSource`: workers read bytes and draw parameters (as torch_gpu), DALI decodes and crops."""
+    """The dali `BatchSource`: workers read bytes and draw parameters (as torch_gpu), DALI decodes and crops,
+    up to PREFETCH batches ahead of the training step."""
 
     def __init__(
         self, dataset: ImageFileDataset, batch_size: int, num_workers: int, seed: int, rank: int = 0,
@@ -156,19 +216,61 @@ class DaliBatches:
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         device_id = (self.device.index or 0) if self.device.type == "cuda" else None
-        self.pipe = build_pipeline(self.recipe, batch_size, num_threads, device_id, seed)
+        self._feed: Callable[[], tuple[list[np.ndarray], list[np.ndarray]]] = _stop
+        self._held: collections.deque = collections.deque()  # (event, DALI outputs) until the copies have run
+        self.pipe = build_pipeline(self.recipe, batch_size, num_threads, device_id, seed, lambda: self._feed())
         self.pipe.build()
+
+    def _run(self, batches: Iterator[tuple[list[EncodedItem], torch.Tensor, list]]) -> Iterator[Batch]:
+        """Each (items, labels, unreadable) of `batches` through the pipeline, in order: (views, labels,
+        unreadable). DALI pulls up to PREFETCH batches ahead; their labels wait here in the same order.
+        Leaving early (a run stopped mid-epoch) drains what DALI still holds, so the next epoch starts clean."""
+        waiting: collections.deque = collections.deque()
+
+        def feed() -> tuple[list[np.ndarray], list[np.ndarray]]:
+            items, labels, unreadable = next(batches)  # StopIteration ends DALI's epoch
+            waiting.append((labels, unreadable))
+            return [_encoded(it) for it in items], [dali_rows(it.params) for it in items]
+
+        self._feed = feed
+        try:
+            while True:
+                self.pipe.schedule_run()
+                try:
+                    outputs = self.pipe.outputs()  # waits for this batch only: the next ones keep running
+                except StopIteration:
+                    return
+                labels, unreadable = waiting.popleft()
+                yield self._views(outputs), labels, unreadable
+        finally:
+            self._feed = _stop
+            self.pipe.schedule_run()  # takes no more input: marks DALI's epoch as ended
+            while not self.pipe.empty():
+                self.pipe.outputs()
+            self.pipe.reset()
+
+    def _views(self, outputs) -> list[torch.Tensor]:
+        """DALI's outputs as torch tensors on the device. On a GPU the copies are queued on the current stream,
+        which the step never waits for; DALI's output buffers are kept referenced (so DALI cannot reuse them)
+        until an event after the copies has passed, polled without blocking, the way torch's caching allocator
+        treats `record_stream`."""
+        views, sources = zip(*(_to_torch(out, self.device) for out in outputs), strict=True)
+        if self.device.type == "cuda":
+            while self._held and self._held[0][0].query():
+                self._held.popleft()
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            self._held.append((event, (outputs, sources)))
+        return list(views)
 
     def views(self, items: list[EncodedItem]) -> list[torch.Tensor]:
         """One batch through the pipeline: the views, (B, 3, S, S) float32 each, on the device."""
-        self.pipe.feed_input("encoded", [_encoded(it) for it in items])
-        self.pipe.feed_input("params", [dali_rows(it.params) for it in items])
-        return [_to_torch(out, self.device) for out in self.pipe.run()]
+        ((views, _, _),) = list(self._run(iter([(items, None, [])])))
+        return views
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         loader = build_loader(
             self.encoded, self.batch_size, self.num_workers, seed=self.seed, epoch=epoch, start_step=start_step,
             rank=self.rank, world_size=self.world_size, pin_memory=False, collate_fn=collate_encoded,
         )
-        for items, labels, unreadable in loader:
-            yield self.views(items), labels, unreadable
+        yield from self._run(iter(loader))

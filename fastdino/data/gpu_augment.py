@@ -11,13 +11,21 @@ each image upright, then runs, batched:
   then columns) with per-crop weight matrices: the filter of Pillow's and torch's antialiased bicubic resize
   (Keys cubic a = -0.5, support widened by the downscale factor, weights renormalised at the crop's edges);
   a flip reverses the column weights. All of one image's crops of one size take one pair of matmuls (images
-  differ in size, so this is the one per-image loop; the weights are built for the whole batch at once).
+  differ in size, so this is the one per-image loop). The filters are built for the whole batch at once over
+  each crop's support only (a few taps per output pixel), and spread into each image's own dense matrices in
+  the loop: memory follows the crops, not the largest image of the batch.
 - colour jitter (p=0.8; brightness, contrast, saturation, hue in a per-sample random order, as torchvision's
   ColorJitter), grayscale (p=0.2), Gaussian blur (per-sample sigma; reflect padding and a sampled kernel of
   2*ceil(3*sigma_max)+1 taps, as torchvision's tensor blur; the cpu backend uses Pillow's box approximation),
   solarise (global crop 2, p=0.2, pixels >= 128/255), ImageNet normalisation: batched over every crop of one
   size, with per-sample factors; which samples an op touches is decided from the CPU copy of the parameters
   (no host sync).
+
+On a GPU nothing here waits for the device: per-batch parameters go through pinned memory before their
+`non_blocking` copies (a copy from pageable memory may wait for the stream), the constants (hue's HSV
+offsets, the ImageNet mean and std) are made once per device, and which samples an op touches is read from
+the CPU parameters (tests/test_gpu_augment.py runs an epoch under `torch.cuda.set_sync_debug_mode("error")`).
+The decode itself runs on a side stream (`TorchGpuBatches._decode_jpegs` says why).
 
 Files the GPU decoder is not given (PNG and other formats, CMYK or greyscale JPEG, a JPEG without its end
 marker) are decoded in the worker by `files.decode_rgb`; a JPEG the decoder refuses is decoded on the CPU in
@@ -30,6 +38,7 @@ ops) differ.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from collections.abc import Iterator, Sequence
@@ -158,6 +167,29 @@ def draw_crop_params(seed: int, height: int, width: int, recipe: CropRecipe) -> 
     return params
 
 
+# -- host to device without a sync ---------------------------------------------------------------------------
+
+def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A CPU tensor (cast to `dtype` first) on `device`, without the host waiting for the device.
+
+    On a GPU the tensor goes through pinned memory: a `non_blocking` copy from pageable memory lets the driver
+    wait for the stream while it stages the bytes (CUDA's "API synchronization behavior"), one from pinned
+    memory is only queued. torch's caching host allocator keeps the pinned block until the queued copy has run.
+    Made contiguous first: torch copies a strided source through a contiguous pageable temporary.
+    """
+    t = (t if dtype is None else t.to(dtype)).contiguous()
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+@functools.cache
+def _constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A small constant tensor made once per device and dtype (each `torch.tensor(list, device=cuda)` is a
+    blocking copy)."""
+    return to_device(torch.tensor(values, dtype=dtype), device)
+
+
 # -- geometry ----------------------------------------------------------------------------------------------
 
 def exif_orient(img: torch.Tensor, orientation: int) -> torch.Tensor:
@@ -187,22 +219,51 @@ def _cubic(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
 
 
-def resample_weights(start: torch.Tensor, length: torch.Tensor, out_size: int, in_size: int) -> torch.Tensor:
-    """(n, out_size, in_size) float32: row o averages source pixels of [start, start + length) for output o.
+def resample_taps(start: torch.Tensor, length: torch.Tensor, out_size: int, taps: int) -> tuple[torch.Tensor,
+                                                                                              torch.Tensor]:
+    """Each crop's resampling filter over its support only: (index, weights), both (n, out_size, taps).
 
     start, length: (n,) pixel offsets and extents of the crops along one axis. Output pixel o's centre maps to
-    start + (o + 0.5) * length / out_size; each source pixel j (centre j + 0.5) inside the crop weighs
-    cubic((j + 0.5 - centre) / max(scale, 1)), the weights of a row summing to 1 (Pillow's resampling filter;
-    widening the kernel when shrinking is the antialiasing).
+    c = start + (o + 0.5) * length / out_size; source pixel j (centre j + 0.5) inside the crop weighs
+    cubic((j + 0.5 - c) / s), s = max(length / out_size, 1), the weights of a row summing to 1 (Pillow's
+    resampling filter; widening the kernel by s when shrinking is the antialiasing). The cubic is 0 beyond 2 s,
+    so row o only needs the `taps` source pixels from floor(c - 2 s - 0.5) - 1 on (`n_taps` of the longest
+    crop); index (int64) holds them, unclamped (taps outside the image weigh 0, being outside the crop).
+    Memory is bounded by the crops (n * out_size * taps), not by the image they come from.
     """
     start, length = start.float(), length.float()
     scale = length / out_size  # (n,)
+    support = scale.clamp(min=1)
     centres = start[:, None] + (torch.arange(out_size, device=start.device) + 0.5) * scale[:, None]  # (n, out)
-    src = torch.arange(in_size, device=start.device) + 0.5  # (in,)
-    w = _cubic((src - centres[:, :, None]) / scale.clamp(min=1)[:, None, None])  # (n, out, in)
+    first = (centres - 2 * support[:, None] - 0.5).floor().long() - 1  # one spare tap against rounding
+    index = first[:, :, None] + torch.arange(taps, device=start.device)  # (n, out, taps)
+    src = index.float() + 0.5  # exact: pixel indices are far below 2**24
+    w = _cubic((src - centres[:, :, None]) / support[:, None, None])
     inside = (src >= start[:, None, None]) & (src < (start + length)[:, None, None])
     w = w * inside
-    return w / w.sum(-1, keepdim=True)
+    return index, w / w.sum(-1, keepdim=True)
+
+
+def n_taps(longest: float, out_size: int) -> int:
+    """Taps per output pixel that cover the filter's support for crops up to `longest` pixels (`resample_taps`):
+    the support spans 4 s pixels, so ceil(4 s) + 2 taps from `resample_taps`' first tap reach past it; two more
+    absorb the float32 rounding of s and of the centres on the device."""
+    return math.ceil(4 * max(float(longest) / out_size, 1.0)) + 4
+
+
+def dense_weights(index: torch.Tensor, w: torch.Tensor, in_size: int) -> torch.Tensor:
+    """(n, out, taps) taps with their indices clamped to [0, in_size) -> (n, out, in_size) float32 weights.
+
+    Clamped taps weigh 0, so adding them (scatter_add) leaves every real weight exactly as computed."""
+    dense = torch.zeros(*index.shape[:2], in_size, dtype=w.dtype, device=w.device)
+    return dense.scatter_add_(2, index, w)
+
+
+def resample_weights(start: torch.Tensor, length: torch.Tensor, out_size: int, in_size: int) -> torch.Tensor:
+    """(n, out_size, in_size) float32: row o averages source pixels of [start, start + length) for output o,
+    with `resample_taps`' filter (start, length: (n,) along one axis of an image `in_size` pixels long)."""
+    index, w = resample_taps(start, length, out_size, n_taps(in_size, out_size))
+    return dense_weights(index.clamp_(0, in_size - 1), w, in_size)
 
 
 def resized_crops(img: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -253,7 +314,7 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     hue = torch.where(chroma > 0, hue, torch.zeros_like(hue)) / 6  # turns, in [0, 1)
     hue = (hue + shift.to(x.dtype).view(-1, 1, 1)) % 1
     # HSV -> RGB: channel n (R 5, G 3, B 1) is v - v s clamp(min(k, 4 - k), 0, 1) with k = (n + 6 hue) mod 6
-    n = torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    n = _constant((5.0, 3.0, 1.0), x.device, x.dtype).view(1, 3, 1, 1)
     k = (n + 6 * hue.unsqueeze(1)) % 6
     ramp = torch.minimum(k, 4 - k).clamp(0, 1)
     return value.unsqueeze(1) * (1 - saturation.unsqueeze(1) * ramp)
@@ -286,14 +347,14 @@ def augment_crops(crops: torch.Tensor, params: torch.Tensor, taps: int) -> torch
     """Colour ops of one crop size, then normalisation: (N, 3, S, S) in [0, 1] -> normalised float32.
 
     params: (N, N_PARAMS) on the CPU (it decides which samples each op touches, without a host sync); the
-    factors travel to the crops' device once. In place on `crops`.
+    factors travel to the crops' device once, each op's sample indices once. In place on `crops`.
     """
     device = crops.device
-    factors = params.to(device, torch.float32, non_blocking=True)
+    factors = to_device(params, device, torch.float32)
 
     def where(mask: torch.Tensor) -> torch.Tensor | None:
         idx = mask.nonzero().squeeze(1)
-        return idx.to(device, non_blocking=True) if len(idx) else None
+        return to_device(idx, device) if len(idx) else None
 
     jitter = params[:, P_JITTER] > 0
     for slot in range(4):
@@ -306,8 +367,8 @@ def augment_crops(crops: torch.Tensor, params: torch.Tensor, taps: int) -> torch
         crops[idx] = gaussian_blur(crops[idx], factors[idx, P_SIGMA], taps)
     if (idx := where(params[:, P_SOLARIZE] > 0)) is not None:
         crops[idx] = solarize(crops[idx])
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    mean = _constant(IMAGENET_MEAN, device, torch.float32).view(1, 3, 1, 1)
+    std = _constant(IMAGENET_STD, device, torch.float32).view(1, 3, 1, 1)
     return crops.sub_(mean).div_(std)
 
 
@@ -318,22 +379,30 @@ def multicrop_views(images: Sequence[torch.Tensor], params: torch.Tensor, recipe
     batch = len(images)
     heights = [img.shape[1] for img in images]
     widths = [img.shape[2] for img in images]
-    box = params.to(device, torch.float32, non_blocking=True)  # (B, n_crops, N_PARAMS)
+    box = to_device(params, device, torch.float32)  # (B, n_crops, N_PARAMS)
     groups = [(recipe.global_size, slice(0, 2))] + ([(recipe.local_size, slice(2, recipe.n_crops))]
                                                    if recipe.n_local else [])
     views: list[torch.Tensor] = []
     for size, crops in groups:
-        g = box[:, crops].reshape(-1, N_PARAMS)  # (B*n, N_PARAMS)
+        cpu = params[:, crops].reshape(-1, N_PARAMS)  # (B*n, N_PARAMS) on the CPU: tap counts without a sync
+        g = box[:, crops].reshape(-1, N_PARAMS)
         n = g.shape[0] // batch
-        rows = resample_weights(g[:, P_TOP], g[:, P_HEIGHT], size, max(heights)).view(batch, n, size, -1)
-        cols = resample_weights(g[:, P_LEFT], g[:, P_WIDTH], size, max(widths))  # (B*n, S, W_max)
-        flip = g[:, P_FLIP].view(-1, 1, 1) > 0
-        cols = torch.where(flip, cols.flip(1), cols).view(batch, n, size, -1)
+        # Filters over each crop's support, for the whole batch at once; each image's dense (n, S, H_b) and
+        # (n, S, W_b) matrices are made in the loop, so memory follows the crops and each image's own size.
+        rows, row_w = resample_taps(g[:, P_TOP], g[:, P_HEIGHT], size, n_taps(cpu[:, P_HEIGHT].max(), size))
+        cols, col_w = resample_taps(g[:, P_LEFT], g[:, P_WIDTH], size, n_taps(cpu[:, P_WIDTH].max(), size))
+        flip = (g[:, P_FLIP] > 0).view(-1, 1, 1)
+        cols, col_w = torch.where(flip, cols.flip(1), cols), torch.where(flip, col_w.flip(1), col_w)
+        last_row = to_device(torch.tensor(heights).repeat_interleave(n) - 1, device).view(-1, 1, 1)  # (B*n, 1, 1)
+        last_col = to_device(torch.tensor(widths).repeat_interleave(n) - 1, device).view(-1, 1, 1)
+        rows = torch.minimum(rows.clamp_(min=0), last_row)  # each image's taps clamped to its own extent
+        cols = torch.minimum(cols.clamp_(min=0), last_col)
         out = torch.empty(batch, n, 3, size, size, device=device)
         for b, img in enumerate(images):  # one pair of matmuls per image: the images differ in size
+            k = slice(b * n, (b + 1) * n)
             pixels = img.float().div_(255)
-            out[b] = resized_crops(pixels, rows[b, :, :, : heights[b]], cols[b, :, :, : widths[b]])
-        cpu = params[:, crops].reshape(-1, N_PARAMS)
+            out[b] = resized_crops(pixels, dense_weights(rows[k], row_w[k], heights[b]),
+                                   dense_weights(cols[k], col_w[k], widths[b]))
         out = augment_crops(out.view(-1, 3, size, size), cpu, recipe.blur_taps(size)).view(batch, n, 3, size, size)
         views += [out[:, k].contiguous() for k in range(n)]
     return views
@@ -433,21 +502,58 @@ class TorchGpuBatches:
         self.encoded = EncodedImages(dataset, self.recipe)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
+        self._decode_stream: torch.cuda.Stream | None = None  # made on first use (GPU only)
+
+    def _decode_jpegs(self, jpegs: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """(n_bytes,) uint8 CPU tensors -> (3, H, W) uint8 images on the device as stored (None where the
+        decoder refuses the file), usable on the current stream.
+
+        On a GPU the decode runs on a side stream of its own, for torchvision's nvJPEG wrapper
+        (`decode_jpegs_cuda.cpp`): it allocates the outputs with the caching allocator on the *current* stream,
+        then decodes on a private pool stream that waits for nothing queued on the current stream (and nvJPEG's
+        hardware engine does not follow stream order anyway: pytorch/vision PR 9606, torchcodec PR 1634). Since
+        the step never syncs, the training stream still has kernels queued that read blocks freed on the host,
+        and those blocks would be handed to the decoder. A block of the side stream's pool is only ever a
+        decoded image: its reuse waits for the training stream's uses recorded below (`record_stream`: the
+        allocator polls an event), and nothing else is queued on the side stream. So the side stream waits for
+        nothing (the inputs are host bytes), the decode overlaps the queued training work as before, and the
+        training stream waits for the side stream (the decode has already finished on the host by then:
+        torchvision synchronises its private stream before returning). The one-by-one retry runs there too,
+        which also keeps a failed batch's late writes inside the side stream's pool.
+        """
+        if not jpegs:
+            return []  # torchvision refuses an empty list with a ValueError
+        if self.device.type != "cuda":
+            return self._decode_all(jpegs)
+        if self._decode_stream is None:
+            self._decode_stream = torch.cuda.Stream(self.device)
+        current = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._decode_stream):
+            decoded = self._decode_all(jpegs)
+        current.wait_stream(self._decode_stream)
+        for img in decoded:
+            if img is not None:
+                img.record_stream(current)
+        return decoded
+
+    def _decode_all(self, jpegs: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """One batched decode; if it fails (one bad file fails the batch), one by one to find the bad ones."""
+        try:
+            return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError:
+            decoded: list[torch.Tensor | None] = []
+            for jpeg in jpegs:
+                try:
+                    decoded.append(decode_jpeg(jpeg, mode=ImageReadMode.RGB, device=self.device))
+                except RuntimeError:
+                    decoded.append(None)
+            return decoded
 
     def _decode(self, items: list[EncodedItem]) -> tuple[list[torch.Tensor], list[EncodedItem]]:
         """Upright uint8 images on the device; items a CPU decode replaced (their parameters change with the size)."""
         images: list[torch.Tensor | None] = [None] * len(items)
         jpegs = [k for k, it in enumerate(items) if it.jpeg is not None]
-        decoded: list[torch.Tensor | None]
-        try:
-            decoded = decode_jpeg([items[k].jpeg for k in jpegs], mode=ImageReadMode.RGB, device=self.device)
-        except RuntimeError:  # one bad file fails the batched call: decode one by one to find it
-            decoded = []
-            for k in jpegs:
-                try:
-                    decoded.append(decode_jpeg(items[k].jpeg, mode=ImageReadMode.RGB, device=self.device))
-                except RuntimeError:
-                    decoded.append(None)
+        decoded = self._decode_jpegs([items[k].jpeg for k in jpegs])
         for k, img in zip(jpegs, decoded, strict=True):
             upright = None if img is None else exif_orient(img, items[k].orientation)
             if upright is not None and tuple(upright.shape) == (3, *items[k].size):
@@ -456,7 +562,7 @@ class TorchGpuBatches:
             if images[k] is None and it.pixels is None:
                 items[k] = it = self.encoded.decode_on_cpu(it.index)
             if images[k] is None:
-                images[k] = it.pixels.to(self.device, non_blocking=True)
+                images[k] = to_device(it.pixels, self.device)
         return images, items
 
     def views(self, items: list[EncodedItem]) -> tuple[list[torch.Tensor], list[tuple[str, str]]]:

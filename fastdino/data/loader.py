@@ -164,18 +164,29 @@ def dali_available() -> bool:
     return True
 
 
+def dali_problem(device: torch.device) -> str | None:
+    """Why DALI cannot run on the CUDA `device`, or None: it imports, and a tiny GPU pipeline builds and runs
+    there (`fastdino.data.dali.gpu_problem`, probed once per device and process)."""
+    if not dali_available():
+        return 'NVIDIA DALI is not installed: pip install -e ".[dali]"'
+    from fastdino.data.dali import gpu_problem
+
+    return gpu_problem(torch.cuda.current_device() if device.index is None else device.index)
+
+
 def resolve_backend(name: str, device: torch.device) -> str:
     """`data.backend` -> the backend that runs on `device` (the training device).
 
-    auto: dali when DALI is installed and training runs on a GPU, else torch_gpu on a GPU, else cpu.
-    Raises ConfigError (key data.backend) for an unknown name or a GPU backend without a CUDA training device,
-    MissingDependencyError for dali without the package.
+    auto: dali when training runs on a GPU where DALI is installed and a probe pipeline runs (`dali_problem`),
+    else torch_gpu on a GPU, else cpu (no probe without a GPU). Raises ConfigError (key data.backend) for an
+    unknown name, a GPU backend without a CUDA training device, or dali where its probe fails (the reason in
+    the message); MissingDependencyError for dali without the package.
     """
     if name not in DATA_BACKENDS:
         raise ConfigError(f"data.backend={name!r} is not one of {DATA_BACKENDS}", "data.backend")
     on_gpu = device.type == "cuda"
     if name == "auto":
-        return ("dali" if dali_available() else "torch_gpu") if on_gpu else "cpu"
+        return ("dali" if dali_problem(device) is None else "torch_gpu") if on_gpu else "cpu"
     if name == "dali" and not dali_available():
         raise MissingDependencyError(
             "data.backend=dali needs NVIDIA DALI: pip install -e \".[dali]\" (or use data.backend=auto|cpu|torch_gpu)"
@@ -186,6 +197,9 @@ def resolve_backend(name: str, device: torch.device) -> str:
             f"data.backend={name} decodes and augments on the GPU but {where}: use data.backend=cpu or auto",
             "data.backend",
         )
+    if name == "dali" and (problem := dali_problem(device)) is not None:
+        raise ConfigError(f"data.backend=dali: DALI cannot run on {device} ({problem}): use data.backend=torch_gpu "
+                          "or auto", "data.backend")
     return name
 
 
