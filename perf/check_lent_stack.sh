@@ -16,8 +16,9 @@ TORCH=2.11.0 TORCHVISION=0.26.0 TRITON=3.6.0
 py=${PYTHON:-}
 if [[ -z $py ]]; then
     for candidate in python3.12 "$HOME/.pyenv/versions/3.12.1/bin/python" python3; do
-        if command -v "$candidate" >/dev/null && "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'
-        then py=$candidate; break; fi
+        if "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then
+            py=$candidate; break
+        fi
     done
     py=${py:-python3}
 fi
@@ -25,15 +26,12 @@ version=$("$py" -c 'import platform; print(platform.python_version())')
 [[ $version == 3.12.* ]] || echo "check_lent_stack: Python $version here, not 3.12 as on the lent machines"
 venv=${LENT_VENV:-/tmp/fastdino_lent_stack}
 start=$(date +%s)
-if ! "$venv/bin/python" -c "import torch, torchvision, triton, sys
-sys.exit((torch.__version__.split('+')[0], torchvision.__version__.split('+')[0], triton.__version__)
-         != ('$TORCH', '$TORCHVISION', '$TRITON'))" 2>/dev/null; then
-    "$py" -m venv --clear "$venv"
-    # pytest-timeout: the lent machines have it too.
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check \
-        "torch==$TORCH" "torchvision==$TORCHVISION" "triton==$TRITON" numpy pillow pyyaml tqdm matplotlib \
-        pytest pytest-timeout
-fi
+[[ -x $venv/bin/python ]] || "$py" -m venv "$venv"
+# pip is a no-op when the environment is already right. numpy < 2.5: triton 3.6's interpreter converts 1-element
+# arrays with int(), which numpy 2.5 refuses (every interpreted kernel fails); the GPU machines compile the
+# kernels instead, so their numpy 2.5 is no concern there. pytest-timeout: the lent machines have it too.
+"$venv/bin/python" -m pip install -q --disable-pip-version-check "torch==$TORCH" "torchvision==$TORCHVISION" \
+    "triton==$TRITON" "numpy<2.5" pillow pyyaml tqdm matplotlib pytest pytest-timeout
 installed=$(date +%s)
 "$venv/bin/python" -c "import torch, torchvision, triton, platform
 print(f'check_lent_stack: Python {platform.python_version()}, torch {torch.__version__}, '
