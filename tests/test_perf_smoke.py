@@ -1,6 +1,7 @@
 """The benchmarks stay runnable: bench_train, bench_step and profile_step on the CPU with tiny shapes, GPU-only
 benches refuse cleanly, the GPU suite's dry run lists every part."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -187,6 +188,12 @@ def test_gpu_suite_dry_run_prints_every_box_and_fits_nine_minutes():
     # The shared JPEGs come before every part that reads them; the curve (no speed) is the only GPU part beside.
     assert names.index("make_data") < min(names.index(n) for n in ("bench_curve", "bench_data", "bench_end_to_end"))
     assert [p.name for p in gpu_suite.PARTS if p.beside] == ["install_wheels", "kernel_report", "bench_curve"]
+    # The GPU tests: one line per test and the failures' and skips' reasons; a per-test timeout and failures as they
+    # happen where the machine (or the carried wheels) has the plugins.
+    tests = next(p for p in gpu_suite.PARTS if p.name == "gpu_tests")
+    full = gpu_suite.command(tests, gpu_suite.Setting(out=setting.out, have=frozenset(gpu_suite.NEEDS)))
+    assert {"-v", "-rfEs"} <= set(full) and full[-3:] == ["--timeout", "60", "--instafail"]
+    assert 60 < tests.box_s
 
 
 def test_gpu_suite_dry_run_shows_the_chosen_candidate_and_refuses_a_bad_one():
@@ -232,6 +239,7 @@ def test_gpu_suite_time_boxes_parts_and_keeps_their_output(tmp_path, monkeypatch
     assert "| a | b | True" in md and "TIMED OUT" in md and "exit code 3" in md
     assert "Command: `python perf/gpu_suite.py --out" in md and "(estimate 1 s)" in md
     assert "No carried wheels" in md and "perf/gpu_wheels.sh" in md
+    assert ("Not there, so skipped: xformers" in md) == (importlib.util.find_spec("xformers") is None)
     assert "started" in (tmp_path / "out" / "gpu_suite.log").read_text()
     assert not any((tmp_path / "out").glob("*.json.tmp"))
 
