@@ -27,11 +27,12 @@ version=$("$py" -c 'import platform; print(platform.python_version())')
 venv=${LENT_VENV:-/tmp/fastdino_lent_stack}
 start=$(date +%s)
 [[ -x $venv/bin/python ]] || "$py" -m venv "$venv"
-# pip is a no-op when the environment is already right. numpy < 2.5: triton 3.6's interpreter converts 1-element
-# arrays with int(), which numpy 2.5 refuses (every interpreted kernel fails); the GPU machines compile the
-# kernels instead, so their numpy 2.5 is no concern there. pytest-timeout: the lent machines have it too.
+# pip is a no-op when the environment is already right. numpy < 2.4: triton 3.6's interpreter turns a loop bound
+# into int() of a 1-element array, which numpy 2.4 refuses (seen here: every interpreted DINO-loss kernel test
+# failed with numpy 2.5.5 and 2.4.6); the GPU machines compile the kernels instead, so their numpy 2.5 is no
+# concern there. pytest-timeout: the lent machines have it too.
 "$venv/bin/python" -m pip install -q --disable-pip-version-check "torch==$TORCH" "torchvision==$TORCHVISION" \
-    "triton==$TRITON" "numpy<2.5" pillow pyyaml tqdm matplotlib pytest pytest-timeout
+    "triton==$TRITON" "numpy<2.4" pillow pyyaml tqdm matplotlib pytest pytest-timeout
 installed=$(date +%s)
 "$venv/bin/python" -c "import torch, torchvision, triton, platform
 print(f'check_lent_stack: Python {platform.python_version()}, torch {torch.__version__}, '
