@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -249,16 +250,16 @@ def test_gpu_suite_installs_the_carried_wheels_the_machine_lacks(tmp_path, monke
     parts after it (PYTHONPATH); one whose package is already there is left alone."""
     from perf import gpu_suite
 
-    project = tmp_path / "proj"
-    (project / "carried_probe_pkg").mkdir(parents=True)
-    (project / "carried_probe_pkg" / "__init__.py").write_text("VALUE = 42\n")
-    (project / "setup.py").write_text("from setuptools import setup\nsetup(name='carried-probe-pkg', "
-                                      "version='1.0', packages=['carried_probe_pkg'])\n")
     wheels = tmp_path / "wheels"
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                            "--no-index", "-w", str(wheels), str(project)], capture_output=True, text=True,
-                           timeout=120)
-    assert built.returncode == 0, built.stderr
+    wheels.mkdir()
+    info = "carried_probe_pkg-1.0.dist-info"
+    with zipfile.ZipFile(wheels / "carried_probe_pkg-1.0-py3-none-any.whl", "w") as wheel:  # the smallest wheel
+        wheel.writestr("carried_probe_pkg/__init__.py", "VALUE = 42\n")
+        wheel.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: carried-probe-pkg\nVersion: 1.0\n")
+        wheel.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                        "Tag: py3-none-any\n")
+        wheel.writestr(f"{info}/RECORD", f"carried_probe_pkg/__init__.py,,\n{info}/METADATA,,\n{info}/WHEEL,,\n"
+                                         f"{info}/RECORD,,\n")
     (wheels / "pytest-0.0.1-py3-none-any.whl").write_bytes(b"")  # present here: never installed
     missing, present = gpu_suite.missing_wheels(wheels)
     assert [Path(w).name.split("-")[0] for w in missing] == ["carried_probe_pkg"] and len(present) == 1
