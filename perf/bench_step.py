@@ -21,15 +21,20 @@ Providers (same architecture, same initial weights, same input crops, same hyper
             fastdino-recompute (model.grad_checkpointing=true: less memory, more compute).
 
 End to end (`--end-to-end cpu,torch_gpu,dali`): the full trainer (`Trainer.fit`, the production loop with its
-logging and checkpoints) on real JPEGs (500x375, quality 90, written once into the run's temporary folder) with
-each data backend, for the first case given; img/s is the trainer's own figure from its log (metrics.jsonl's
-img_per_s over the `--steps` iterations after `--steps` warm-up iterations), the number a user's run reports.
+logging and checkpoints) on real JPEGs (500x375, quality 90: `--data DIR`, else written once into the run's
+temporary folder, in parallel) with each data backend, for the first case given; img/s is the trainer's own
+figure from its log (metrics.jsonl's img_per_s over the `--steps` iterations after `--steps` warm-up
+iterations), the number a user's run reports; peak GiB is that row's own (the peak is reset before each row).
 
 Loss curves (`--curve N`): the `torch` provider (plain PyTorch) and each fastdino provider given train N steps
-from the same weights on the same real batches (multi-crop batches of the demo images, a pool of 8 cycled,
+from the same weights on the same real batches (multi-crop batches of the same JPEGs, a pool of 8 cycled,
 drawn once) with the same RNG seed; the table gives the loss at a few steps and the largest difference from
 the `torch` curve relative to its loss, which should stay within bf16 noise (issue 17's check that the fast
-step computes the same training). `--curve-png FILE` draws them.
+step computes the same training). `--curve-png FILE` draws them. Each provider's curve is printed and written
+to --json as it ends, so a run cut off keeps the curves done.
+
+`--no-steps` skips the timed step rows: only the --end-to-end rows and the --curve (the GPU suite runs each as a
+part of its own, on JPEGs it makes once: `--data DIR`).
 
 Columns: img/s = B x steps / wall time of `--steps` steps after `--warmup` (synchronised at both ends); ms/step;
 1st step s = the first step's wall time (torch.compile compiles there);
@@ -320,8 +325,11 @@ def run_provider(name: str, case: Case, device: torch.device, cfg, views, args, 
     return row
 
 
-def curve_batches(case: Case, data_dir: Path, device: torch.device, n: int = 8) -> list[list[torch.Tensor]]:
-    """n multi-crop batches of real images (the demo set, the recipe's augmentation), on the device."""
+CURVE_POOL = 8  # batches cycled by the loss curves
+
+
+def curve_batches(case: Case, data_dir: Path, device: torch.device, n: int = CURVE_POOL) -> list[list[torch.Tensor]]:
+    """n multi-crop batches of real images (the JPEGs in data_dir, the recipe's augmentation), on the device."""
     from torch.utils.data import DataLoader
 
     from fastdino.data.files import ImageFileDataset, collate_views, index_image_folder
@@ -339,8 +347,10 @@ def curve_batches(case: Case, data_dir: Path, device: torch.device, n: int = 8) 
     return batches
 
 
-def curve_rows(case: Case, device: torch.device, cfg, providers: list[str], steps: int, paths) -> list[dict]:
-    """Each provider's losses over `steps` steps on the same cycled batches, from the same weights and seed."""
+def curve_rows(case: Case, device: torch.device, cfg, providers: list[str], steps: int, paths,
+               done=lambda rows: None) -> list[dict]:
+    """Each provider's losses over `steps` steps on the same cycled batches, from the same weights and seed;
+    `done(rows)` is called after each provider (rows so far, the first is the reference)."""
     batches = curve_batches(case, paths[0], device)
     rows = []
     for name in providers:
@@ -350,13 +360,15 @@ def curve_rows(case: Case, device: torch.device, cfg, providers: list[str], step
         else:
             step, objects = fastdino_step_fn(case, device, cfg, paths[0], paths[1] / f"curve_{name}", variant=name)
         torch.manual_seed(0)
+        started = time.perf_counter()
         losses = [float(step(batches[i % len(batches)])) for i in range(steps)]
-        rows.append({"case": case.name, "config": case.label(), "provider": name, "curve": losses})
+        reference = rows[0]["curve"] if rows else losses
+        rows.append({"case": case.name, "config": case.label(), "provider": name, "curve": losses,
+                     "max_rel_diff": max(abs(a - b) / abs(b) for a, b in zip(losses, reference)),
+                     "wall_s": time.perf_counter() - started})
         del objects, step
         gc.collect()
-    reference = rows[0]["curve"]
-    for r in rows:
-        r["max_rel_diff"] = max(abs(a - b) / abs(b) for a, b in zip(r["curve"], reference))
+        done(rows)
     return rows
 
 
@@ -374,15 +386,21 @@ def curve_table(rows: list[dict]) -> list[str]:
 def end_to_end_row(case: Case, device: torch.device, backend: str, jpegs: Path, out_dir: Path, args) -> dict:
     """Trainer.fit on real JPEGs with one data backend: 2 x --steps iterations, logged every --steps; the second
     log line's img_per_s (the trainer's own, data loading included) is the row's figure."""
+    from fastdino.data.loader import dali_available
     from fastdino.engine.trainer import train
 
     row = {"case": case.name, "config": case.label(), "provider": f"fastdino end to end, data.backend={backend}"}
+    if backend == "dali" and not dali_available():
+        row["error"] = 'skipped: DALI is not installed (pip install -e ".[dali]")'
+        return row
     overrides = fastdino_overrides(case, device, jpegs, out_dir) + [
         f"data.backend={backend}", f"data.num_workers={min(12, os.cpu_count() or 1)}",
         f"train.log_every={args.steps}", f"train.max_steps={2 * args.steps}", "train.ckpt_every=100000",
         "health.enabled=false",
     ]
     try:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()  # this row's peak, not an earlier row's
         started = time.perf_counter()
         result = train(load_config(None, overrides))
         row["wall_s"] = time.perf_counter() - started
@@ -451,12 +469,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="also the loss curves of torch and the fastdino providers given over N steps on the "
                              "same real batches, for the first case (issue 17 asks for 200)")
     parser.add_argument("--curve-png", type=output_file, help="draw the --curve curves into this PNG")
+    parser.add_argument("--data", type=Path, metavar="DIR",
+                        help="the JPEGs of --end-to-end and --curve: DIR/train/*.jpg as perf.bench_data writes them "
+                             "(500x375 q90; the missing ones are written there first); default: a temporary folder")
+    parser.add_argument("--no-steps", action="store_true",
+                        help="skip the timed step rows: only --end-to-end and --curve")
     parser.add_argument("--json", type=output_file,
                         help="write the rows here (rewritten after every row, so a cut-off run keeps some)")
     args = parser.parse_args(argv)
     providers, backends = args.providers, args.end_to_end
     if args.curve_png and not args.curve:
         parser.error("--curve-png draws the --curve curves: add --curve N")
+    if args.no_steps and not (backends or args.curve):
+        parser.error("--no-steps leaves nothing to run: add --end-to-end BACKENDS or --curve N")
     cuda = torch.cuda.is_available()
     if not cuda and (gpu_only := [b for b in backends if b != "cpu"]):
         parser.error(f"--end-to-end {gpu_only[0]} decodes on the GPU and no CUDA device is visible: use cpu here")
@@ -478,10 +503,10 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        per_class = -(-max(c.batch for c in cases) * (8 if args.curve else 1) // len(DEMO_CLASSES))  # 8: the curve pool
+        per_class = -(-max(c.batch for c in cases) // len(DEMO_CLASSES))
         data = make_demo_dataset(f"{tmp}/data", n_train_per_class=per_class, n_val_per_class=1, size=64)
         cfg = load_config(None, [])  # the DINO hyper-parameters (temperatures, clip, center momentum) of the recipe
-        for case in cases:
+        for case in [] if args.no_steps else cases:
             views = make_views(case, device)
             base = None
             for i, provider in enumerate(providers):
@@ -496,28 +521,37 @@ def main(argv: list[str] | None = None) -> int:
                 print(table_row(r), flush=True)
                 write_rows(args.json, header, rows)
             del views
-        if backends:
+        case = cases[0]
+        if backends or args.curve:
             from perf.bench_data import make_jpegs
 
-            case = cases[0]
-            jpegs = make_jpegs(Path(tmp) / "jpegs", case.batch * (2 * args.steps + 1), 500, 375)
-            for backend in backends:
-                r = end_to_end_row(case, device, backend, jpegs, Path(tmp) / f"e2e_{backend}", args)
-                if "error" not in r:
-                    backbone = build_backbone(case.arch, patch_size=case.patch, img_size=case.global_size,
-                                              **({"depth": case.depth} if case.depth else {}))  # shapes only
-                    r["gflop_per_img"] = flops_per_image(case, backbone) / 1e9
-                    r["pct_floor"] = 100 * r["img_s"] * r["gflop_per_img"] * 1e9 / rate
-                rows.append(r)
-                print(table_row(r), flush=True)
-                write_rows(args.json, header, rows)
+            needed = max(case.batch * (2 * args.steps + 1) if backends else 0, case.batch * CURVE_POOL)
+            jpegs = make_jpegs(args.data or Path(tmp) / "jpegs", needed, 500, 375, workers=os.cpu_count() or 1)
+        for backend in backends:
+            r = end_to_end_row(case, device, backend, jpegs, Path(tmp) / f"e2e_{backend}", args)
+            if "error" not in r:
+                backbone = build_backbone(case.arch, patch_size=case.patch, img_size=case.global_size,
+                                          **({"depth": case.depth} if case.depth else {}))  # shapes only
+                r["gflop_per_img"] = flops_per_image(case, backbone) / 1e9
+                r["pct_floor"] = 100 * r["img_s"] * r["gflop_per_img"] * 1e9 / rate
+            rows.append(r)
+            print(table_row(r), flush=True)
+            write_rows(args.json, header, rows)
         if args.curve:
             fast = [p for p in providers if p in VARIANTS] or ["fastdino"]
-            print("\nLoss curves on the same real batches (--curve):")
-            curves = curve_rows(cases[0], device, cfg, ["torch", *fast], args.curve, (data / "train", Path(tmp)))
+            print("\nLoss curves on the same real batches (--curve):", flush=True)
+            before = list(rows)
+
+            def curve_done(curves: list[dict]) -> None:  # print and keep each curve as it ends
+                r = curves[-1]
+                print(f"  {r['provider']}: {len(r['curve'])} steps in {r['wall_s']:.1f} s, loss {r['curve'][0]:.4f} "
+                      f"-> {r['curve'][-1]:.4f}, max rel. diff vs torch {r['max_rel_diff']:.2e}", flush=True)
+                write_rows(args.json, header, before + curves)
+
+            curves = curve_rows(case, device, cfg, ["torch", *fast], args.curve, (jpegs / "train", Path(tmp)),
+                                curve_done)
             print("\n" + "\n".join(curve_table(curves)), flush=True)
             rows += curves
-            write_rows(args.json, header, rows)
             if args.curve_png:
                 draw_curves(curves, args.curve_png)
     return 0

@@ -35,6 +35,7 @@ TINY = [
     "optim.weight_decay_end=2", "optim.clip_grad=3.0", "optim.warmup_epochs=2", "train.epochs=4",
     "train.device=cpu", "train.precision=fp32", "train.resume=none", "train.knn_eval=false", "loss.impl=torch",
     "ema.impl=foreach", "health.enabled=false",
+    "data.backend=cpu",  # the GPU tests below set train.device=cuda; they are not about data (auto: a GPU decoder)
 ]
 LAST = "head.last_layer.parametrizations.weight.original1"
 ROOT = Path(__file__).resolve().parents[1]

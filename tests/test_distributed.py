@@ -139,7 +139,7 @@ def test_one_gpu_under_torchrun_then_resume(tmp_path):
     data = make_demo_dataset(tmp_path / "data", n_train_per_class=2, n_val_per_class=1, size=32)  # 3 steps / epoch
     out = tmp_path / "run"
     args = [*COMMON, f"data.path={data}", "data.batch_size=4", "train.epochs=2", "train.device=cuda",
-            f"train.output_dir={out}"]
+            f"train.output_dir={out}", "data.backend=cpu"]  # not about data: auto would pick a GPU decoder
     run = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=1", "-m", "fastdino", "train",
                           str(root / "configs" / "demo.yaml"), *args, "train.max_steps=2"],
                          cwd=root, capture_output=True, text=True, timeout=300)

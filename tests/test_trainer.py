@@ -165,7 +165,8 @@ def test_non_finite_step_is_skipped_on_the_device_and_stops_the_run_at_the_next_
 def test_the_cuda_step_never_waits_for_the_device(demo_root, tmp_path, precision):
     """A non-log training step issues no synchronising CUDA call (torch.cuda.set_sync_debug_mode raises on one):
     the non-finite check, clipping, fused AdamW, the Triton loss and EMA all stay on the device."""
-    trainer = Trainer(tiny_cfg(demo_root, tmp_path / "run", "train.device=cuda", f"train.precision={precision}"))
+    trainer = Trainer(tiny_cfg(demo_root, tmp_path / "run", "train.device=cuda", f"train.precision={precision}",
+                               "data.backend=cpu"))  # not about data: auto would pick a GPU decoder
     views = [torch.randn(4, 3, s, s, device="cuda") for s in (16, 16, 8, 8)]
     for _ in range(2):  # warm-up: the EMA plan, Triton compilation, the optimizer's state
         trainer.train_step(views, epoch=1)

@@ -120,6 +120,31 @@ def test_bad_attention_impl_and_missing_xformers():
             vit_tiny(attention="xformers")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_xformers_attention_matches_sdpa_on_cuda(dtype):
+    """model.attention=xformers (carried to the GPU machines by perf/gpu_wheels.sh): its output and input gradient
+    are as close to a float64 reference as sdpa's, with the same weights, at ViT-S's shape (6 heads of 64, 197
+    tokens) under autocast."""
+    pytest.importorskip("xformers.ops")
+    reference = Attention(384, 6, impl="math").cuda().double()
+    x = torch.randn(4, 197, 384, device="cuda", dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(4, 197, 384, device="cuda", dtype=torch.float64)
+    want = reference(x)
+    (want_grad,) = torch.autograd.grad(want, x, grad_out)
+    errors = {}
+    for impl in ("sdpa", "xformers"):
+        layer = Attention(384, 6, impl=impl).cuda()
+        layer.load_state_dict({k: v.float() for k, v in reference.state_dict().items()})
+        xi = x.detach().float().requires_grad_()
+        with torch.autocast("cuda", dtype=dtype):
+            out = layer(xi)
+        (grad,) = torch.autograd.grad(out, xi, grad_out.float())
+        errors[impl] = ((out.double() - want).abs().max().item(), (grad.double() - want_grad).abs().max().item())
+    for sdpa_error, xformers_error in zip(errors["sdpa"], errors["xformers"]):
+        assert xformers_error <= 2 * sdpa_error + 1e-3, errors
+
+
 def test_drop_path_only_in_training():
     model = vit_tiny(patch_size=16, depth=2, drop_path_rate=0.5)
     x = torch.randn(4, 3, 32, 32)
