@@ -312,7 +312,8 @@ def _shards(args: argparse.Namespace) -> int:
     from fastdino.data.shards import write_shards
 
     for split in write_shards(args.image_folder, args.out_dir, args.shard_size, args.seed, progress=True):
-        print(f"wrote {split.images} images in {split.shards} shards ({split.bytes / 1e6:.1f} MB) to {split.folder}")
+        print(f"wrote {split.images} images in {split.shards} shard{'s' * (split.shards != 1)} "
+              f"({split.bytes / 1e6:.1f} MB) to {split.folder}")
         if split.unreadable:
             print(f"left out {len(split.unreadable)} files that could not be read (named in the log above)")
     return 0

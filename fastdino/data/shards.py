@@ -538,6 +538,10 @@ def _tar_bytes(size: int) -> int:
     return 512 + -(-size // 512) * 512  # header + data padded to whole blocks (a PAX header may add 1,024)
 
 
+def _closed_size(filled: int) -> int:
+    return -(-(filled + 1024) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE  # end blocks, padded to whole records
+
+
 def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata: the same images give the same bytes
@@ -605,13 +609,13 @@ def _write_split(folder: Path, out: Path, index: ImageIndex, labelled: bool, sha
                 continue
             key = encode_key(os.path.relpath(path, folder))
             need = _tar_bytes(len(data)) + (_tar_bytes(8) if labelled else 0)
-            if tar is not None and filled + need > shard_size:
+            if tar is not None and _closed_size(filled + need) > shard_size:
                 close()
                 tar = None
             if tar is None:
                 tmp = out / f".shard-{result.shards:06d}.tar.tmp"
                 tar = tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT, encoding="utf-8", errors="surrogateescape")
-                filled = 1024  # the end-of-archive blocks
+                filled = 0
             _member(tar, f"{key}.{os.path.splitext(path)[1][1:].lower()}", data)
             if labelled:
                 _member(tar, f"{key}.cls", str(index.labels[j]).encode())
