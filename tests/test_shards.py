@@ -320,3 +320,26 @@ def test_train_and_val_shards_from_the_cli_round_trip_the_class_map(tmp_path, ca
     assert json.loads((val / "classes.json").read_text()) == t.classes == ["a", "a b", "b"]
     assert list(v.image_ids(val)) == ["a/w.png", "b/v.jpg"] and v.labels == [0, 2]
     assert [t.read(j) for j in range(len(t))] == [(src / "train" / n).read_bytes() for n in t.image_ids(train)]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_the_header_reader_lists_what_tarfile_lists(tmp_path, fmt):
+    """Long names (ustar prefix, GNU long name, PAX path), non-ASCII names, directories and empty members."""
+    path = tmp_path / "x.tar"
+    names = ["a/" + "d" * 90 + "/" + "f" * 90 + ".jpg", "é/ü.png", "dir/", "short.cls", "empty.txt"]
+    if fmt != tarfile.USTAR_FORMAT:
+        names.append("x" * 150 + ".jpg")  # no ustar prefix split exists for it
+    with tarfile.open(path, "w", format=fmt, encoding="utf-8") as tar:
+        for i, name in enumerate(names):
+            info = tarfile.TarInfo(name.rstrip("/"))
+            if name.endswith("/"):
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = 3 * i
+                tar.addfile(info, io.BytesIO(bytes(range(3 * i))))
+    size = os.path.getsize(path)
+    ours = list(sh._tar_members(path.read_bytes(), size))
+    with tarfile.open(path) as tar:
+        theirs = [(m.name, m.offset_data, m.size) for m in tar if m.isreg()]
+    assert ours == theirs and len(ours) == len(names) - 1
