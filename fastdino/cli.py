@@ -77,7 +77,7 @@ def _images(text: str) -> Path:
     from fastdino.data.shards import is_shard_set
 
     if not (Path(text).is_dir() or is_shard_set(text)):
-        raise argparse.ArgumentTypeError(f"{text} is neither a folder nor tar shards (a shard list, a .tar file or a "
+        raise argparse.ArgumentTypeError(f"{text} is not a folder, nor tar shards (a shard list, a .tar file or a "
                                          "pattern such as train-{000000..000099}.tar)")
     return Path(text)
 
