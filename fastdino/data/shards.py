@@ -209,10 +209,9 @@ class _TarDamage(Exception):
 
 
 def _tar_number(field: bytes) -> int:
-    if field[:1] and field[0] & 0x80:  # GNU base-256, for members of 8 GiB and more
+    if field[0] & 0x80:  # GNU base-256, for members of 8 GiB and more
         return int.from_bytes(field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip()
-    return int(text, 8) if text else 0
+    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
 
 
 def _tar_text(field: bytes) -> str:
@@ -228,8 +227,8 @@ def _tar_members(mm: mmap.mmap | bytes, file_size: int) -> Iterator[tuple[str, i
         block = mm[pos:pos + 512]
         if not any(block):  # the end-of-archive blocks
             return
-        try:
-            if sum(block) - sum(block[148:156]) + 256 != _tar_number(block[148:156]):
+        try:  # the checksum only where the ustar magic is missing (old v7 tars, or not a header at all)
+            if block[257:262] != b"ustar" and sum(block) - sum(block[148:156]) + 256 != _tar_number(block[148:156]):
                 raise ValueError("bad checksum")
             size = _tar_number(block[124:136])
         except ValueError as err:
