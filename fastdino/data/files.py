@@ -75,7 +75,7 @@ class MemberSource(Protocol):
         """The source of the images `keep` (positions in this one), in that order."""
         ...
 
-    def image_ids(self) -> Sequence[str]:
+    def image_ids(self) -> Iterable[str]:
         """Each image's name within its data set: the relative path a `fastdino shards` key was made from."""
         ...
 
