@@ -24,7 +24,9 @@ outputs onto the training stream. Backends that cannot run here print why instea
 
 --shards N (0: off) also writes the JPEGs as N shards with `fastdino.data.shards.write_shards` (kept beside
 them) and times every fastdino backend on the folder and on the shards in turn, --repeats times alternating
-which goes first; each row shows the best of its repeats and the shards / folder ratio. --index-members M
+which goes first; each row shows the best of its repeats and the shards / folder ratio. Before them it times
+the one step that differs, in one process: every image's bytes (`ImageIndex.read`) and their decode.
+--backends '' skips the backends. --index-members M
 writes M tiny samples (a 1-byte image and a .cls each, 2M tar members) in 16 shards and times `index_shards`
 with an empty index cache (scan + write) and again (cached start: read, checksum, stat every shard).
 """
@@ -228,6 +230,25 @@ def index_timings(folder: Path, n_samples: int) -> None:
         print(f"cache file: {size / 1e6:.1f} MB")
 
 
+def read_timings(sources: dict[str, ImageFileDataset], repeats: int) -> None:
+    """The one step where a folder and shards differ: bytes of every image (`ImageIndex.read`) and their decode
+    (`decode_rgb(ImageIndex.open(j))`) in this process, sources alternating, best of `repeats`."""
+    best: dict[tuple[str, str], float] = {}
+    for r in range(max(repeats, 1)):
+        for label in (list(sources) if r % 2 == 0 else list(sources)[::-1]):
+            index = sources[label].index
+            for what, work in (("read", index.read), ("read + decode", lambda j, i=index: decode_rgb(i.open(j)))):
+                start = time.perf_counter()
+                for j in range(len(index)):
+                    work(j)
+                per_image = (time.perf_counter() - start) / len(index)
+                best[label, what] = min(best.get((label, what), float("inf")), per_image)
+    print("| step, 1 process | source | us/img | x folder (speed) |")
+    print("|---|---|---|---|")
+    for (label, what), seconds in best.items():
+        print(f"| {what} | {label} | {seconds * 1e6:.1f} | {best['folder', what] / seconds:.2f} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", default="/tmp/fastdino_bench_jpegs")
@@ -247,8 +268,6 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if args.index_members:
         index_timings(Path(args.folder), args.index_members)
-    if not args.backends:
-        return 0
     if (args.warmup + args.steps) * args.batch > args.images:
         parser.error(f"--images {args.images} is fewer than (--warmup + --steps) x --batch")
     folder = make_jpegs(Path(args.folder) / f"{args.width}x{args.height}", args.images, args.width, args.height)
@@ -258,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         shard_index = index_shards(make_shards(folder, args.shards))
         assert [shard_index.read(j) for j in range(3)] == [index.read(j) for j in range(3)]
         sources[f"{args.shards} shards"] = ImageFileDataset(shard_index, multicrop_transform(), seed=0)
+    if len(sources) > 1:
+        read_timings(sources, args.repeats)
+    if not args.backends:
+        return 0
     print(f"{len(index)} JPEGs {args.width}x{args.height} q90, 2x224 + 10x96, batch {args.batch}, "
           f"{args.workers} workers, {args.steps} timed batches, best of {args.repeats}, torch threads "
           f"{torch.get_num_threads()}")
