@@ -343,3 +343,31 @@ def test_the_header_reader_lists_what_tarfile_lists(tmp_path, fmt):
     with tarfile.open(path) as tar:
         theirs = [(m.name, m.offset_data, m.size) for m in tar if m.isreg()]
     assert ours == theirs and len(ours) == len(names) - 1
+
+
+def test_a_run_on_the_folder_resumes_on_its_shards_bitwise_with_knn_on_val_shards(tmp_path, capsys):
+    """Training reads train/ shards and the k-NN val/ shards; a run stopped on the folder and resumed on its shards
+    (same fingerprint) ends bitwise where the run on the folder alone ends, with the same k-NN figures."""
+    from fastdino.data.demo import make_demo_dataset
+
+    data = make_demo_dataset(tmp_path / "data", n_train_per_class=4, n_val_per_class=1, size=32)  # 24 + 6 images
+    shards = _shards(data, tmp_path / "shards", shard_size=20_000)
+    tiny = ["model.arch=vit_tiny", "model.depth=1", "model.patch_size=8", "model.img_size=16", "dino.out_dim=32",
+            "dino.hidden_dim=16", "dino.bottleneck_dim=8", "data.global_size=16", "data.local_size=8",
+            "data.local_crops_number=2", "data.num_workers=0", "dino.head_bn=false", "health.enabled=false",
+            "train.device=cpu", "data.batch_size=8", "train.epochs=2"]
+    args = ["train", "configs/demo.yaml", *tiny]
+    assert main([*args, f"data.path={data}", f"train.output_dir={tmp_path / 'folder'}"]) == 0
+    folder_out = capsys.readouterr().out
+    moved = tmp_path / "moved"
+    assert main([*args, f"data.path={data}", f"train.output_dir={moved}", "train.max_steps=4"]) == 0
+    capsys.readouterr()
+    assert main([*args, f"data.path={shards}", f"train.output_dir={moved}"]) == 0
+    shards_out = capsys.readouterr().out
+    knn = [line for line in folder_out.splitlines() if line.startswith("k-NN top-1")]
+    assert len(knn) == 2 and knn[-1] in shards_out
+    a, b = load_checkpoint(tmp_path / "folder" / "last.pt"), load_checkpoint(moved / "last.pt")
+    assert a["step"] == b["step"] == 6 and a["index_fingerprint"] == b["index_fingerprint"]
+    for key in ("student", "teacher", "center"):
+        for name, value in a[key].items():
+            assert torch.equal(b[key][name], value), f"{key}.{name}"
