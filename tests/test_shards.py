@@ -253,10 +253,19 @@ def test_damaged_shards_are_named_by_shard_and_key_and_nothing_else_is_lost(tmp_
     assert f"{tars[0]}:a/only-a-label has no image member (suffixes cls): left out" in lines
     assert any(line.startswith(f"{tars[1]}:b/zz-cut") and "truncated" in line for line in lines), lines
     assert len(index) == n  # every other image kept
-    # a shard that vanished after indexing: its members are reported by shard:key, the others still read
+    # a shard that vanished after indexing, one cut short: their lost members are reported by shard:key, the
+    # others still read
     victim = tars[2]
     lost = {name for name in index.paths if name.startswith(f"{victim}:")}
     victim.unlink()
+    members = index.members
+    shortened = members.shards.index(str(tars[3]))
+    cut = min(int(members.offset[j] + members.size[j]) for j in range(len(index)) if members.shard[j] == shortened)
+    cut_short = {index.paths[j] for j in range(len(index)) if members.shard[j] == shortened
+                 and members.offset[j] + members.size[j] > cut}
+    with open(tars[3], "r+b") as f:
+        f.truncate(cut)
+    assert cut_short and not cut_short & lost
     dataset = ImageFileDataset(index, multicrop_transform(32, 16, 0), seed=0)
     record = UnreadableImages()
     with caplog.at_level(logging.WARNING, "fastdino.data"):
@@ -266,8 +275,11 @@ def test_damaged_shards_are_named_by_shard_and_key_and_nothing_else_is_lost(tmp_
                 views, _, bad = dataset[i]
                 assert views is not None
                 record.add(bad)
-    assert lost and set(record.paths) == lost
-    assert all("FileNotFoundError" in r.getMessage() for r in caplog.records if "unreadable image" in r.getMessage())
+    assert lost and set(record.paths) == lost | cut_short
+    reasons = {r.getMessage().split(" (skipped)")[0].removeprefix("unreadable image "): r.getMessage()
+               for r in caplog.records if "unreadable image" in r.getMessage()}
+    assert all("FileNotFoundError" in reasons[name] for name in lost)
+    assert all("truncated after indexing" in reasons[name] for name in cut_short)
 
 
 def test_refusals_are_one_line_before_any_work(tmp_path, capsys):
