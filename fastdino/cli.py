@@ -251,6 +251,7 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def _budget(args: argparse.Namespace) -> int:
+    from fastdino.data.shards import index_images, is_shard_set
     from fastdino.engine.budget import IMAGENET_1K_TRAIN, budget, format_table, last_bench_img_per_s
     from fastdino.engine.trainer import data_roots
 
@@ -263,14 +264,13 @@ def _budget(args: argparse.Namespace) -> int:
                   f"{record.get('device', '?')}, engine {record.get('engine', 'ddp')})")
     if args.images is not None:
         n_images, images = args.images, "--images"
-    elif cfg.data.path and Path(cfg.data.path).is_dir():
-        from fastdino.data.shards import index_images
-
+    elif cfg.data.path and (Path(cfg.data.path).is_dir() or is_shard_set(cfg.data.path)):
         train_dir, _ = data_roots(cfg.data.path)
         n_images, images = len(index_images(train_dir)), f"indexed in {train_dir}"
     else:
         n_images = IMAGENET_1K_TRAIN
-        images = "ImageNet-1k's training split, the default: data.path is not set or not a folder; --images N to change"
+        images = ("ImageNet-1k's training split, the default: data.path is not set, nor a folder or shards; "
+                  "--images N to change")
     rows = budget(cfg.train.epochs, n_images, img_per_s, args.gpus, args.scaling)
     print(f"{args.config}: {cfg.train.epochs} epochs x {n_images:,} images ({images}) = "
           f"{cfg.train.epochs * n_images:,} images")
