@@ -1,4 +1,4 @@
-"""Command line: `fastdino train | demo | knn | export | linear | attention | profile | budget | finetune`.
+"""Command line: `fastdino train | demo | knn | export | linear | attention | profile | budget | finetune | shards`.
 
 Bad input ends with one clear line, not a traceback."""
 
@@ -71,10 +71,24 @@ def output_file(text: str) -> str:
     return text
 
 
-def _folder(text: str) -> Path:
-    if not Path(text).is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is not a folder")
+def _images(text: str) -> Path:
+    """A flag type for labelled images: a folder, or tar shards (a folder of .tar files, a shard list, a brace
+    pattern: fastdino.data.shards); what they hold is checked when they are indexed."""
+    from fastdino.data.shards import is_shard_set
+
+    if not (Path(text).is_dir() or is_shard_set(text)):
+        raise argparse.ArgumentTypeError(f"{text} is not a folder, nor tar shards (a shard list, a .tar file or a "
+                                         "pattern such as train-{000000..000099}.tar)")
     return Path(text)
+
+
+def _size(text: str) -> int:
+    from fastdino.data.shards import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _is_main_process() -> bool:
@@ -237,6 +251,7 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def _budget(args: argparse.Namespace) -> int:
+    from fastdino.data.shards import index_images, is_shard_set
     from fastdino.engine.budget import IMAGENET_1K_TRAIN, budget, format_table, last_bench_img_per_s
     from fastdino.engine.trainer import data_roots
 
@@ -249,14 +264,13 @@ def _budget(args: argparse.Namespace) -> int:
                   f"{record.get('device', '?')}, engine {record.get('engine', 'ddp')})")
     if args.images is not None:
         n_images, images = args.images, "--images"
-    elif cfg.data.path and Path(cfg.data.path).is_dir():
-        from fastdino.data.files import index_image_folder
-
+    elif cfg.data.path and (Path(cfg.data.path).is_dir() or is_shard_set(cfg.data.path)):
         train_dir, _ = data_roots(cfg.data.path)
-        n_images, images = len(index_image_folder(train_dir).paths), f"indexed in {train_dir}"
+        n_images, images = len(index_images(train_dir)), f"indexed in {train_dir}"
     else:
         n_images = IMAGENET_1K_TRAIN
-        images = "ImageNet-1k's training split, the default: data.path is not set or not a folder; --images N to change"
+        images = ("ImageNet-1k's training split, the default: data.path is not set, nor a folder or shards; "
+                  "--images N to change")
     rows = budget(cfg.train.epochs, n_images, img_per_s, args.gpus, args.scaling)
     print(f"{args.config}: {cfg.train.epochs} epochs x {n_images:,} images ({images}) = "
           f"{cfg.train.epochs * n_images:,} images")
@@ -304,6 +318,17 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shards(args: argparse.Namespace) -> int:
+    from fastdino.data.shards import write_shards
+
+    for split in write_shards(args.image_folder, args.out_dir, args.shard_size, args.seed, progress=True):
+        print(f"wrote {split.images} images in {split.shards} shard{'s' * (split.shards != 1)} "
+              f"({split.bytes / 1e6:.1f} MB) to {split.folder}")
+        if split.unreadable:
+            print(f"left out {len(split.unreadable)} files that could not be read (named in the log above)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="fastdino", description=__doc__)
     # the DeepSpeed launcher passes --local_rank=N before the command; LOCAL_RANK in the environment says the same
@@ -327,8 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "(inferred when left out)")
     p.add_argument("--patch-size", type=positive_int,
                    help="checked against the file's tensors (inferred when left out)")
-    p.add_argument("--train", required=True, type=_folder, help="labelled folder (class sub-folders): the memory bank")
-    p.add_argument("--val", required=True, type=_folder, help="labelled folder with the same classes: the queries")
+    p.add_argument("--train", required=True, type=_images, help="labelled folder (class sub-folders): the memory bank")
+    p.add_argument("--val", required=True, type=_images, help="labelled folder with the same classes: the queries")
     p.add_argument("--k", type=positive_int, default=20)
     p.add_argument("--temperature", type=positive_float, default=0.07)
     p.add_argument("--image-size", type=nonnegative_int, default=0,
@@ -353,9 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("linear", help="linear-probe top-1/top-5 of a checkpoint's frozen teacher backbone")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--train", required=True, type=_folder,
+    p.add_argument("--train", required=True, type=_images,
                    help="labelled folder (class sub-folders) to train the probe on")
-    p.add_argument("--val", required=True, type=_folder, help="labelled folder with the same classes to measure it on")
+    p.add_argument("--val", required=True, type=_images, help="labelled folder with the same classes to measure it on")
     p.add_argument("--features", default="auto", choices=("auto", "cls4", "cls_avgpool"),
                    help="cls4: class tokens of the last 4 blocks (ViT-S rule); cls_avgpool: last class token + mean "
                         "patch token (ViT-B rule); auto: cls4 below width 768")
@@ -418,8 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="fine-tune a checkpoint's backbone + a linear head end to end, print top-1")
     p.add_argument("checkpoint", help="a fastdino checkpoint (DINO or SiT; its k-NN backbone is fine-tuned), or any "
                                       "file / model folder `knn` reads (official, timm, transformers)")
-    p.add_argument("--train", required=True, type=_folder, help="labelled folder (class sub-folders) to train on")
-    p.add_argument("--val", required=True, type=_folder,
+    p.add_argument("--train", required=True, type=_images, help="labelled folder (class sub-folders) to train on")
+    p.add_argument("--val", required=True, type=_images,
                    help="labelled folder with the same classes: top-1 is measured on it")
     p.add_argument("--epochs", type=positive_int, default=10)
     p.add_argument("--lr", type=positive_float, default=5e-4, help="peak learning rate (AdamW) for this batch size")
@@ -434,6 +459,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-init", action="store_true",
                    help="ignore the checkpoint's weights (same architecture, random init): the baseline")
     p.set_defaults(func=_finetune)
+
+    p = sub.add_parser("shards", help="write an image folder as WebDataset tar shards (train/ and val/ kept apart), "
+                                      "for data.path, knn, linear and finetune")
+    p.add_argument("image_folder", metavar="IMAGE_FOLDER",
+                   help="class sub-folders of images (or train/ and val/ holding them)")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="a new or empty folder")
+    p.add_argument("--shard-size", type=_size, default=10**9, help="bytes per shard at most, e.g. 1GB (default), 500MB")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="the one shuffle that mixes classes in each shard")
+    p.set_defaults(func=_shards)
     return parser
 
 

@@ -1,7 +1,9 @@
-"""Benchmark the data backends: multi-crop images/s (2x224 + 10x96) from a folder of ImageNet-like JPEGs.
+"""Benchmark the data backends: multi-crop images/s (2x224 + 10x96) from a folder of ImageNet-like JPEGs, and
+from the same JPEGs as tar shards (issue 24); the shard index's first and cached start for a million members.
 
     PYTHONPATH=. python perf/bench_data.py [--images 2000] [--batch 64] [--workers 8] [--steps 20]
                                            [--backends official,cpu,torch_gpu,dali] [--device cuda|cpu]
+                                           [--shards 4] [--repeats 2] [--index-members 1000000]
     PYTHONPATH=. python perf/bench_data.py --make-only --images 2688 --workers 16 --folder DIR   # JPEGs only
 
 Generates (once, cached under --folder; --workers processes) `--images` JPEGs of --width x --height (500 x 375,
@@ -20,13 +22,23 @@ trainer steps on) around the backend's main-process work on one batch already re
 waits for the host (launches, a CPU fallback decode): an upper bound of the GPU's busy time. torch_gpu's work
 is queued on that stream; dali's runs on DALI's own stream, and the window spans `pipe.run()` and the copy of its
 outputs onto the training stream. Backends that cannot run here print why instead of a figure.
+
+--shards N (0: off) also writes the JPEGs as N shards with `fastdino.data.shards.write_shards` (kept beside
+them) and times every fastdino backend on the folder and on the shards in turn, --repeats times alternating
+which goes first; each row shows the best of its repeats and the shards / folder ratio. Before them it times
+the one step that differs, in one process: every image's bytes (`ImageIndex.read`) and their decode.
+--backends '' skips the backends. --index-members M
+writes M tiny samples (a 1-byte image and a .cls each, 2M tar members) in 16 shards and times `index_shards`
+with an empty index cache (scan + write) and again (cached start: read, checksum, stat every shard).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fastdino.data.files import ImageFileDataset, collate_views, decode_rgb, index_image_folder  # noqa: E402
 from fastdino.data.loader import CpuBatches, build_loader, dali_available  # noqa: E402
 from fastdino.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, multicrop_transform  # noqa: E402
+from fastdino.data.shards import index_shards, write_shards  # noqa: E402
 
 
 def _write_jpegs(root: Path, indices: list[int], width: int, height: int, quality: int) -> None:
@@ -169,6 +182,94 @@ def gpu_ms_per_image(source, n_steps: int, batch: int) -> str:
     return f"{start.elapsed_time(end) / (n_steps * batch):.3f}"
 
 
+def make_shards(folder: Path, n_shards: int) -> Path:
+    """folder/train's JPEGs as n_shards shards in folder/shards<n> (kept between runs)."""
+    out = folder / f"shards{n_shards}"
+    if not (out / ".complete").exists():
+        total = sum(p.stat().st_size + 1536 for p in (folder / "train").iterdir())
+        if out.exists():
+            for p in out.iterdir():
+                p.unlink()
+        write_shards(folder / "train", out, shard_size=-(-total // n_shards) + 10240 * 2, progress=False)
+        (out / ".complete").touch()
+    return out
+
+
+def make_tiny_shards(folder: Path, n_samples: int, n_shards: int = 16, n_classes: int = 1000) -> Path:
+    """n_samples samples (`c/i.jpg` of 1 byte + `c/i.cls`) in n_shards ustar shards, written header by header
+    (tarfile takes minutes for millions of members); kept between runs."""
+    out = folder / f"tiny{n_samples}"
+    if (out / ".complete").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    template = bytearray(tarfile_header_template())
+    per_shard = -(-n_samples // n_shards)
+    for s in range(n_shards):
+        with open(out / f"tiny-{s:06d}.tar", "wb") as f:
+            for i in range(s * per_shard, min(n_samples, (s + 1) * per_shard)):
+                c = i % n_classes
+                for name, data in ((f"n{c:05d}/{i:08d}.jpg", b"x"), (f"n{c:05d}/{i:08d}.cls", str(c).encode())):
+                    f.write(_header(template, name, len(data)))
+                    f.write(data.ljust(512, b"\0"))
+            f.write(b"\0" * 1024)
+    (out / ".complete").touch()
+    return out
+
+
+def tarfile_header_template() -> bytes:
+    import tarfile
+
+    info = tarfile.TarInfo("x")
+    info.mtime, info.mode = 0, 0o644
+    return info.tobuf(format=tarfile.USTAR_FORMAT)
+
+
+def _header(template: bytearray, name: str, size: int) -> bytes:
+    block = bytearray(template)
+    block[0:100] = name.encode().ljust(100, b"\0")
+    block[124:136] = b"%011o\0" % size
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+def index_timings(folder: Path, n_samples: int) -> None:
+    start = time.perf_counter()
+    tiny = make_tiny_shards(folder, n_samples)
+    print(f"{n_samples} samples (2 tar members each) in 16 shards under {tiny} "
+          f"({time.perf_counter() - start:.1f} s to generate or find)")
+    past = time.time() - 60  # shards changed within 2 s of indexing are never cached
+    for p in [tiny, *tiny.glob("*.tar")]:
+        os.utime(p, (past, past))
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["FASTDINO_INDEX_CACHE"] = cache
+        for what in ("first start (scan + write cache)", "cached start (read + check)"):
+            start = time.perf_counter()
+            n = len(index_shards(tiny))
+            print(f"| {what} | {n} samples | {time.perf_counter() - start:.2f} s |", flush=True)
+        size = sum(p.stat().st_size for p in Path(cache).iterdir())
+        print(f"cache file: {size / 1e6:.1f} MB")
+
+
+def read_timings(sources: dict[str, ImageFileDataset], repeats: int) -> None:
+    """The one step where a folder and shards differ: bytes of every image (`ImageIndex.read`) and their decode
+    (`decode_rgb(ImageIndex.open(j))`) in this process, sources alternating, best of `repeats`."""
+    best: dict[tuple[str, str], float] = {}
+    for r in range(max(repeats, 1)):
+        for label in (list(sources) if r % 2 == 0 else list(sources)[::-1]):
+            index = sources[label].index
+            for what, work in (("read", index.read), ("read + decode", lambda j, i=index: decode_rgb(i.open(j)))):
+                start = time.perf_counter()
+                for j in range(len(index)):
+                    work(j)
+                per_image = (time.perf_counter() - start) / len(index)
+                best[label, what] = min(best.get((label, what), float("inf")), per_image)
+    print("| step, 1 process | source | us/img | x folder (speed) |")
+    print("|---|---|---|---|")
+    for (label, what), seconds in best.items():
+        print(f"| {what} | {label} | {seconds * 1e6:.1f} | {best['folder', what] / seconds:.2f} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", default="/tmp/fastdino_bench_jpegs")
@@ -184,8 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--make-only", action="store_true",
                         help="only write the --images JPEGs into --folder/WxH/train, --workers processes at once, "
                              "and exit (the GPU suite shares them between parts)")
+    parser.add_argument("--shards", type=int, default=0, help="also time the JPEGs as this many tar shards")
+    parser.add_argument("--repeats", type=int, default=1, help="timings per source and backend (best kept)")
+    parser.add_argument("--index-members", type=int, default=0, help="time the shard index of this many samples")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.index_members:
+        index_timings(Path(args.folder), args.index_members)
     if not args.make_only and (args.warmup + args.steps) * args.batch > args.images:
         parser.error(f"--images {args.images} is fewer than (--warmup + --steps) x --batch")
     started = time.perf_counter()
@@ -196,41 +302,57 @@ def main(argv: list[str] | None = None) -> int:
               f"({time.perf_counter() - started:.1f} s, {args.workers} processes)")
         return 0
     index = index_image_folder(folder / "train")
-    dataset = ImageFileDataset(index, multicrop_transform(), seed=0)
+    sources = {"folder": ImageFileDataset(index, multicrop_transform(), seed=0)}
+    if args.shards:
+        shard_index = index_shards(make_shards(folder, args.shards))
+        assert [shard_index.read(j) for j in range(3)] == [index.read(j) for j in range(3)]
+        sources[f"{args.shards} shards"] = ImageFileDataset(shard_index, multicrop_transform(), seed=0)
+    if len(sources) > 1:
+        read_timings(sources, args.repeats)
+    if not args.backends:
+        return 0
     print(f"{len(index)} JPEGs {args.width}x{args.height} q90, 2x224 + 10x96, batch {args.batch}, "
-          f"{args.workers} workers, {args.steps} timed batches, torch threads {torch.get_num_threads()}")
-    print("| backend | device | img/s | x official | GPU ms/img |")
-    print("|---|---|---|---|---|")
+          f"{args.workers} workers, {args.steps} timed batches, best of {args.repeats}, torch threads "
+          f"{torch.get_num_threads()}")
+    print("| backend | source | device | img/s | x official | x folder | GPU ms/img |")
+    print("|---|---|---|---|---|---|---|")
     official = None
     for name in args.backends.split(","):
-        gpu_ms = "-"
         if name == "official":
             batches = build_loader(_OfficialDataset(index.paths), args.batch, args.workers, seed=0, epoch=0,
                                    collate_fn=collate_views)
-            where = "cpu"
-        elif name == "cpu":
-            batches, where = CpuBatches(dataset, args.batch, args.workers, seed=0).epoch(0), "cpu"
-        elif name in ("torch_gpu", "dali"):
-            if name == "dali" and not dali_available():
-                print('| dali | - | not measured yet (DALI is not installed: pip install -e ".[dali]") | | |')
-                continue
-            if name == "dali":
-                from fastdino.data.dali import DaliBatches as GpuBatches
-            else:
-                from fastdino.data.gpu_augment import TorchGpuBatches as GpuBatches
-
-            source = GpuBatches(dataset, args.batch, args.workers, seed=0, device=device)
-            batches, where = source.epoch(0), device.type
-            if device.type == "cuda":
-                gpu_ms = gpu_ms_per_image(source, args.steps, args.batch)
-            else:
-                gpu_ms = "not measured yet (no GPU)"
-        else:
+            official = time_batches(batches, args.steps, args.warmup, args.batch, device)
+            print(f"| official | folder | cpu | {official:.1f} | 1.00 | - | - |", flush=True)
+            continue
+        if name == "dali" and not dali_available():
+            print('| dali | - | - | not measured yet (DALI is not installed: pip install -e ".[dali]") | | | |')
+            continue
+        if name not in ("cpu", "torch_gpu", "dali"):
             parser.error(f"unknown backend {name!r}")
-        rate = time_batches(batches, args.steps, args.warmup, args.batch, device)
-        official = rate if name == "official" else official
-        ratio = f"{rate / official:.2f}" if official else "-"
-        print(f"| {name} | {where} | {rate:.1f} | {ratio} | {gpu_ms} |", flush=True)
+        rates: dict[str, float] = {}
+        gpu_ms: dict[str, str] = {}
+        for r in range(args.repeats):
+            for label in (list(sources) if r % 2 == 0 else list(sources)[::-1]):
+                dataset = sources[label]
+                if name == "cpu":
+                    batches, where = CpuBatches(dataset, args.batch, args.workers, seed=0).epoch(0), "cpu"
+                else:
+                    if name == "dali":
+                        from fastdino.data.dali import DaliBatches as GpuBatches
+                    else:
+                        from fastdino.data.gpu_augment import TorchGpuBatches as GpuBatches
+
+                    source = GpuBatches(dataset, args.batch, args.workers, seed=0, device=device)
+                    batches, where = source.epoch(0), device.type
+                    gpu_ms[label] = (gpu_ms_per_image(source, args.steps, args.batch) if device.type == "cuda"
+                                     else "not measured yet (no GPU)")
+                rate = time_batches(batches, args.steps, args.warmup, args.batch, device)
+                rates[label] = max(rates.get(label, 0.0), rate)
+        for label, rate in rates.items():
+            ratio = f"{rate / official:.2f}" if official else "-"
+            vs_folder = f"{rate / rates['folder']:.2f}"
+            print(f"| {name} | {label} | {where} | {rate:.1f} | {ratio} | {vs_folder} | {gpu_ms.get(label, '-')} |",
+                  flush=True)
     return 0
 
 

@@ -8,8 +8,12 @@ through `external_source`. That is the equivalent of DALI's reader checkpointing
 step s of an epoch feeds exactly the files and parameters the uninterrupted run fed from step s on, with no
 DALI state to save. Bit-exact on resume: the file order, the substitutions, every random choice (crop boxes,
 flips, which ops apply and their factors), and on the CPU operators the views themselves (checked by
-tests/test_dali.py). Not promised bit-exact: GPU views between runs or DALI versions (nvJPEG, the hardware
-decoder and the GPU kernels may round differently), and views against the torch_gpu or cpu backends.
+tests/test_dali.py). Tar shards reach DALI the same way (the workers read each member's bytes by offset,
+`ImageIndex.read`), not through `fn.readers.webdataset`: that reader shuffles and shards by itself and would
+need its own checkpoint state to resume, whereas the external source keeps one data order for every backend
+and an exact resume with nothing to save. Not promised bit-exact: GPU views between runs or DALI versions
+(nvJPEG, the hardware decoder and the GPU kernels may round differently), and views against the torch_gpu or
+cpu backends.
 
 Per image: one decode (`fn.decoders.image`, `device="mixed"` on a GPU: nvJPEG; EXIF orientation applied),
 then per crop: `fn.resize` of the crop box (cubic, antialiased when shrinking; a flip is the box given right

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO, Protocol
 
 import numpy as np
 import torch
@@ -62,16 +64,62 @@ class DataError(UserError, ValueError):
     """The data on disk cannot be used (missing folder, no images, too many unreadable files)."""
 
 
+class MemberSource(Protocol):
+    """Reads indexed images that are not files of their own: tar-shard members (`fastdino.data.shards`)."""
+
+    def read(self, j: int) -> bytes:
+        """Image j's bytes; raises OSError when they cannot be read whole (its shard vanished or shrank)."""
+        ...
+
+    def take(self, keep: Sequence[int]) -> MemberSource:
+        """The source of the images `keep` (positions in this one), in that order."""
+        ...
+
+    def image_ids(self) -> Iterable[str]:
+        """Each image's name within its data set: the relative path a `fastdino shards` key was made from."""
+        ...
+
+
 @dataclass
 class ImageIndex:
-    """Image paths in a deterministic order, their integer labels, and the class names the labels index."""
+    """Images in a deterministic order, their integer labels, and the class names the labels index.
 
-    paths: list[str]
+    `paths` name the images in warnings and bad-file records: file paths for a folder, `shard:key` for the
+    members of a tar-shard set, whose bytes `members` reads (None: the paths are files). Everything above
+    data/ reads images through `open` / `read`, so a folder and a shard set look the same to it.
+    """
+
+    paths: Sequence[str]
     labels: list[int]
     classes: list[str]
+    members: MemberSource | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def read(self, j: int) -> bytes:
+        """Image j's encoded bytes (file or shard member); raises OSError when unreadable."""
+        if self.members is not None:
+            return self.members.read(j)
+        with open(self.paths[j], "rb") as f:
+            return f.read()
+
+    def open(self, j: int) -> str | io.BytesIO:
+        """What `decode_rgb` takes for image j: its path, or its shard member's bytes in memory."""
+        return self.paths[j] if self.members is None else io.BytesIO(self.members.read(j))
+
+    def subset(self, keep: Sequence[int]) -> ImageIndex:
+        """The images `keep` (positions in this index), in that order, with the same classes."""
+        members = None if self.members is None else self.members.take(keep)
+        return ImageIndex([self.paths[i] for i in keep], [self.labels[i] for i in keep], list(self.classes), members)
+
+    def image_ids(self, root: str | Path) -> Iterable[str]:
+        """Each image's name within the data set at `root`, which the run's image-set fingerprint hashes: a
+        file's path relative to `root`; a shard member's relative path as `fastdino shards` recorded it in its
+        key, so a folder and the shards made from it have one fingerprint."""
+        if self.members is not None:
+            return self.members.image_ids()
+        return (os.path.relpath(path, root) for path in self.paths)
 
 
 def _is_hidden(name: str) -> bool:
@@ -387,8 +435,8 @@ def _scale_to_8_bits(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8), "L")  # clip: infinities only
 
 
-def decode_rgb(path: str) -> Image.Image:
-    """Decode `path` to an 8-bit "RGB" image, upright, as an image viewer shows it.
+def decode_rgb(path: str | BinaryIO) -> Image.Image:
+    """Decode `path` (a file, or a binary file object) to an 8-bit "RGB" image, upright, as an image viewer shows it.
 
     - Fully decoded here (PIL decodes lazily, so only `load()` exposes a truncated file).
     - EXIF orientation (tag 0x0112, set by phone cameras) applied (`PIL.ImageOps.exif_transpose`), so crops
@@ -491,7 +539,7 @@ class ImageFileDataset(Dataset):
         path = self.index.paths[j]
         if path not in self._bad:
             try:
-                return decode_rgb(path)
+                return decode_rgb(self.index.open(j))
             except DECODE_ERRORS as err:
                 self._bad[path] = f"{type(err).__name__}: {err}"
         return None

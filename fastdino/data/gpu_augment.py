@@ -1,11 +1,12 @@
 """DINO multi-crop as batched tensor ops on the GPU: the `torch_gpu` data backend (issue 13).
 
 The augmentations are the paper's (Caron et al. 2021, Sec. 3.1 and App. D; SPEC "Augmentations"). CPU
-workers read each file's bytes, read the JPEG header and its EXIF orientation with Pillow (no decode), and
-draw every crop's random parameters from a generator seeded with `item_seed(seed, epoch, index)`, so a batch
-depends only on its indices: a resumed run and any worker count give the same views. The main process decodes
-the batch's JPEGs with one `torchvision.io.decode_jpeg(list, device=...)` call (nvJPEG on the GPU), turns
-each image upright, then runs, batched:
+workers read each image's bytes (a file or a tar-shard member), read the JPEG header and its EXIF orientation
+with Pillow (no decode), and draw every crop's random parameters from a generator seeded with
+`item_seed(seed, epoch, index)`, so a batch depends only on its indices: a resumed run and any worker count
+give the same views. The main process decodes the batch's JPEGs with one
+`torchvision.io.decode_jpeg(list, device=...)` call (nvJPEG on the GPU), turns each image upright, then runs,
+batched:
 
 - random-resized-crop + flip: an antialiased bicubic resample per crop written as two matrix products (rows,
   then columns) with per-crop weight matrices: the filter of Pillow's and torch's antialiased bicubic resize
@@ -444,10 +445,10 @@ class EncodedImages(Dataset):
     def _params(self, i: int, height: int, width: int) -> torch.Tensor:
         return draw_crop_params(item_seed(self.base.seed, self.base.epoch, i), height, width, self.recipe)
 
-    def _read(self, path: str) -> tuple[torch.Tensor | None, torch.Tensor | None, int, int, int]:
-        """(jpeg, pixels, orientation, height, width) of an upright image; raises a decode error if unreadable."""
-        with open(path, "rb") as f:
-            data = f.read()
+    def _read(self, j: int) -> tuple[torch.Tensor | None, torch.Tensor | None, int, int, int]:
+        """(jpeg, pixels, orientation, height, width) of image j, upright; raises a decode error if unreadable.
+        The bytes come from its file or its shard member (`ImageIndex.read`)."""
+        data = self.base.index.read(j)
         with Image.open(io.BytesIO(data)) as img:
             # baseline check that the file is whole: a JPEG without its end marker goes to Pillow, which refuses it
             if img.format == "JPEG" and img.mode == "RGB" and data.endswith(b"\xff\xd9"):
@@ -466,7 +467,7 @@ class EncodedImages(Dataset):
             path = self.base.index.paths[(i + k) % n]
             if path not in self._bad:
                 try:
-                    jpeg, pixels, orientation, height, width = self._read(path)
+                    jpeg, pixels, orientation, height, width = self._read((i + k) % n)
                 except DECODE_ERRORS as err:
                     self._bad[path] = f"{type(err).__name__}: {err}"
                 else:

@@ -16,9 +16,10 @@ import torch.distributed as dist
 import yaml
 
 from fastdino.config import Config, ConfigError, config_to_dict, schedule_warnings
-from fastdino.data.files import DataError, ImageFileDataset, ImageIndex, UnreadableImages, index_image_folder
+from fastdino.data.files import DataError, ImageFileDataset, ImageIndex, UnreadableImages
 from fastdino.data.loader import build_batch_source, resolve_backend, steps_per_epoch
 from fastdino.data.multicrop import eval_transform
+from fastdino.data.shards import index_images
 from fastdino.engine.backends import Backend, build_backend
 from fastdino.engine.checkpoint import (
     CheckpointError,
@@ -158,11 +159,12 @@ def check_kernels(cfg: Config, device: torch.device) -> None:
 
 
 def index_fingerprint(index: ImageIndex, root: Path) -> str:
-    """SHA-1 of the images' paths relative to the data folder and their labels: which images, in which
-    order, not where the folder lives (a moved data set still resumes)."""
+    """SHA-1 of the images' paths relative to the data folder (a shard member: the path its key records) and
+    their labels: which images, in which order, not where the folder lives (a moved data set still resumes, a
+    folder's run resumes on the shards made from it)."""
     digest = hashlib.sha1()
-    for path, label in zip(index.paths, index.labels):
-        digest.update(f"{os.path.relpath(path, root)}\0{label}\n".encode("utf-8", "surrogateescape"))
+    for name, label in zip(index.image_ids(root), index.labels):
+        digest.update(f"{name}\0{label}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 
@@ -299,12 +301,12 @@ class Trainer:
 
         # Refuse bad data, bad checkpoints and changed settings before any model is built or step taken.
         self.train_dir, self.val_dir = data_roots(cfg.data.path)
-        self.index: ImageIndex = index_image_folder(self.train_dir)
+        self.index: ImageIndex = index_images(self.train_dir)
         n_images = len(self.index.paths)
         self.fingerprint = index_fingerprint(self.index, self.train_dir)
         if cfg.train.knn_eval and self.val_dir is not None and len(self.index.classes) > 1:
             try:  # the end-of-run k-NN needs val/ in train/'s classes: find out now, not after training
-                index_image_folder(self.val_dir, classes=self.index.classes)
+                index_images(self.val_dir, classes=self.index.classes)
             except DataError as exc:
                 raise DataError(f"{exc} (train/ has {self.index.classes}); fix val/ or set train.knn_eval=false") \
                     from None

@@ -22,9 +22,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from fastdino.data.files import DataError, ImageFileDataset, ImageIndex, collate_views, index_image_folder
+from fastdino.data.files import DataError, ImageFileDataset, ImageIndex, collate_views
 from fastdino.data.loader import build_loader, steps_per_epoch
 from fastdino.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from fastdino.data.shards import index_images
 from fastdino.schedules import cosine_schedule
 
 log = logging.getLogger("fastdino")
@@ -68,7 +69,7 @@ def per_class_subset(index: ImageIndex, n: int, seed: int) -> ImageIndex:
             taken[label] = taken.get(label, 0) + 1
             keep.append(i)
     keep.sort()
-    return ImageIndex([index.paths[i] for i in keep], [index.labels[i] for i in keep], list(index.classes))
+    return index.subset(keep)
 
 
 @dataclass
@@ -108,12 +109,12 @@ def finetune(
     learning rate for this batch size; per_class > 0 trains on at most that many images of each class
     (`per_class_subset`). Raises DataError for a missing folder, fewer than 2 classes, or validation classes
     that training lacks."""
-    train_index = index_image_folder(train_dir)
+    train_index = index_images(train_dir)
     if len(train_index.classes) < 2:
         raise DataError(f"fine-tuning needs class sub-folders in {train_dir} (found {len(train_index.classes)} class)")
     if per_class:
         train_index = per_class_subset(train_index, per_class, seed)
-    val_index = index_image_folder(val_dir, classes=train_index.classes)
+    val_index = index_images(val_dir, classes=train_index.classes)
     torch.manual_seed(seed)
     model = Classifier(copy.deepcopy(backbone), backbone.embed_dim, len(train_index.classes)).to(device)
     model.requires_grad_(True)  # a teacher backbone comes frozen

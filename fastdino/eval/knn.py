@@ -16,8 +16,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fastdino.config import EvalConfig
-from fastdino.data.files import DataError, ImageFileDataset, UnreadableImages, collate_views, index_image_folder
+from fastdino.data.files import DataError, ImageFileDataset, UnreadableImages, collate_views
 from fastdino.data.multicrop import eval_transform
+from fastdino.data.shards import index_images
 
 
 @dataclass
@@ -85,10 +86,15 @@ def knn_evaluate(
     """k-NN of `backbone` with train_dir as the memory bank and val_dir as the queries.
 
     Unreadable images in either folder are skipped (not substituted), warned about once each and counted
-    in `KnnResult.skipped_images`. Raises DataError naming the folder when it has no readable image.
+    in `KnnResult.skipped_images`. Either may be a folder or a tar-shard set (`data.shards.index_images`).
+    Raises DataError naming the folder when it has no readable image, or the memory bank when it is not
+    labelled (one class: no class folders, or shards without class members).
     """
-    train_index = index_image_folder(train_dir)
-    val_index = index_image_folder(val_dir, classes=train_index.classes)
+    train_index = index_images(train_dir)
+    if len(train_index.classes) < 2:
+        raise DataError(f"{train_dir} is not labelled (k-NN needs at least 2 classes: class sub-folders, or .cls, "
+                        ".txt or .json members in shards)")
+    val_index = index_images(val_dir, classes=train_index.classes)
     transform = eval_transform(image_size)
     unreadable = UnreadableImages()
     features = []

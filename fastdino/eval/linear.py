@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fastdino.data.files import DECODE_ERRORS, DataError, ImageIndex, decode_rgb, index_image_folder, item_seed
+from fastdino.data.files import DECODE_ERRORS, DataError, ImageIndex, decode_rgb, item_seed
 from fastdino.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from fastdino.data.shards import index_images
 from fastdino.models.vit import VisionTransformer
 from fastdino.schedules import cosine_schedule
 
@@ -102,7 +103,7 @@ class ProbeImages(Dataset):
         i = int(i)
         path = self.index.paths[i]
         try:
-            img = decode_rgb(path)  # upright (EXIF), 16-bit scaled: as training and k-NN see it
+            img = decode_rgb(self.index.open(i))  # upright (EXIF), 16-bit scaled: as training and k-NN see it
         except DECODE_ERRORS as err:
             log.warning("skipping unreadable image %s: %s", path, err)
             return None, self.index.labels[i], i
@@ -301,8 +302,8 @@ def linear_probe(
     device = device or torch.device("cpu")
     backbone = backbone.eval().requires_grad_(False)
     feat_mode = resolve_feature_mode(features, backbone.embed_dim)
-    train_index = index_image_folder(train_dir)
-    val_index = index_image_folder(val_dir, classes=train_index.classes)
+    train_index = index_images(train_dir)
+    val_index = index_images(val_dir, classes=train_index.classes)
     num_classes = len(train_index.classes)
     dim = feature_dim(backbone, feat_mode)
     view = eval_transform(image_size)

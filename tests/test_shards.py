@@ -1,0 +1,385 @@
+"""WebDataset tar shards (fastdino/data/shards.py, issue 24): a folder and the shards `fastdino shards` makes of it
+give the same index, the same batches step for step on every backend (from step 0 and from a mid-epoch resume)
+and the same fingerprint; a 2-process run on shards resumes bitwise after a kill; the index cache rebuilds when
+a shard changes; damaged data is reported in one line naming shard:key, and nothing else is lost."""
+
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastdino.cli import main
+from fastdino.data import shards as sh
+from fastdino.data.files import DataError, ImageFileDataset, UnreadableImages, index_image_folder
+from fastdino.data.gpu_augment import TorchGpuBatches
+from fastdino.data.loader import CpuBatches, dali_available
+from fastdino.data.multicrop import multicrop_transform
+from fastdino.engine.checkpoint import load_checkpoint
+from fastdino.engine.trainer import index_fingerprint
+
+ROOT = Path(__file__).resolve().parents[1]
+# Names whose sort order differs between naive key orders and the folder's: '-' < '.' < '/' < '_' in ASCII, a
+# dot inside a name, a sub-folder beside a file of a similar name, '%' (the key's escape), a space in a class.
+NAMES = ["a/x.jpg", "a/x-1.jpg", "a/x.v2.jpg", "a/sub/y.jpg", "a/sub-z.png", "a/50%.jpg", "a b/p.jpg",
+         "a b/q.jpg", "b/0.jpg", "b/deep/er/1.png", "b/_2.jpg", "b/2.jpg"]
+
+
+def _photo(i: int, width: int = 40, height: int = 32) -> Image.Image:
+    yy, xx = np.mgrid[0:height, 0:width]
+    rgb = np.stack([255 * xx / width, 255 * yy / height, 127.5 + 100 * np.sin(xx / 5 + yy / 7 + i)], -1)
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+def _image_tree(root: Path, names=NAMES, corrupt: str | None = None) -> Path:
+    for i, name in enumerate(names):
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _photo(i, 40 + 2 * i, 32 + i).save(path, quality=90) if name.endswith(".jpg") else _photo(i).save(path)
+    if corrupt:
+        (root / corrupt).write_bytes(b"\xff\xd8 not a jpeg")
+    return root
+
+
+def _shards(src: Path, out: Path, **kw) -> Path:
+    sh.write_shards(src, out, shard_size=kw.pop("shard_size", 12_000), progress=False, **kw)
+    return out
+
+
+def _backdate(*paths, seconds=60):
+    """Shards and folders changed within 2 s of indexing are never cached (their mtime may not move again)."""
+    past = time.time() - seconds
+    for path in paths:
+        os.utime(path, (past, past))
+
+
+def _same_index(a, b, root_a, root_b):
+    assert (a.labels, a.classes) == (b.labels, b.classes)
+    assert list(a.image_ids(root_a)) == list(b.image_ids(root_b))
+    assert all(a.read(j) == b.read(j) for j in range(len(a)))
+
+
+def test_shards_index_as_the_folder_does_whatever_order_the_shards_hold(tmp_path):
+    src = _image_tree(tmp_path / "images")
+    folder = index_image_folder(src)
+    for seed in (0, 1):
+        out = _shards(src, tmp_path / f"shards{seed}", seed=seed)
+        assert len(list(out.glob("*.tar"))) >= 3
+        index = sh.index_images(out)
+        _same_index(folder, index, src, out)
+        assert index_fingerprint(folder, src) == index_fingerprint(index, out)
+        assert json.loads((out / "classes.json").read_text()) == folder.classes == ["a", "a b", "b"]
+    held = [[m.name for m in tarfile.open(p)] for p in sorted((tmp_path / "shards0").glob("*.tar"))]
+    assert held != [[m.name for m in tarfile.open(p)] for p in sorted((tmp_path / "shards1").glob("*.tar"))]
+    assert sum(len(h) for h in held) == 2 * len(NAMES)  # every image with its .cls
+    assert any(len({n.split("/")[0] for n in h}) > 1 for h in held)  # the shuffle mixes classes in a shard
+    # the other ways to name the same shards
+    tars = sorted(str(p) for p in (tmp_path / "shards0").glob("*.tar"))
+    (tmp_path / "list.txt").write_text("# shards\n" + "\n".join(os.path.relpath(t, tmp_path) for t in tars) + "\n")
+    pattern = str(tmp_path / "shards0" / f"shard-{{000000..{len(tars) - 1:06d}}}.tar")
+    for spec in (tmp_path / "list.txt", pattern):
+        other = sh.index_images(spec)
+        assert list(other.image_ids(spec)) == list(folder.image_ids(src)) and other.labels == folder.labels
+
+
+def test_keys_escape_dots_and_decode_back():
+    for rel in ("a/x.v2.JPEG", "50%.jpg", "d.ir/%2E.png"):
+        key = sh.encode_key(rel)
+        assert "." not in key.rsplit("/", 1)[-1] and sh.decode_key(key) == rel
+    assert sh.expand_braces("s-{08..10}-{a,b}.tar") == ["s-08-a.tar", "s-08-b.tar", "s-09-a.tar", "s-09-b.tar",
+                                                        "s-10-a.tar", "s-10-b.tar"]
+
+
+def _batches(source, epoch, start_step=0):
+    return [([v.clone() for v in views], labels.clone(), sorted(p for p, _ in bad))
+            for views, labels, bad in source.epoch(epoch, start_step)]
+
+
+def _equal(a, b):
+    assert len(a) == len(b)
+    for (va, la, _), (vb, lb, _) in zip(a, b, strict=True):
+        assert torch.equal(la, lb) and all(torch.equal(x, y) for x, y in zip(va, vb, strict=True))
+
+
+BACKENDS = ["cpu", "torch_gpu", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(),
+                                                                              reason="NVIDIA DALI not installed"))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_folder_and_its_shards_give_the_same_batches_from_step_0_and_from_a_resume(tmp_path, backend):
+    src = _image_tree(tmp_path / "images", corrupt="b/2.jpg")
+    out = _shards(src, tmp_path / "shards")
+    runs = []
+    for index in (index_image_folder(src), sh.index_images(out)):
+        dataset = ImageFileDataset(index, multicrop_transform(32, 16, 2, blur_sigma=(0.1, 0.5)), seed=5)
+        if backend == "cpu":
+            source = CpuBatches(dataset, batch_size=4, num_workers=1, seed=5)
+        elif backend == "torch_gpu":
+            source = TorchGpuBatches(dataset, batch_size=4, num_workers=1, seed=5, device="cpu")
+        else:
+            from fastdino.data.dali import DaliBatches
+
+            source = DaliBatches(dataset, batch_size=4, num_workers=0, seed=5, device="cpu", num_threads=1)
+        runs.append((_batches(source, 1), _batches(source, 1, start_step=1)))
+    (folder, folder_resumed), (shards, shards_resumed) = runs
+    assert len(folder) == 3
+    _equal(folder, shards)
+    _equal(folder[1:], folder_resumed)
+    _equal(shards[1:], shards_resumed)
+    bad_folder = [name for _, _, bad in folder for name in bad]
+    bad_shards = [name for _, _, bad in shards for name in bad]
+    assert bad_folder == [str(src / "b" / "2.jpg")]
+    (bad,) = bad_shards  # the corrupt member, named shard:key
+    assert bad.startswith(str(out / "shard-")) and bad.endswith(".tar:" + sh.encode_key("b/2.jpg"))
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc), children first."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            for child in map(int, (task / "children").read_text().split()):
+                found += [child, *_descendants(child)]
+    return found
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None or not Path("/proc").is_dir(), reason="torchrun and /proc")
+def test_two_processes_on_shards_resume_bitwise_after_a_kill(tmp_path):
+    from fastdino.data.demo import make_demo_dataset
+
+    data = make_demo_dataset(tmp_path / "data", n_train_per_class=4, n_val_per_class=1, size=32)  # 24 images
+    shards = _shards(data, tmp_path / "shards", shard_size=20_000)
+    assert len(list((shards / "train").glob("*.tar"))) > 1
+    tiny = ["model.arch=vit_tiny", "model.depth=1", "model.patch_size=8", "model.img_size=16", "dino.out_dim=32",
+            "dino.hidden_dim=16", "dino.bottleneck_dim=8", "data.global_size=16", "data.local_size=8",
+            "data.local_crops_number=2", "data.num_workers=1", "train.knn_eval=false", "dino.head_bn=false",
+            "health.enabled=false", "train.device=cpu", "data.batch_size=2", "train.ckpt_every=1"]
+    base = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "fastdino", "train", "configs/demo.yaml", *tiny,
+            f"data.path={shards}", "train.epochs=20"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    killed = tmp_path / "killed"
+    run = subprocess.Popen([*base, f"train.output_dir={killed}"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (killed / "last.pt").is_file() and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert run.poll() is None, "the run ended before a checkpoint was written"
+    finally:
+        for pid in [run.pid, *_descendants(run.pid)]:  # torchrun, both ranks (their own sessions), their workers
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        run.wait()
+    saved = load_checkpoint(killed / "last.pt")["step"]
+    stop = [f"train.max_steps={saved + 3}"]  # across the epoch boundary when saved is late in epoch 1 (6 steps)
+    for out in (killed, tmp_path / "through"):
+        done = subprocess.run([*base, *stop, f"train.output_dir={out}"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert (f"resumed from {killed / 'last.pt'} at iteration {saved}" in done.stderr) == (out == killed)
+    a, b = load_checkpoint(tmp_path / "through" / "last.pt"), load_checkpoint(killed / "last.pt")
+    assert a["step"] == b["step"] == saved + 3
+    for key in ("student", "teacher", "center"):
+        for name, value in a[key].items():
+            assert torch.equal(b[key][name], value), f"{key}.{name}"
+    for i, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(b["optimizer"]["state"][i][name], value), f"optimizer {i}.{name}"
+
+
+def _add_sample(shard: Path, key: str, data: bytes, label: bytes | None = b"0") -> None:
+    with tarfile.open(shard, "a") as tar:
+        for name, blob in ((f"{key}.jpg", data), (f"{key}.cls", label)):
+            if blob is not None:
+                info = tarfile.TarInfo(name)
+                info.size = len(blob)
+                tar.addfile(info, io.BytesIO(blob))
+
+
+def test_the_index_cache_is_used_and_rebuilt_when_a_shard_changes(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("FASTDINO_INDEX_CACHE", str(tmp_path / "cache"))
+    out = _shards(_image_tree(tmp_path / "images"), tmp_path / "shards")
+    tars = sorted(out.glob("*.tar"))
+    _backdate(*tars, out / "classes.json", out)
+    first = sh.index_images(out)
+    assert len(list((tmp_path / "cache").glob("*.idx"))) == 1
+
+    def no_scan(*a):
+        raise AssertionError("scanned: the cache was not used")
+
+    with monkeypatch.context() as m:
+        m.setattr(sh, "_scan_tar", no_scan)
+        again = sh.index_images(out)
+    _same_index(first, again, out, out)
+    buf = io.BytesIO()
+    _photo(99).save(buf, format="JPEG")
+    _add_sample(tars[0], "a/zz", buf.getvalue())
+    _backdate(tars[0], seconds=30)
+    with caplog.at_level(logging.INFO, "fastdino.data"):
+        changed = sh.index_images(out)
+    assert "out of date" in caplog.text
+    ids = list(changed.image_ids(out))
+    assert len(changed) == len(first) + 1 and ids.index("a/zz") == 6  # last of class a, in the folder's order
+    assert changed.read(6) == buf.getvalue() and changed.labels[6] == 0
+
+
+def test_damaged_shards_are_named_by_shard_and_key_and_nothing_else_is_lost(tmp_path, caplog):
+    src = _image_tree(tmp_path / "images")
+    out = _shards(src, tmp_path / "shards")
+    tars = sorted(out.glob("*.tar"))
+    n = len(NAMES)
+    _add_sample(tars[0], "a/only-a-label", None)  # a member without an image
+    jpeg = io.BytesIO()
+    _photo(7, 200, 200).save(jpeg, format="JPEG")
+    _add_sample(tars[1], "b/zz-cut", jpeg.getvalue())
+    with tarfile.open(tars[1]) as tar:
+        cut = tar.getmember("b/zz-cut.jpg").offset_data + 100
+    with open(tars[1], "r+b") as f:  # cut inside the last image: the end of the shard is lost
+        f.truncate(cut)
+    with caplog.at_level(logging.WARNING, "fastdino.data"):
+        index = sh.index_images(out)
+    lines = [r.getMessage() for r in caplog.records]
+    assert f"{tars[0]}:a/only-a-label has no image member (suffixes cls): left out" in lines
+    assert any(line.startswith(f"{tars[1]}:b/zz-cut") and "truncated" in line for line in lines), lines
+    assert len(index) == n  # every other image kept
+    # a shard that vanished after indexing, one cut short: their lost members are reported by shard:key, the
+    # others still read
+    victim = tars[2]
+    lost = {name for name in index.paths if name.startswith(f"{victim}:")}
+    victim.unlink()
+    members = index.members
+    shortened = members.shards.index(str(tars[3]))
+    cut = min(int(members.offset[j] + members.size[j]) for j in range(len(index)) if members.shard[j] == shortened)
+    cut_short = {index.paths[j] for j in range(len(index)) if members.shard[j] == shortened
+                 and members.offset[j] + members.size[j] > cut}
+    with open(tars[3], "r+b") as f:
+        f.truncate(cut)
+    assert cut_short and not cut_short & lost
+    dataset = ImageFileDataset(index, multicrop_transform(32, 16, 0), seed=0)
+    record = UnreadableImages()
+    with caplog.at_level(logging.WARNING, "fastdino.data"):
+        for epoch in (0, 1):
+            dataset.set_epoch(epoch)
+            for i in range(len(dataset)):
+                views, _, bad = dataset[i]
+                assert views is not None
+                record.add(bad)
+    assert lost and set(record.paths) == lost | cut_short
+    reasons = {r.getMessage().split(" (skipped)")[0].removeprefix("unreadable image "): r.getMessage()
+               for r in caplog.records if "unreadable image" in r.getMessage()}
+    assert all("FileNotFoundError" in reasons[name] for name in lost)
+    assert all("truncated after indexing" in reasons[name] for name in cut_short)
+
+
+def test_refusals_are_one_line_before_any_work(tmp_path, capsys):
+    src = _image_tree(tmp_path / "images")
+    out = _shards(src, tmp_path / "shards")
+    # `fastdino shards` never writes into a non-empty folder, nor inside the image folder
+    for target in (out, src / "inside"):
+        assert main(["shards", str(src), str(target)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(target) in err
+    # compressed shards
+    gz = tmp_path / "gz"
+    gz.mkdir()
+    (gz / "shard-000000.tar.gz").write_bytes(b"\x1f\x8b")
+    with pytest.raises(DataError, match="compressed"):
+        sh.index_images(gz)
+    # a listed shard that does not exist
+    with pytest.raises(DataError, match=r"shard-000004.tar \(of .*shard-\{000000..000099\}.tar\) does not exist"):
+        sh.index_images(str(out / "shard-{000000..000099}.tar"))
+    # a label-less shard set: a training set of one class, refused by k-NN and as validation for labelled training
+    flat = _shards(_image_tree(tmp_path / "flat", names=["0.jpg", "1.jpg", "2.png"]), tmp_path / "flat_shards")
+    assert not (flat / "classes.json").exists()
+    plain = sh.index_images(flat)
+    assert plain.classes == ["."] and plain.labels == [0, 0, 0]
+    with pytest.raises(DataError, match="no class labels"):
+        sh.index_images(flat, classes=["a", "a b", "b"])
+    from fastdino.config import EvalConfig
+    from fastdino.eval.knn import knn_evaluate
+
+    with pytest.raises(DataError, match="is not labelled"):
+        knn_evaluate(torch.nn.Identity(), flat, out, 32, EvalConfig(), torch.device("cpu"))
+    # a set labelled in part: named by shard:key
+    mixed = tmp_path / "mixed"
+    shutil.copytree(flat, mixed)
+    _add_sample(sorted(mixed.glob("*.tar"))[0], "labelled", b"\xff\xd8", b"1")
+    with pytest.raises(DataError, match=r"shard-\d+\.tar:\S+ has no class .* label every sample or none"):
+        sh.index_images(mixed)
+
+
+def test_train_and_val_shards_from_the_cli_round_trip_the_class_map(tmp_path, capsys):
+    src = tmp_path / "images"
+    _image_tree(src / "train")
+    _image_tree(src / "val", names=["b/v.jpg", "a/w.png"])
+    assert main(["shards", str(src), str(tmp_path / "out"), "--shard-size", "20KB", "--seed", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {len(NAMES)} images in 4 shards" in printed and "wrote 2 images in 1 shard " in printed
+    train, val = tmp_path / "out" / "train", tmp_path / "out" / "val"
+    t = sh.index_images(train)
+    v = sh.index_images(val, classes=t.classes)
+    assert json.loads((val / "classes.json").read_text()) == t.classes == ["a", "a b", "b"]
+    assert list(v.image_ids(val)) == ["a/w.png", "b/v.jpg"] and v.labels == [0, 2]
+    assert [t.read(j) for j in range(len(t))] == [(src / "train" / n).read_bytes() for n in t.image_ids(train)]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_the_header_reader_lists_what_tarfile_lists(tmp_path, fmt):
+    """Long names (ustar prefix, GNU long name, PAX path), non-ASCII names, directories and empty members."""
+    path = tmp_path / "x.tar"
+    names = ["a/" + "d" * 90 + "/" + "f" * 90 + ".jpg", "é/ü.png", "dir/", "short.cls", "empty.txt"]
+    if fmt != tarfile.USTAR_FORMAT:
+        names.append("x" * 150 + ".jpg")  # no ustar prefix split exists for it
+    with tarfile.open(path, "w", format=fmt, encoding="utf-8") as tar:
+        for i, name in enumerate(names):
+            info = tarfile.TarInfo(name.rstrip("/"))
+            if name.endswith("/"):
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = 3 * i
+                tar.addfile(info, io.BytesIO(bytes(range(3 * i))))
+    size = os.path.getsize(path)
+    ours = list(sh._tar_members(path.read_bytes(), size))
+    with tarfile.open(path) as tar:
+        theirs = [(m.name, m.offset_data, m.size) for m in tar if m.isreg()]
+    assert ours == theirs and len(ours) == len(names) - 1
+
+
+def test_a_run_on_the_folder_resumes_on_its_shards_bitwise_with_knn_on_val_shards(tmp_path, capsys):
+    """Training reads train/ shards and the k-NN val/ shards; a run stopped on the folder and resumed on its shards
+    (same fingerprint) ends bitwise where the run on the folder alone ends, with the same k-NN figures."""
+    from fastdino.data.demo import make_demo_dataset
+
+    data = make_demo_dataset(tmp_path / "data", n_train_per_class=4, n_val_per_class=1, size=32)  # 24 + 6 images
+    shards = _shards(data, tmp_path / "shards", shard_size=20_000)
+    tiny = ["model.arch=vit_tiny", "model.depth=1", "model.patch_size=8", "model.img_size=16", "dino.out_dim=32",
+            "dino.hidden_dim=16", "dino.bottleneck_dim=8", "data.global_size=16", "data.local_size=8",
+            "data.local_crops_number=2", "data.num_workers=0", "dino.head_bn=false", "health.enabled=false",
+            "train.device=cpu", "data.batch_size=8", "train.epochs=2"]
+    args = ["train", "configs/demo.yaml", *tiny]
+    assert main([*args, f"data.path={data}", f"train.output_dir={tmp_path / 'folder'}"]) == 0
+    folder_out = capsys.readouterr().out
+    moved = tmp_path / "moved"
+    assert main([*args, f"data.path={data}", f"train.output_dir={moved}", "train.max_steps=4"]) == 0
+    capsys.readouterr()
+    assert main([*args, f"data.path={shards}", f"train.output_dir={moved}"]) == 0
+    shards_out = capsys.readouterr().out
+    knn = [line for line in folder_out.splitlines() if line.startswith("k-NN top-1")]
+    assert len(knn) == 2 and knn[-1] in shards_out
+    a, b = load_checkpoint(tmp_path / "folder" / "last.pt"), load_checkpoint(moved / "last.pt")
+    assert a["step"] == b["step"] == 6 and a["index_fingerprint"] == b["index_fingerprint"]
+    for key in ("student", "teacher", "center"):
+        for name, value in a[key].items():
+            assert torch.equal(b[key][name], value), f"{key}.{name}"
