@@ -337,9 +337,10 @@ class DinoLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_teacher_sum):
         (grad,) = ctx.saved_tensors
-        # grad_loss is a 0-dim fp32 tensor: the product keeps the saved gradient's dtype (fp32 for fp16 inputs,
-        # whose scaled gradient is rounded to fp16 only here).
-        return (grad * grad_loss).to(ctx.student_dtype), None, None, None, None
+        # grad_loss is a 0-dim fp32 tensor; for fp16 inputs the saved gradient is fp32 and the scaled product is
+        # rounded to fp16 once, on store (`out=`: no second fp32 (rows, K) temporary).
+        out = torch.empty_like(grad, dtype=ctx.student_dtype)
+        return torch.mul(grad, grad_loss, out=out), None, None, None, None
 
 
 def dino_loss_forward(

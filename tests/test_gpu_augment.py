@@ -544,12 +544,18 @@ def test_auto_picks_dali_only_where_its_probe_pipeline_runs(monkeypatch):
         assert loader.resolve_backend("auto", cuda) == "torch_gpu"
         assert loader.resolve_backend("auto", cuda) == "torch_gpu" and len(calls) == 1  # cached
         with pytest.raises(ConfigError, match=r"data\.backend=dali: DALI cannot run on cuda:0 \(RuntimeError: CUDA "
-                           r"driver version is insufficient for CUDA runtime version\): use data\.backend=torch_gpu"):
+                           r"driver version is insufficient for CUDA runtime version more detail\): use "
+                           r"data\.backend=torch_gpu"):
             loader.resolve_backend("dali", cuda)
         assert len(calls) == 1
         dali.gpu_problem.cache_clear()
         monkeypatch.setattr(dali, "gpu_problem", functools.cache(lambda index: None))
         assert loader.resolve_backend("auto", cuda) == "dali" and loader.resolve_backend("dali", cuda) == "dali"
+        # This process's probe runs, another's failed (what the trainer's all-reduce says): every rank leaves DALI.
+        another_failed = lambda flag: True  # noqa: E731
+        assert loader.resolve_backend("auto", cuda, another_failed) == "torch_gpu"
+        with pytest.raises(ConfigError, match=r"DALI cannot run on another process's GPU"):
+            loader.resolve_backend("dali", cuda, another_failed)
     finally:
         dali.gpu_problem.cache_clear()
 

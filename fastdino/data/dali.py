@@ -203,7 +203,8 @@ def gpu_problem(device_index: int) -> str | None:
         if shape != (1, 8, 8, 3):
             return f"a probe pipeline gave shape {shape}, not (1, 8, 8, 3)"
     except Exception as err:  # noqa: BLE001 - whatever fails here, DALI is not usable on this device
-        return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        # DALI's executor errors start with a generic line ("Critical error in pipeline:"): keep them whole.
+        return f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
     return None
 
 
@@ -236,7 +237,11 @@ class DaliBatches:
             waiting.append((labels, unreadable))
             return [_encoded(it) for it in items], [dali_rows(it.params) for it in items]
 
+        if not self.pipe.empty():  # an earlier epoch's generator was never closed: its batches are stale
+            self._feed = _stop
+            self._drain()
         self._feed = feed
+        failed = False
         try:
             while True:
                 self.pipe.schedule_run()
@@ -246,12 +251,26 @@ class DaliBatches:
                     return
                 labels, unreadable = waiting.popleft()
                 yield self._views(outputs), labels, unreadable
+        except Exception:
+            failed = True
+            raise
         finally:
             self._feed = _stop
-            self.pipe.schedule_run()  # takes no more input: marks DALI's epoch as ended
-            while not self.pipe.empty():
-                self.pipe.outputs()
-            self.pipe.reset()
+            try:
+                self._drain()
+            except Exception:
+                if not failed:  # after a DALI error the pipeline refuses again: keep the first error
+                    raise
+
+    def _drain(self) -> None:
+        """End DALI's epoch, drop what it still holds and free the kept outputs (one host wait, at an epoch's
+        end only), so the next epoch starts clean and no batch outlives its epoch."""
+        self.pipe.schedule_run()  # takes no more input: marks DALI's epoch as ended
+        while not self.pipe.empty():
+            self.pipe.outputs()
+        self.pipe.reset()
+        while self._held:
+            self._held.popleft()[0].synchronize()
 
     def _views(self, outputs) -> list[torch.Tensor]:
         """DALI's outputs as torch tensors on the device. On a GPU the copies are queued on the current stream,

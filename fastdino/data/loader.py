@@ -174,19 +174,23 @@ def dali_problem(device: torch.device) -> str | None:
     return gpu_problem(torch.cuda.current_device() if device.index is None else device.index)
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
+def resolve_backend(name: str, device: torch.device,
+                    on_any_process: Callable[[bool], bool] = lambda flag: flag) -> str:
     """`data.backend` -> the backend that runs on `device` (the training device).
 
     auto: dali when training runs on a GPU where DALI is installed and a probe pipeline runs (`dali_problem`),
     else torch_gpu on a GPU, else cpu (no probe without a GPU). Raises ConfigError (key data.backend) for an
     unknown name, a GPU backend without a CUDA training device, or dali where its probe fails (the reason in
-    the message); MissingDependencyError for dali without the package.
+    the message); MissingDependencyError for dali without the package. Under many processes
+    `on_any_process(flag)` must be true on every process when it is true on any (the trainer passes an
+    all-reduce): a probe that fails on one GPU then moves every rank off DALI (auto) or stops every rank
+    (dali), so no rank augments differently and none waits for a peer that left.
     """
     if name not in DATA_BACKENDS:
         raise ConfigError(f"data.backend={name!r} is not one of {DATA_BACKENDS}", "data.backend")
     on_gpu = device.type == "cuda"
     if name == "auto":
-        return ("dali" if dali_problem(device) is None else "torch_gpu") if on_gpu else "cpu"
+        return ("torch_gpu" if on_any_process(dali_problem(device) is not None) else "dali") if on_gpu else "cpu"
     if name == "dali" and not dali_available():
         raise MissingDependencyError(
             "data.backend=dali needs NVIDIA DALI: pip install -e \".[dali]\" (or use data.backend=auto|cpu|torch_gpu)"
@@ -197,9 +201,12 @@ def resolve_backend(name: str, device: torch.device) -> str:
             f"data.backend={name} decodes and augments on the GPU but {where}: use data.backend=cpu or auto",
             "data.backend",
         )
-    if name == "dali" and (problem := dali_problem(device)) is not None:
-        raise ConfigError(f"data.backend=dali: DALI cannot run on {device} ({problem}): use data.backend=torch_gpu "
-                          "or auto", "data.backend")
+    if name == "dali":
+        problem = dali_problem(device)
+        if on_any_process(problem is not None):
+            where = f"on {device} ({problem})" if problem else "on another process's GPU"
+            raise ConfigError(f"data.backend=dali: DALI cannot run {where}: use data.backend=torch_gpu or auto",
+                              "data.backend")
     return name
 
 

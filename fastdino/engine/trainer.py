@@ -295,7 +295,7 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.precision = resolve_precision(cfg.train.precision, self.device)
         check_kernels(cfg, self.device)
-        self.data_backend = resolve_backend(cfg.data.backend, self.device)
+        self.data_backend = resolve_backend(cfg.data.backend, self.device, lambda flag: agree(flag, self.device))
         self.output_dir = Path(cfg.train.output_dir)
         self.backend: Backend = build_backend(cfg, self.dist, self.device, self.precision)  # checks DeepSpeed's set-up
 
