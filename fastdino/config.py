@@ -17,17 +17,7 @@ from typing import Any
 
 import yaml
 
-from fastdino.errors import UserError
-
-
-class ConfigError(UserError, ValueError):
-    """A bad config key or value; the message names the key, and `key` holds it (a tuple for a check across
-    keys, None when unknown)."""
-
-    def __init__(self, message: str, key: str | tuple[str, ...] | None = None):
-        super().__init__(message)
-        self.key = key
-
+from fastdino.errors import ConfigError  # ConfigError lives in errors.py; tests also import it from here
 
 METHODS = ("dino", "sit")
 """The values of train.method; fastdino/methods/__init__.py maps each to its class."""

@@ -22,9 +22,10 @@ from PIL import Image
 
 from fastdino.cli import main
 from fastdino.data import shards as sh
+from fastdino.data.batch import CpuBatches
 from fastdino.data.files import DataError, ImageFileDataset, UnreadableImages, index_image_folder
 from fastdino.data.gpu_augment import TorchGpuBatches
-from fastdino.data.loader import CpuBatches, dali_available
+from fastdino.data.loader import dali_available
 from fastdino.data.multicrop import multicrop_transform
 from fastdino.engine.checkpoint import load_checkpoint
 from fastdino.engine.trainer import index_fingerprint

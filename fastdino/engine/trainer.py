@@ -15,9 +15,10 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from fastdino.config import Config, ConfigError, config_to_dict, schedule_warnings
+from fastdino.config import Config, config_to_dict, schedule_warnings
+from fastdino.data.batch import steps_per_epoch
 from fastdino.data.files import DataError, ImageFileDataset, ImageIndex, UnreadableImages
-from fastdino.data.loader import build_batch_source, resolve_backend, steps_per_epoch
+from fastdino.data.loader import build_batch_source, resolve_backend
 from fastdino.data.multicrop import eval_transform
 from fastdino.data.shards import index_images
 from fastdino.engine.backends import Backend, build_backend
@@ -34,6 +35,7 @@ from fastdino.engine.distributed import DistInfo, PeerWatch, init_distributed, s
 from fastdino.engine.ema import TeacherEMA
 from fastdino.engine.health import HealthMonitor, TrainingHealthError, agree
 from fastdino.engine.logging import RunLogger, write_run_report
+from fastdino.errors import ConfigError
 from fastdino.eval.knn import knn_evaluate
 from fastdino.interop.official import init_from_weights, read_dino_weights
 from fastdino.methods import build_method, method_class
