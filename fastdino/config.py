@@ -90,7 +90,7 @@ class DinoConfig:
     """Fix the weight-norm gain of the last layer at 1 (more stable)."""
     head_bn: bool = False
     """BatchNorm in the head's hidden layers (official `use_bn_in_head`); SyncBatchNorm across CUDA processes.
-    Off in the SPEC's recipe; the CPU demo needs it to keep its teacher from collapsing (README)."""
+    Off in the SPEC's recipe; the CPU demo needs it to keep its teacher from collapsing (docs/demo.md)."""
     student_temp: float = 0.1
     teacher_temp: float = 0.04
     """Final teacher temperature (0.04-0.07)."""
@@ -220,7 +220,7 @@ class DataConfig:
     """Per process; the global batch is batch_size * world size."""
     num_workers: int = 8
     backend: str = "auto"
-    """auto | cpu | torch_gpu | dali: where images are decoded and augmented (README, "Data backends"); auto
+    """auto | cpu | torch_gpu | dali: where images are decoded and augmented (docs/data.md, "Backends"); auto
     takes dali when installed and training runs on a GPU, else torch_gpu on a GPU, else cpu."""
 
     def __post_init__(self):
