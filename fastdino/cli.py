@@ -446,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     from fastdino.engine.checkpoint import CheckpointWriteError
     from fastdino.engine.distributed import PeerLostError, Terminated
     from fastdino.engine.health import TrainingHealthError
+    from fastdino.engine.preempt import Stopped
     from fastdino.engine.trainer import NonFiniteLossError
 
     try:
@@ -470,9 +471,16 @@ def main(argv: list[str] | None = None) -> int:
     except PeerLostError as exc:
         print(f"fastdino: training stopped: {exc}", file=sys.stderr)
         return 6
+    except Stopped as exc:  # every process stops at the same iteration: rank 0 says so
+        if _is_main_process():
+            print(f"fastdino: {exc}", file=sys.stderr)
+        # the process is ending: a launcher's SIGTERM (torchrun's, once a peer has exited) must not turn the code into
+        # -15 during the interpreter's teardown, which resets Python handlers but keeps ignored signals ignored
+        exc.ignore_signals()
+        return exc.exit_code
     except Terminated as exc:
         print(f"fastdino: training stopped: {exc}", file=sys.stderr)
-        return 143
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("fastdino: interrupted; the last checkpoint written is intact (train.resume=auto continues from it)",
               file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import signal
 import types
 import typing
 from dataclasses import dataclass, field
@@ -330,6 +331,10 @@ class TrainConfig:
     """Resume even when settings that change the run's trajectory (lr, temperatures, augmentation, ...) differ
     from the checkpoint's; they are listed in the log. A change of the global batch or of the image set is
     always refused (the place in the data order would not map)."""
+    stop_signals: str = "SIGTERM,SIGUSR1"
+    """Signals that stop the run cleanly (comma-separated; "" = none): the step in flight finishes, every process
+    stops at the same iteration, last.pt is written there and the exit code is 128 + the signal's number (143 for
+    SIGTERM, 138 for SIGUSR1). SLURM's `--signal`, Kubernetes and torchrun send them; docs/preemption.md."""
     knn_every: int = 0
     """Also a k-NN pass every this many epochs during training (logged, drawn in curves.png); 0 = off. Needs
     train.knn_eval. Does not change the training itself (the passes leave the RNG state as they found it)."""
@@ -353,6 +358,10 @@ class TrainConfig:
             raise ConfigError(f"train.seed={self.seed} must be in [0, 2**32)", "train.seed")
         _choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _choice("train.engine", self.engine, ("ddp", "deepspeed"))
+        try:
+            parse_stop_signals(self.stop_signals)
+        except ValueError as exc:
+            raise ConfigError(f"train.stop_signals={self.stop_signals!r}: {exc}", "train.stop_signals") from None
 
 
 @dataclass(kw_only=True)
@@ -471,6 +480,26 @@ def schedule_warnings(cfg: Config, steps_per_epoch: int) -> list[str]:
             out.append(f"train.max_steps={stop} stops the run inside the {warm}-epoch {key} warm-up "
                        f"({warm * steps_per_epoch} iterations): its target is never reached")
     return out
+
+
+# Signals that cannot stop a run: uncatchable ones, Ctrl-C's (KeyboardInterrupt, exit 130) and the ones the
+# DataLoader, faults and the terminal use.
+NOT_STOP_SIGNALS = ("SIGKILL", "SIGSTOP", "SIGINT", "SIGCHLD", "SIGPIPE", "SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL",
+                    "SIGABRT", "SIGTTIN", "SIGTTOU", "SIGTSTP", "SIGCONT", "SIGWINCH")
+
+
+def parse_stop_signals(text: str) -> tuple[signal.Signals, ...]:
+    """train.stop_signals: 'SIGTERM,SIGUSR1' (or 'TERM,USR1', or '' for none) -> the signals; raises ValueError
+    naming a bad one."""
+    out = []
+    for name in (n.strip().upper() for n in text.split(",") if n.strip()):
+        name = name if name.startswith("SIG") else "SIG" + name
+        sig = getattr(signal.Signals, name, None)
+        if sig is None or name in NOT_STOP_SIGNALS:
+            raise ValueError(f"{name} cannot be a stop signal (use e.g. SIGTERM, SIGUSR1, SIGUSR2, SIGHUP)")
+        if sig not in out:
+            out.append(sig)
+    return tuple(out)
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:

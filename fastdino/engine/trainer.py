@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from fastdino.config import Config, ConfigError, config_to_dict, schedule_warnings
+from fastdino.config import Config, ConfigError, config_to_dict, parse_stop_signals, schedule_warnings
 from fastdino.data.files import DataError, ImageFileDataset, ImageIndex, UnreadableImages, index_image_folder
 from fastdino.data.loader import build_batch_source, resolve_backend, steps_per_epoch
 from fastdino.data.multicrop import eval_transform
@@ -34,6 +34,7 @@ from fastdino.engine.ema import TeacherEMA
 from fastdino.engine.health import HealthMonitor, TrainingHealthError, agree
 from fastdino.engine.interop import init_from_weights, read_dino_weights
 from fastdino.engine.logging import RunLogger, write_run_report
+from fastdino.engine.preempt import Stopped, StopSignals, signal_name
 from fastdino.eval.knn import knn_evaluate
 from fastdino.methods import build_method, method_class
 from fastdino.methods.base import Method
@@ -79,15 +80,17 @@ class NonFiniteWatch:
         self.epoch = torch.where(new, epoch, self.epoch)
         self.loss = torch.where(new, loss.detach().float(), self.loss)
 
-    def check(self, output_dir: Path, saved_step: int | None) -> None:
+    def check(self, output_dir: Path, saved_step: int | None, stop: int | None = None) -> int | None:
         """Raise NonFiniteLossError when any process saw a bad iteration (one host sync; an all-reduce when
-        several processes train)."""
-        first = self.first.clone()
+        several processes train). `stop`: the stop signal this process received (engine/preempt.py), or None;
+        returns the one any process received (the same on every process: it rides in the same all-reduce), so
+        all stop at this iteration without a collective of their own."""
+        flags = torch.stack([self.first, torch.full_like(self.first, -(stop or 0))])  # MIN: the largest signal
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(first, op=dist.ReduceOp.MIN)
-        step = int(first)
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        step, signum = flags.tolist()
         if step == self.NONE:
-            return
+            return -signum or None
         fix = "lower optim.lr" + (" or use train.precision=bf16" if self.precision == "fp16" else "")
         kept = (f"the last checkpoint {output_dir / 'last.pt'} (after {saved_step} iterations) is intact (finite "
                 f"weights; the divergence may have begun before it): {fix} and resume with "
@@ -223,7 +226,7 @@ FREE_KEYS = {
     "loss": ("impl",),
     "ema": ("impl",),
     "train": ("epochs", "max_steps", "output_dir", "resume", "device", "log_every", "ckpt_every", "knn_eval",
-              "allow_config_change", "init_from", "dist_timeout"),
+              "allow_config_change", "init_from", "dist_timeout", "stop_signals"),
 }
 
 
@@ -534,11 +537,42 @@ class Trainer:
         }
         write_run_report(self.output_dir, summary, self.cfg.health)
 
+    def _stop(self, signum: int, keep: bool, signals: tuple[int, ...]) -> None:
+        """A stop signal, agreed on by every process at this iteration: write last.pt here (unless the health watch
+        holds on this state: then the last healthy one stays) and raise Stopped with the line the CLI prints."""
+        if keep and self.saved_step != self.step:
+            self.nonfinite.check(self.output_dir, self.saved_step)  # never a state after a non-finite step
+            self.save()
+            self.saved_step = self.step
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()  # no process exits (its launcher would then end the others) before last.pt is written
+        path = self.output_dir / "last.pt"
+        held = (f"{path} holds iteration {self.saved_step}" if self.saved_step is not None else
+                "no checkpoint was written")
+        raise Stopped(f"stopped by {signal_name(signum)} after {self.step} iterations; {held}: run the same command "
+                      "again (train.resume=auto) to continue from it", signum, self.step, signals)
+
     def fit(self) -> TrainResult:
         cfg = self.cfg
         if self.step >= self.stop_step:  # a finished run re-run, or train.epochs lowered below the checkpoint
             return TrainResult(self.output_dir, self.step, already_complete=True,
                                skipped_images=len(self.unreadable))
+        # noted only (engine/preempt.py); one process acts at the next iteration's end, several at the next log or
+        # checkpoint step, whose all-reduce (NonFiniteWatch.check) carries the signal: the same iteration everywhere
+        stops = StopSignals(parse_stop_signals(cfg.train.stop_signals)).install()
+        single = self.dist.world_size == 1
+        try:
+            result = self._fit(stops, single)
+        except Stopped:  # the handlers stay while the process ends with its line: a later signal (torchrun's,
+            raise  # once a peer has exited with the stop's code) is noted, never a cut
+        except BaseException:
+            stops.restore()
+            raise
+        stops.restore()
+        return result
+
+    def _fit(self, stops: StopSignals, single: bool) -> TrainResult:
+        cfg = self.cfg
         started, start_step = time.perf_counter(), self.step
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:
@@ -547,18 +581,20 @@ class Trainer:
         images_per_step = cfg.data.batch_size * self.dist.world_size
         logger = RunLogger(self.output_dir, self.stop_step, self.step, images_per_step, self.dist.is_main,
                            self.device)
-        if self.step == 0:
-            self._knn_pass(result, logger)
-            result.knn_init = result.knn_history.get(0)
-            self._snapshot("start")
         watch = cfg.health.enabled
         monitor = HealthMonitor(cfg.health, verbose=self.dist.is_main) if watch else None
         loop_start, knn_seconds = time.perf_counter(), 0.0
-        peers = PeerWatch(self.dist).start()  # heartbeats: which process is gone when a collective fails
+        peers = PeerWatch(self.dist, stops).start()  # heartbeats: which process is gone when a collective fails
         try:
+            if self.step == 0:
+                self._knn_pass(result, logger)
+                result.knn_init = result.knn_history.get(0)
+                self._snapshot("start")
+            if single and stops.received is not None:  # came before the first step (e.g. in the k-NN pass)
+                self._stop(stops.received, True, stops.signals)
             while self.step < self.stop_step:
                 epoch = self.step // self.steps_per_epoch
-                loader = peers.guard(self.batches.epoch(epoch, start_step=self.step % self.steps_per_epoch))
+                loader = self.batches.epoch(epoch, start_step=self.step % self.steps_per_epoch)
                 for views, _labels, unreadable in loader:
                     self.unreadable.add(unreadable)  # warns once per file per run
                     last_of_epoch = (self.step + 1) % self.steps_per_epoch == 0
@@ -566,8 +602,9 @@ class Trainer:
                     log_now = log_now or last_of_epoch
                     metrics = self.train_step(views, epoch, with_signals=watch and log_now)
                     self.step += 1
+                    signum = stops.received if single else None
                     if log_now:
-                        self.nonfinite.check(self.output_dir, self.saved_step)
+                        signum = self.nonfinite.check(self.output_dir, self.saved_step, stops.received)
                         metrics.update(epoch=epoch, skipped_images=len(self.unreadable))
                         result.history.append({"step": self.step - 1, **logger.step(self.step - 1, metrics)})
                         result.last_loss = result.history[-1]["loss"]
@@ -578,9 +615,11 @@ class Trainer:
                     # stop mode never checkpoints a state a health condition holds on (last.pt stays good)
                     keep = monitor is None or cfg.health.on_collapse == "warn" or monitor.healthy
                     if keep and (self.step % cfg.train.ckpt_every == 0 or self.step == self.stop_step or last_of_epoch):
-                        self.nonfinite.check(self.output_dir, self.saved_step)
+                        signum = self.nonfinite.check(self.output_dir, self.saved_step, stops.received) or signum
                         self.save()
                         self.saved_step = self.step
+                    if signum is not None and self.step < self.stop_step:
+                        self._stop(signum, keep, stops.signals)
                     if last_of_epoch and cfg.train.knn_every and (epoch + 1) % cfg.train.knn_every == 0:
                         tick = time.perf_counter()
                         self._knn_pass(result, logger)
@@ -591,11 +630,12 @@ class Trainer:
             if self.step == self.stop_step:
                 self._knn_pass(result, logger)
                 result.knn_trained = result.knn_history.get(self.step)
-        except (NonFiniteLossError, TrainingHealthError) as exc:
+        except (NonFiniteLossError, TrainingHealthError, Stopped) as exc:
             result.wall_time_s = time.perf_counter() - started
             if isinstance(exc, NonFiniteLossError):
                 self.step = exc.iteration  # the report counts the good iterations
-            why = "non-finite loss" if isinstance(exc, NonFiniteLossError) else "health.on_collapse=stop"
+            why = ("non-finite loss" if isinstance(exc, NonFiniteLossError) else signal_name(exc.signum)
+                   if isinstance(exc, Stopped) else "health.on_collapse=stop")
             self._write_report(result, monitor, f"stopped: {why}", start_step,
                                time.perf_counter() - loop_start - knn_seconds)
             raise
