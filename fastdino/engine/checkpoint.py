@@ -32,7 +32,10 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            try:
+                torch.save(state, f)
+            except RuntimeError as exc:  # torch.save's writer wraps what the file raised: a full disk, Ctrl-C
+                raise _cause(exc) from None
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600: give it the mode a plain open() would
@@ -45,6 +48,22 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
+
+
+def _cause(exc: RuntimeError) -> BaseException:
+    """The OSError or KeyboardInterrupt that torch.save's C++ writer turned into `RuntimeError: [enforce fail at
+    inline_container.cc]`, found in the exception chain; `exc` itself when there is none."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, (OSError, KeyboardInterrupt)):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return exc
+
+
+def temporary_files(path: Path) -> list[Path]:
+    """The temporary files `save_checkpoint` leaves when its process is killed mid-write (`.last.pt.*.tmp`)."""
+    return sorted(path.parent.glob(f".{path.name}.*.tmp"))
 
 
 def _umask() -> int:

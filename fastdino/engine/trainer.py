@@ -35,6 +35,12 @@ from fastdino.engine.health import HealthMonitor, TrainingHealthError, agree
 from fastdino.engine.interop import init_from_weights, read_dino_weights
 from fastdino.engine.logging import RunLogger, write_run_report
 from fastdino.engine.preempt import Stopped, StopSignals, signal_name
+from fastdino.engine.run_folder import (
+    check_fresh_start,
+    check_outside_data,
+    lock_run_folder,
+    remove_temporary_checkpoints,
+)
 from fastdino.eval.knn import knn_evaluate
 from fastdino.methods import build_method, method_class
 from fastdino.methods.base import Method
@@ -302,6 +308,7 @@ class Trainer:
 
         # Refuse bad data, bad checkpoints and changed settings before any model is built or step taken.
         self.train_dir, self.val_dir = data_roots(cfg.data.path)
+        check_outside_data(self.output_dir, [d for d in (self.train_dir, self.val_dir) if d is not None])
         self.index: ImageIndex = index_image_folder(self.train_dir)
         n_images = len(self.index.paths)
         self.fingerprint = index_fingerprint(self.index, self.train_dir)
@@ -355,6 +362,12 @@ class Trainer:
         elif init is not None:
             init_from_weights(self.method, init, cfg.dino.norm_last_layer)
         check_writable(self.output_dir)  # the last check (it creates the folder): nothing is written before
+        self.lock = None
+        if self.dist.is_main:  # one run per folder; then what a killed run left, and what another run wrote
+            self.lock = lock_run_folder(self.output_dir)
+            remove_temporary_checkpoints(self.output_dir)
+            continues = ckpt_path is not None and ckpt_path.resolve() == (self.output_dir / "last.pt").resolve()
+            check_fresh_start(self.output_dir, cfg.train.resume, continues)
         compile_networks(self.method, cfg.model.compile)  # in place, before any wrapper
         self.backend.wrap(self.method)  # optimizer; DDP or the DeepSpeed engine around the student
         if ckpt is not None:  # after the wrap: DeepSpeed's optimizer exists only now
@@ -568,6 +581,9 @@ class Trainer:
         except BaseException:
             stops.restore()
             raise
+        finally:
+            if self.lock is not None:
+                self.lock.release()
         stops.restore()
         return result
 
