@@ -100,8 +100,9 @@ def build_pipeline(recipe: CropRecipe, batch_size: int, num_threads: int, device
     outputs one normalised float32 (3, S, S) batch per crop. device_id None runs CPU operators only."""
     try:
         from nvidia.dali import fn, pipeline_def, types
-    except ImportError as err:
-        raise MissingDependencyError('data.backend=dali needs NVIDIA DALI: pip install -e ".[dali]"') from err
+    except Exception as err:  # not installed, or installed but broken (any error while importing)
+        raise MissingDependencyError(f'data.backend=dali needs NVIDIA DALI: pip install -e ".[dali]" (importing it '
+                                     f'failed: {type(err).__name__}: {err})') from err
     gpu = device_id is not None
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
@@ -19,7 +20,12 @@ class CheckpointError(UserError, RuntimeError):
 
 
 class CheckpointWriteError(RuntimeError):
-    """A checkpoint could not be written (disk full, permissions, I/O); the previous file is left as it was."""
+    """A file of the run (a checkpoint, DeepSpeed's files, metrics.jsonl, summary.json, curves.png, ...) could not be
+    written (disk full, quota, I/O); the message names it and what last.pt holds (CLI exit code 5)."""
+
+
+# What a write that fails for want of space or a working disk raises: the run stops (exit code 5).
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
@@ -35,7 +41,7 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
             try:
                 torch.save(state, f)
             except RuntimeError as exc:  # torch.save's writer wraps what the file raised: a full disk, Ctrl-C
-                raise _cause(exc) from None
+                raise os_error_of(exc) or exc from None
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600: give it the mode a plain open() would
@@ -50,15 +56,15 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
         os.close(dir_fd)
 
 
-def _cause(exc: RuntimeError) -> BaseException:
-    """The OSError or KeyboardInterrupt that torch.save's C++ writer turned into `RuntimeError: [enforce fail at
-    inline_container.cc]`, found in the exception chain; `exc` itself when there is none."""
+def os_error_of(exc: BaseException) -> OSError | KeyboardInterrupt | None:
+    """The OSError or KeyboardInterrupt in `exc`'s chain: torch.save's C++ writer turns what the file raised (a full
+    disk, Ctrl-C) into `RuntimeError: [enforce fail at inline_container.cc]` with it as the context; None if none."""
     seen = exc
     while seen is not None:
         if isinstance(seen, (OSError, KeyboardInterrupt)):
             return seen
         seen = seen.__cause__ or seen.__context__
-    return exc
+    return None
 
 
 def temporary_files(path: Path) -> list[Path]:

@@ -21,9 +21,11 @@ from fastdino.data.loader import build_batch_source, resolve_backend, steps_per_
 from fastdino.data.multicrop import eval_transform
 from fastdino.engine.backends import Backend, build_backend
 from fastdino.engine.checkpoint import (
+    WRITE_ERRNOS,
     CheckpointError,
     CheckpointWriteError,
     load_checkpoint,
+    os_error_of,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -417,17 +419,36 @@ class Trainer:
         Raises CheckpointWriteError (training stops: a run that cannot checkpoint would lose all further work
         on the next fault) naming the file, the error and what the previous last.pt holds."""
         path = self.output_dir / "last.pt"
+        what = self.backend.checkpoint_dir or path
         try:
             state = self.state_dict()  # a DeepSpeed backend writes its own files here, on every rank
+            what = path
             if self.dist.is_main:
                 save_checkpoint(state, path)
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:  # DeepSpeed's torch.save wraps the OSError
+            cause = os_error_of(exc)
+            if not isinstance(cause, OSError):
+                raise
+            what = cause.filename or what
             kept = (f"the previous checkpoint {path} (after {self.saved_step} iterations) is intact"
                     if self.saved_step is not None else "no checkpoint was written before")
             raise CheckpointWriteError(
-                f"could not write checkpoint {path} at iteration {self.step} ({exc.strerror or exc}); {kept}: "
+                f"could not write checkpoint {what} at iteration {self.step} ({cause.strerror or cause}); {kept}: "
                 "free space (or fix the folder) and run again with train.resume=auto to continue") from exc
         return path
+
+    def _write_failure(self, exc: BaseException) -> CheckpointWriteError | None:
+        """A run file (metrics.jsonl, summary.json, curves.png, health.json, ...) that a full or failing disk kept
+        from being written, as the one-line stop (exit code 5); None for any other error."""
+        cause = os_error_of(exc)
+        if not isinstance(cause, OSError) or cause.errno not in WRITE_ERRNOS:
+            return None
+        path = self.output_dir / "last.pt"
+        kept = (f"{path} (after {self.saved_step} iterations) is intact" if self.saved_step is not None else
+                "no checkpoint was written yet")
+        return CheckpointWriteError(
+            f"could not write {cause.filename or 'a file in ' + str(self.output_dir)} at iteration {self.step} "
+            f"({cause.strerror or cause}); {kept}: free space and run again (train.resume=auto) to continue")
 
     # -- one iteration -------------------------------------------------------------------------------
     def train_step(self, views: list[torch.Tensor], epoch: int, with_signals: bool = False) -> dict:
@@ -578,8 +599,11 @@ class Trainer:
             result = self._fit(stops, single)
         except Stopped:  # the handlers stay while the process ends with its line: a later signal (torchrun's,
             raise  # once a peer has exited with the stop's code) is noted, never a cut
-        except BaseException:
+        except BaseException as exc:
             stops.restore()
+            failure = self._write_failure(exc)
+            if failure is not None:
+                raise failure from exc
             raise
         finally:
             if self.lock is not None:
