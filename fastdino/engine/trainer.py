@@ -440,7 +440,7 @@ class Trainer:
     def _write_failure(self, exc: BaseException) -> CheckpointWriteError | None:
         """A run file (metrics.jsonl, summary.json, curves.png, health.json, ...) that a full or failing disk kept
         from being written, as the one-line stop (exit code 5); None for any other error."""
-        cause = os_error_of(exc)
+        cause = os_error_of(exc) if type(exc) in (OSError, RuntimeError) else None  # not one said already
         if not isinstance(cause, OSError) or cause.errno not in WRITE_ERRNOS:
             return None
         path = self.output_dir / "last.pt"
