@@ -447,10 +447,16 @@ def main(argv: list[str] | None = None) -> int:
     from fastdino.engine.distributed import PeerLostError, Terminated
     from fastdino.engine.health import TrainingHealthError
     from fastdino.engine.preempt import Stopped
-    from fastdino.engine.trainer import NonFiniteLossError
+    from fastdino.engine.trainer import DataVanishedError, NonFiniteLossError, OutOfMemory
 
     try:
         return args.func(args)
+    except OutOfMemory as exc:
+        print(f"fastdino: training stopped: {exc}", file=sys.stderr)
+        return 7
+    except DataVanishedError as exc:
+        print(f"fastdino: training stopped: {exc}", file=sys.stderr)
+        return 8
     except UserError as exc:
         print(f"fastdino: error: {one_line(exc)}", file=sys.stderr)
         return 2

@@ -100,31 +100,31 @@ def remove_temporary_checkpoints(folder: Path) -> None:
         log.warning("removed %s: a temporary checkpoint file left by a run killed while writing it", tmp)
 
 
-def check_fresh_start(folder: Path, resume: str, continues_here: bool) -> None:
-    """A run that does not continue this folder's last.pt must not mix its report with the files of another run there.
+def check_fresh_start(folder: Path, resume: str, resumes: bool) -> None:
+    """A run that starts afresh (`resumes` false: no checkpoint to continue) must not mix its report with the files
+    of another run in its folder.
 
-    resume=auto found no last.pt: the files (of a run stopped before its first checkpoint) are moved aside into
-    `folder/previous-<UTC time>/`, with a warning. resume=none, or a checkpoint from elsewhere: refused
-    (RunFolderError): the user chose a fresh start, and which files to keep is theirs to say.
+    train.resume=none: refused (RunFolderError), the user chose a fresh start and which files to keep is theirs to
+    say. train.resume=auto found no last.pt: the files (of a run stopped before its first checkpoint) are moved
+    aside into `folder/previous-<UTC time>/`, with a warning. A resume (from this folder's last.pt or from a
+    checkpoint path) continues a run: its records of an iteration replace the earlier ones (reports/plots.py).
     """
-    if continues_here:
+    if resumes:
         return
     found = [name for name in RUN_FILES if (folder / name).exists()]
     if not found:
         return
-    if resume == "auto":
-        aside = folder / time.strftime("previous-%Y%m%d-%H%M%S", time.gmtime())
-        aside.mkdir()
-        for name in found:
-            shutil.move(str(folder / name), aside / name)
-        log.warning("moved %s of an earlier run without a checkpoint to %s: this run starts afresh",
-                    ", ".join(found), aside)
-        return
-    why = "train.resume=none" if resume == "none" else f"train.resume={resume} (a checkpoint of another folder)"
-    raise RunFolderError(
-        f"train.output_dir {folder} holds another run's files ({', '.join(found)}): with {why} this run's summary and "
-        "curves would mix with them; give this run another train.output_dir, remove those files, or continue that "
-        "run with train.resume=auto")
+    if resume == "none":
+        raise RunFolderError(
+            f"train.output_dir {folder} holds another run's files ({', '.join(found)}): with train.resume=none this "
+            "run's summary and curves would mix with them; give this run another train.output_dir, remove those "
+            "files, or continue that run with train.resume=auto")
+    aside = folder / time.strftime("previous-%Y%m%d-%H%M%S", time.gmtime())
+    aside.mkdir()
+    for name in found:
+        shutil.move(str(folder / name), aside / name)
+    log.warning("moved %s of an earlier run without a checkpoint to %s: this run starts afresh", ", ".join(found),
+                aside)
 
 
 def check_outside_data(folder: Path, data_folders: list[Path]) -> None:

@@ -114,6 +114,22 @@ class NonFiniteWatch:
         raise NonFiniteLossError(f"{what} at iteration {step}{where}; {kept}", step)
 
 
+class OutOfMemory(RuntimeError):
+    """The step ran out of memory (CUDA or CPU); the message names the batch size, the memory switches and what
+    last.pt holds (CLI exit code 7)."""
+
+
+class DataVanishedError(RuntimeError):
+    """Training images indexed at the start are gone mid-run (an unmounted volume); not a user mistake made before
+    the run (CLI exit code 8, not 2)."""
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or isinstance(exc, RuntimeError) and (
+        "DefaultCPUAllocator: can't allocate memory" in text or "DefaultCPUAllocator: not enough memory" in text)
+
+
 @dataclass
 class TrainResult:
     output_dir: Path
@@ -368,8 +384,7 @@ class Trainer:
         if self.dist.is_main:  # one run per folder; then what a killed run left, and what another run wrote
             self.lock = lock_run_folder(self.output_dir)
             remove_temporary_checkpoints(self.output_dir)
-            continues = ckpt_path is not None and ckpt_path.resolve() == (self.output_dir / "last.pt").resolve()
-            check_fresh_start(self.output_dir, cfg.train.resume, continues)
+            check_fresh_start(self.output_dir, cfg.train.resume, resumes=ckpt is not None)
         compile_networks(self.method, cfg.model.compile)  # in place, before any wrapper
         self.backend.wrap(self.method)  # optimizer; DDP or the DeepSpeed engine around the student
         if ckpt is not None:  # after the wrap: DeepSpeed's optimizer exists only now
@@ -437,18 +452,45 @@ class Trainer:
                 "free space (or fix the folder) and run again with train.resume=auto to continue") from exc
         return path
 
+    def _kept(self) -> str:
+        path = self.output_dir / "last.pt"
+        return (f"{path} (after {self.saved_step} iterations) is intact" if self.saved_step is not None else
+                "no checkpoint was written yet")
+
+    def _resource_failure(self, exc: BaseException) -> RuntimeError | None:
+        """Out of memory, or training images gone mid-run, as the one-line stop; None for any other error."""
+        if _is_out_of_memory(exc):
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            batch = f"data.batch_size={self.cfg.data.batch_size}"
+            keep = [] if self.cfg.model.grad_checkpointing else ["model.grad_checkpointing=true"]
+            if self.device.type == "cuda" and self.precision == "fp32":
+                keep.append("train.precision=bf16")
+            resume = (f"set {' and '.join(keep)} and resume with train.resume=auto (allow_config_change for the "
+                      "precision), or " if keep else "")
+            return OutOfMemory(
+                f"out of memory on {self.device} at iteration {self.step} with {batch} per process ({first}); "
+                f"{self._kept()}: {resume}lower data.batch_size in a new train.output_dir (a resume keeps the global "
+                "batch)")
+        if isinstance(exc, DataError):
+            picks = self.index.paths[:: max(1, len(self.index.paths) // 100)]
+            missing = sum(not os.path.exists(p) for p in picks)
+            if not self.train_dir.is_dir() or missing:
+                gone = ("is gone" if not self.train_dir.is_dir() else
+                        f"lost files: {missing} of {len(picks)} indexed images checked are missing")
+                return DataVanishedError(
+                    f"the training data {self.train_dir} {gone} at iteration {self.step} (an unmounted volume?); "
+                    f"{self._kept()}: restore the data and resume with train.resume=auto")
+        return None
+
     def _write_failure(self, exc: BaseException) -> CheckpointWriteError | None:
         """A run file (metrics.jsonl, summary.json, curves.png, health.json, ...) that a full or failing disk kept
         from being written, as the one-line stop (exit code 5); None for any other error."""
         cause = os_error_of(exc) if type(exc) in (OSError, RuntimeError) else None  # not one said already
         if not isinstance(cause, OSError) or cause.errno not in WRITE_ERRNOS:
             return None
-        path = self.output_dir / "last.pt"
-        kept = (f"{path} (after {self.saved_step} iterations) is intact" if self.saved_step is not None else
-                "no checkpoint was written yet")
         return CheckpointWriteError(
             f"could not write {cause.filename or 'a file in ' + str(self.output_dir)} at iteration {self.step} "
-            f"({cause.strerror or cause}); {kept}: free space and run again (train.resume=auto) to continue")
+            f"({cause.strerror or cause}); {self._kept()}: free space and run again (train.resume=auto) to continue")
 
     # -- one iteration -------------------------------------------------------------------------------
     def train_step(self, views: list[torch.Tensor], epoch: int, with_signals: bool = False) -> dict:
@@ -601,7 +643,7 @@ class Trainer:
             raise  # once a peer has exited with the stop's code) is noted, never a cut
         except BaseException as exc:
             stops.restore()
-            failure = self._write_failure(exc)
+            failure = self._write_failure(exc) or self._resource_failure(exc)
             if failure is not None:
                 raise failure from exc
             raise
