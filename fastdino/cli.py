@@ -437,8 +437,14 @@ def main(argv: list[str] | None = None) -> int:
     the run died or stopped responding (the line names its rank), 130 Ctrl-C, 143 SIGTERM in a multi-process
     run. Training stops 3-6 and 143 end in one line naming what `last.pt` holds; any other error is a bug in
     fastdino and keeps its traceback."""
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        # section.key=value overrides may come after the flags too (`budget CFG --gpus 1 train.epochs=100`)
+        if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides += extra
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:  # --help (0) or a refused flag (2, one line already printed)
         return int(exc.code or 0)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -603,11 +603,14 @@ def _merge(base: dict, extra: dict) -> dict:
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """yaml.safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one silently, so a
-    second `model:` section would drop the first)."""
+    second `model:` section would drop the first). Merge keys (`<<: *defaults`) work as in yaml.safe_load: the
+    mapping's own keys override the merged ones."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # expanded by SafeConstructor.flatten_mapping
+                continue
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
@@ -637,6 +640,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"config file {path} is not valid YAML{at}: {problem}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
+        # top-level `x-...` keys hold YAML anchors for merge keys (`x-optim: &o {...}`, then `<<: *o`), as in
+        # docker-compose files: not settings
+        values = {k: v for k, v in values.items() if not (isinstance(k, str) and k.startswith("x-"))}
     from_command_line = parse_overrides(list(overrides))
     try:
         return _build(Config, _merge(values, from_command_line), "")
