@@ -291,6 +291,8 @@ def _finetune(args: argparse.Namespace) -> int:
     )
     labels = f", {args.per_class} labelled images per class" if args.per_class else ""
     print(f"fine-tuned top-1 ({len(result.classes)} classes, {args.epochs} epochs{labels}): {result.top1:.2f}%")
+    if result.skipped_val:
+        print(f"skipped {result.skipped_val} unreadable validation images (not scored; paths in the log above)")
     return 0
 
 
