@@ -5,6 +5,8 @@ that vanishes mid-run, out of memory. Each ends in the expected line and exit co
 
 import errno
 import fcntl
+import importlib.abc
+import importlib.util
 import os
 import re
 import shutil
@@ -264,3 +266,23 @@ def test_a_multi_line_error_reaches_the_cli_as_one_line(run, capsys):
     line = one_line(capsys.readouterr().err)
     assert line.startswith(f"fastdino: error: checkpoint {out / 'last.pt'} does not match this run: Error(s) in "
                            "loading state_dict")
+
+
+def test_a_broken_optional_dependency_is_reported_once_and_skipped(run, monkeypatch, capsys, caplog):
+    """A TensorBoard whose import raises AttributeError (not ImportError) no longer ends the run before step 1."""
+    args, out = run
+
+    class Broken(importlib.abc.MetaPathFinder, importlib.abc.Loader):  # an installed package whose import fails
+        def find_spec(self, name, path=None, target=None):
+            return importlib.util.spec_from_loader(name, self) if name == "torch.utils.tensorboard" else None
+
+        def create_module(self, spec):
+            return None
+
+        def exec_module(self, module):
+            raise AttributeError("module 'numpy' has no attribute 'object'")
+
+    monkeypatch.delitem(sys.modules, "torch.utils.tensorboard", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Broken(), *sys.meta_path])
+    assert main(args) == 0
+    assert caplog.text.count("tensorboard failed to start (AttributeError") == 1
