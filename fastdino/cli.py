@@ -435,9 +435,10 @@ def one_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; its exit code: 0 done, 2 a user mistake (one line, before any work), 3 a non-finite loss,
-    4 a health stop (health.on_collapse=stop), 5 a checkpoint that could not be written, 6 another process of
-    the run died or stopped responding (the line names its rank), 130 Ctrl-C, 143 SIGTERM in a multi-process
-    run. Training stops 3-6 and 143 end in one line naming what `last.pt` holds; any other error is a bug in
+    4 a health stop (health.on_collapse=stop), 5 a file of the run that could not be written (disk full), 6 another
+    process of the run died or stopped responding (the line names its rank), 7 out of memory, 8 training images gone
+    mid-run, 130 Ctrl-C, 128 + n a stop signal n of train.stop_signals (143 SIGTERM, 138 SIGUSR1; README "Preemption
+    and schedulers"). Training stops end in one line naming what `last.pt` holds; any other error is a bug in
     fastdino and keeps its traceback."""
     parser = build_parser()
     try:
