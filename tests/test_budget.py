@@ -77,3 +77,10 @@ def test_missing_figure_refused_in_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "--img-per-s" in err and "perf/bench_train.py" in err
     assert main(["budget", "configs/vit_small16.yaml", "--img-per-s", "0"]) == 2
     assert "--img-per-s" in capsys.readouterr().err
+
+
+def test_profile_takes_overrides_after_its_flags(capsys):
+    """An override after a flag reaches the config (here refused by name, before any work), not argparse."""
+    assert main(["profile", "configs/demo.yaml", "--steps", "1", "train.bogus=1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'train.bogus'" in err and "unrecognized arguments" not in err
