@@ -86,6 +86,19 @@ def _release_all() -> None:
         lock.release()
 
 
+def _forget_in_child() -> None:
+    """A forked child (a DataLoader worker) closes its copy of the lock's descriptor: a flock lasts while any copy is
+    open, and a worker outliving its killed parent by a few seconds must not keep the folder locked."""
+    for lock in _held.values():
+        if lock.fd is not None:
+            os.close(lock.fd)
+            lock.fd = None
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
 def lock_run_folder(folder: Path) -> RunLock:
     lock = RunLock(folder)
     lock.acquire()

@@ -464,9 +464,8 @@ class Trainer:
             batch = f"data.batch_size={self.cfg.data.batch_size}"
             keep = [] if self.cfg.model.grad_checkpointing else ["model.grad_checkpointing=true"]
             if self.device.type == "cuda" and self.precision == "fp32":
-                keep.append("train.precision=bf16")
-            resume = (f"set {' and '.join(keep)} and resume with train.resume=auto (allow_config_change for the "
-                      "precision), or " if keep else "")
+                keep.append("train.precision=bf16 (with train.allow_config_change=true)")
+            resume = f"set {' and '.join(keep)} and resume with train.resume=auto, or " if keep else ""
             return OutOfMemory(
                 f"out of memory on {self.device} at iteration {self.step} with {batch} per process ({first}); "
                 f"{self._kept()}: {resume}lower data.batch_size in a new train.output_dir (a resume keeps the global "
@@ -631,6 +630,8 @@ class Trainer:
     def fit(self) -> TrainResult:
         cfg = self.cfg
         if self.step >= self.stop_step:  # a finished run re-run, or train.epochs lowered below the checkpoint
+            if self.lock is not None:
+                self.lock.release()
             return TrainResult(self.output_dir, self.step, already_complete=True,
                                skipped_images=len(self.unreadable))
         # noted only (engine/preempt.py); one process acts at the next iteration's end, several at the next log or
