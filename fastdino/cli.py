@@ -315,6 +315,8 @@ def _finetune(args: argparse.Namespace) -> int:
     )
     labels = f", {args.per_class} labelled images per class" if args.per_class else ""
     print(f"fine-tuned top-1 ({len(result.classes)} classes, {args.epochs} epochs{labels}): {result.top1:.2f}%")
+    if result.skipped_val:
+        print(f"skipped {result.skipped_val} unreadable validation images (not scored; paths in the log above)")
     return 0
 
 
@@ -483,12 +485,19 @@ def one_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; its exit code: 0 done, 2 a user mistake (one line, before any work), 3 a non-finite loss,
-    4 a health stop (health.on_collapse=stop), 5 a checkpoint that could not be written, 6 another process of
-    the run died or stopped responding (the line names its rank), 130 Ctrl-C, 143 SIGTERM in a multi-process
-    run. Training stops 3-6 and 143 end in one line naming what `last.pt` holds; any other error is a bug in
+    4 a health stop (health.on_collapse=stop), 5 a file of the run that could not be written (disk full), 6 another
+    process of the run died or stopped responding (the line names its rank), 7 out of memory, 8 training images gone
+    mid-run, 130 Ctrl-C, 128 + n a stop signal n of train.stop_signals (143 SIGTERM, 138 SIGUSR1; README "Preemption
+    and schedulers"). Training stops end in one line naming what `last.pt` holds; any other error is a bug in
     fastdino and keeps its traceback."""
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        # section.key=value overrides may come after the flags too (`budget CFG --gpus 1 train.epochs=100`)
+        if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides += extra
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:  # --help (0) or a refused flag (2, one line already printed)
         return int(exc.code or 0)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -496,10 +505,17 @@ def main(argv: list[str] | None = None) -> int:
     from fastdino.engine.checkpoint import CheckpointWriteError
     from fastdino.engine.distributed import PeerLostError, Terminated
     from fastdino.engine.health import TrainingHealthError
-    from fastdino.engine.trainer import NonFiniteLossError
+    from fastdino.engine.preempt import Stopped
+    from fastdino.engine.trainer import DataVanishedError, NonFiniteLossError, OutOfMemory
 
     try:
         return args.func(args)
+    except OutOfMemory as exc:
+        print(f"fastdino: training stopped: {exc}", file=sys.stderr)
+        return 7
+    except DataVanishedError as exc:
+        print(f"fastdino: training stopped: {exc}", file=sys.stderr)
+        return 8
     except UserError as exc:
         print(f"fastdino: error: {one_line(exc)}", file=sys.stderr)
         return 2
@@ -520,9 +536,16 @@ def main(argv: list[str] | None = None) -> int:
     except PeerLostError as exc:
         print(f"fastdino: training stopped: {exc}", file=sys.stderr)
         return 6
+    except Stopped as exc:  # every process stops at the same iteration: rank 0 says so
+        if _is_main_process():
+            print(f"fastdino: {exc}", file=sys.stderr)
+        # the process is ending: a launcher's SIGTERM (torchrun's, once a peer has exited) must not turn the code into
+        # -15 during the interpreter's teardown, which resets Python handlers but keeps ignored signals ignored
+        exc.ignore_signals()
+        return exc.exit_code
     except Terminated as exc:
         print(f"fastdino: training stopped: {exc}", file=sys.stderr)
-        return 143
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("fastdino: interrupted; the last checkpoint written is intact (train.resume=auto continues from it)",
               file=sys.stderr)

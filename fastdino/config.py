@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import signal
 import types
 import typing
 from dataclasses import dataclass, field
@@ -321,6 +322,10 @@ class TrainConfig:
     """Resume even when settings that change the run's trajectory (lr, temperatures, augmentation, ...) differ
     from the checkpoint's; they are listed in the log. A change of the global batch or of the image set is
     always refused (the place in the data order would not map)."""
+    stop_signals: str = "SIGTERM,SIGUSR1"
+    """Signals that stop the run cleanly (comma-separated; "" = none): the step in flight finishes, every process
+    stops at the same iteration, last.pt is written there and the exit code is 128 + the signal's number (143 for
+    SIGTERM, 138 for SIGUSR1). SLURM's `--signal`, Kubernetes and torchrun send them; docs/preemption.md."""
     knn_every: int = 0
     """Also a k-NN pass every this many epochs during training (logged, drawn in curves.png); 0 = off. Needs
     train.knn_eval. Does not change the training itself (the passes leave the RNG state as they found it)."""
@@ -344,6 +349,10 @@ class TrainConfig:
             raise ConfigError(f"train.seed={self.seed} must be in [0, 2**32)", "train.seed")
         _choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _choice("train.engine", self.engine, ("ddp", "deepspeed"))
+        try:
+            parse_stop_signals(self.stop_signals)
+        except ValueError as exc:
+            raise ConfigError(f"train.stop_signals={self.stop_signals!r}: {exc}", "train.stop_signals") from None
 
 
 @dataclass(kw_only=True)
@@ -464,6 +473,26 @@ def schedule_warnings(cfg: Config, steps_per_epoch: int) -> list[str]:
     return out
 
 
+# Signals that cannot stop a run: uncatchable ones, Ctrl-C's (KeyboardInterrupt, exit 130) and the ones the
+# DataLoader, faults and the terminal use.
+NOT_STOP_SIGNALS = ("SIGKILL", "SIGSTOP", "SIGINT", "SIGCHLD", "SIGPIPE", "SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL",
+                    "SIGABRT", "SIGTTIN", "SIGTTOU", "SIGTSTP", "SIGCONT", "SIGWINCH")
+
+
+def parse_stop_signals(text: str) -> tuple[signal.Signals, ...]:
+    """train.stop_signals: 'SIGTERM,SIGUSR1' (or 'TERM,USR1', or '' for none) -> the signals; raises ValueError
+    naming a bad one."""
+    out = []
+    for name in (n.strip().upper() for n in text.split(",") if n.strip()):
+        name = name if name.startswith("SIG") else "SIG" + name
+        sig = getattr(signal.Signals, name, None)
+        if sig is None or name in NOT_STOP_SIGNALS:
+            raise ValueError(f"{name} cannot be a stop signal (use e.g. SIGTERM, SIGUSR1, SIGUSR2, SIGHUP)")
+        if sig not in out:
+            out.append(sig)
+    return tuple(out)
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the annotation `tp`; ints widen to floats, lists become tuples."""
     origin = typing.get_origin(tp)
@@ -565,11 +594,14 @@ def _merge(base: dict, extra: dict) -> dict:
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """yaml.safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one silently, so a
-    second `model:` section would drop the first)."""
+    second `model:` section would drop the first). Merge keys (`<<: *defaults`) work as in yaml.safe_load: the
+    mapping's own keys override the merged ones."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # expanded by SafeConstructor.flatten_mapping
+                continue
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
@@ -599,6 +631,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"config file {path} is not valid YAML{at}: {problem}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
+        # top-level `x-...` keys hold YAML anchors for merge keys (`x-optim: &o {...}`, then `<<: *o`), as in
+        # docker-compose files: not settings
+        values = {k: v for k, v in values.items() if not (isinstance(k, str) and k.startswith("x-"))}
     from_command_line = parse_overrides(list(overrides))
     try:
         return _build(Config, _merge(values, from_command_line), "")

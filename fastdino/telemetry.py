@@ -78,6 +78,9 @@ class GpuTelemetry:
         except ImportError:
             self._unavailable("pynvml is not installed (pip install 'fastdino[gpu]' brings nvidia-ml-py)")
             return
+        except Exception as exc:  # installed but broken: reported once, skipped
+            self._unavailable(f"pynvml failed to import ({type(exc).__name__}: {exc})")
+            return
         try:
             pynvml.nvmlInit()
             self._handle = _nvml_handle(pynvml, device)

@@ -155,3 +155,15 @@ def test_cli_attention_writes_png_and_refuses_bad_input(tmp_path, capsys):
     one_line_error(["attention", str(tmp_path / "bad.jpg"), "--checkpoint", str(tmp_path / "last.pt")],
                    "bad.jpg", "unreadable")
     one_line_error(["attention", str(img), "--checkpoint", str(tmp_path / "last.pt"), "--mass", "1.5"], "--mass")
+
+
+def test_a_wide_strip_is_capped_to_a_patch_count_that_fits(caplog):
+    """A 400x16 strip at the default 480 px short side would be 12000x480 px (22,500 patches, ~97 GB of attention
+    for ViT-S); it is scaled down to at most MAX_PATCHES patches, aspect kept, with a warning."""
+    from fastdino.eval.attention import MAX_PATCHES
+
+    img = crop_to_patches(Image.new("RGB", (400, 16)), 16, 480)
+    w, h = img.size
+    assert (w // 16) * (h // 16) <= MAX_PATCHES and w % 16 == h % 16 == 0 and abs(w / h - 25) < 2
+    assert "would hold 22500 patches" in caplog.text
+    assert crop_to_patches(Image.new("RGB", (640, 480)), 16, 480).size == (640, 480)  # within the cap: as before

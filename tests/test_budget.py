@@ -42,10 +42,17 @@ def test_cli_prints_rows_and_the_paper_run(tmp_path, capsys):
     assert main(["budget", "configs/vit_small16.yaml", "train.epochs=40", "--images", "9000", "--img-per-s", "100",
                  "--gpus", "1,3", "--scaling", "0.5"]) == 0
     out = capsys.readouterr().out
-    # 360,000 images at 100 img/s = 3600 s = 1 h; 3 GPUs at 0.5 each: 150 img/s -> 0.667 h, 2.0 GPU-hours
+    # 360,000 images at 100 img/s = 3600 s = 1 h; 3 GPUs at 0.5 each: 150 img/s -> 0.667 h = 40 min, 2.0 GPU-hours
     lines = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
-    assert lines == [["1", "100.0", "1.0", "1.0"], ["3", "150.0", "0.7", "2.0"]]
+    assert lines == [["1", "100.0", "1.0", "h", "1.0", "h"], ["3", "150.0", "40.0", "min", "2.0", "h"]]
     assert "72.6 h wall clock, 1161.6 GPU-hours" in out  # the paper: 16 V100s x 72.6 h
+    # a short run in minutes and seconds (166 s once printed as 0.0 h); overrides after the flags
+    assert main(["budget", "configs/vit_small16.yaml", "--img-per-s", "100", "--images", "166", "--gpus", "1,8",
+                 "train.epochs=100"]) == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()]
+    assert lines == [["1", "100.0", "2.8", "min", "2.8", "min"], ["8", "720.0", "23", "s", "3.1", "min"]]
+    assert main(["budget", "configs/vit_small16.yaml", "--img-per-s", "1", "--gpus", "1", "--bogus=1"]) == 2
+    assert "unrecognized arguments: --bogus=1" in capsys.readouterr().err
     assert main(["budget", "configs/vit_small16.yaml", "--img-per-s", "1000"]) == 0
     assert "100 epochs x 1,281,167 images (ImageNet-1k" in capsys.readouterr().out  # no data.path: said so
 
@@ -70,3 +77,10 @@ def test_missing_figure_refused_in_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "--img-per-s" in err and "perf/bench_train.py" in err
     assert main(["budget", "configs/vit_small16.yaml", "--img-per-s", "0"]) == 2
     assert "--img-per-s" in capsys.readouterr().err
+
+
+def test_profile_takes_overrides_after_its_flags(capsys):
+    """An override after a flag reaches the config (here refused by name, before any work), not argparse."""
+    assert main(["profile", "configs/demo.yaml", "--steps", "1", "train.bogus=1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'train.bogus'" in err and "unrecognized arguments" not in err

@@ -70,3 +70,16 @@ def test_shipped_configs_load():
     assert len(paths) >= 3
     for path in paths:
         load_config(path)
+
+
+def test_yaml_merge_keys(tmp_path):
+    """`<<: *anchor` (valid YAML that yaml.safe_load reads) merges, the section's own keys win; top-level `x-` keys
+    hold anchors; a key given twice in one section is still refused."""
+    path = tmp_path / "merge.yaml"
+    path.write_text("x-small: &small\n  arch: vit_tiny\n  patch_size: 8\nmodel:\n  <<: *small\n  patch_size: 16\n"
+                    "optim: &o\n  lr: 0.001\n")
+    cfg = load_config(path)
+    assert (cfg.model.arch, cfg.model.patch_size, cfg.optim.lr) == ("vit_tiny", 16, 0.001)
+    path.write_text("model:\n  <<: {arch: vit_tiny}\n  depth: 2\n  depth: 3\n")
+    with pytest.raises(ConfigError, match="appears twice"):
+        load_config(path)

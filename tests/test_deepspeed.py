@@ -104,9 +104,22 @@ def test_one_process_step_matches_ddp_backend(tmp_path, config):
 def test_zero2_freezes_last_layer_exactly_and_clips_per_parameter(tmp_path):
     """At ZeRO-2 the gradient lives in the partition after backward (p.grad is None already, so the DDP
     way of cancelling it cannot work); the frozen group is skipped by AdamW: the last layer is bitwise
-    unchanged for the whole first epoch despite a weight decay of 0.5, and moves from step 3."""
-    init = None
+    unchanged for the whole first epoch despite a weight decay of 0.5, and moves from step 3. Clipping is per
+    parameter: each gradient above optim.clip_grad (3.0) ends at norm 3.0, each below it is left as it was (global
+    clipping would scale them all by one factor)."""
+    init, norms = None, []
     for step, (m, t) in enumerate(steps(tmp_path, "deepspeed", 4)):
+        if step == 0:  # record each parameter's gradient norm before and after the clipping hook, from step 1 on
+            opt, hook = t.backend.optimizer, t.backend.optimizer.unscale_and_clip_grads
+
+            def recording(grads_flat, total_norm, _opt=opt, _hook=hook, _b=t.backend):
+                grad = grads_flat[0]
+                i = next(k for k, part in enumerate(_opt.single_partition_of_fp32_groups) if part.grad is grad)
+                before = [float(grad[a:b].norm()) for _, a, b in _b._slices[i]]
+                _hook(grads_flat, total_norm)
+                norms.extend(zip(before, [float(grad[a:b].norm()) for _, a, b in _b._slices[i]]))
+
+            opt.unscale_and_clip_grads = recording
         last = t.method.student_module().state_dict()[LAST]
         if init is None:
             init = last.clone()
@@ -117,6 +130,10 @@ def test_zero2_freezes_last_layer_exactly_and_clips_per_parameter(tmp_path):
             assert torch.equal(last, init), f"step {step}: the frozen last layer moved"
         else:
             assert not torch.equal(last, init), "step 3: the last layer must train after the freeze"
+    clipped = [(b, a) for b, a in norms if b > 3.0]
+    assert clipped and len(clipped) < len(norms)
+    for before, after in norms:
+        assert after == pytest.approx(min(before, 3.0), rel=1e-5), (before, after)
 
 
 def test_bf16_keeps_fp32_student_weights_for_the_ema(tmp_path):
@@ -165,10 +182,12 @@ def _fit(tmp_path, out, max_steps, extra=()):
 
 
 def test_resume_continues_a_deepspeed_run_exactly(tmp_path):
-    """Stop after 2 iterations, resume to 5 (across the freeze): bitwise the uninterrupted 5 on the CPU."""
-    _fit(tmp_path, tmp_path / "whole", 5)
-    _fit(tmp_path, tmp_path / "parts", 2)
-    assert _fit(tmp_path, tmp_path / "parts", 5).steps_done == 5
+    """Stop after 2 iterations, resume to 5 (across the freeze): bitwise the uninterrupted 5 on the CPU. Stochastic
+    depth on: a resume that skipped the RNG restore would draw other paths."""
+    depth = ["model.drop_path_rate=0.2"]
+    _fit(tmp_path, tmp_path / "whole", 5, depth)
+    _fit(tmp_path, tmp_path / "parts", 2, depth)
+    assert _fit(tmp_path, tmp_path / "parts", 5, depth).steps_done == 5
     whole, parts = load_checkpoint(tmp_path / "whole" / "last.pt"), load_checkpoint(tmp_path / "parts" / "last.pt")
     assert whole["step"] == parts["step"] == 5
     for key in ("student", "teacher", "center"):

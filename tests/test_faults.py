@@ -58,7 +58,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one_and_stops_in_one_line(tm
     assert f"could not write checkpoint {out / 'last.pt'} at iteration 3 (No space left on device)" in err
     assert "(after 2 iterations) is intact" in err and "train.resume=auto" in err
     assert load_checkpoint(out / "last.pt")["step"] == 2  # the previous checkpoint, whole
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temporary file left
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".fastdino.lock"]  # no temporary file
 
     monkeypatch.setattr(torch, "save", real_save)  # space freed: the run continues from iteration 2 to its end
     assert main(args) == 0
@@ -180,14 +180,12 @@ def test_killed_store_host_is_named_without_a_launcher(tmp_path):
     assert path == str(out / "last.pt") and after is None  # rank 0 wrote it, and may have died writing the next
 
 
-def test_a_single_process_has_no_heartbeat_and_keeps_sigterm():
-    """One process: no store, no thread, no handler; every error keeps its traceback (failure returns None)."""
+def test_a_single_process_has_no_heartbeat():
+    """One process: no store, no thread; every error keeps its traceback (failure returns None)."""
     from fastdino.engine.distributed import DistInfo, PeerWatch
 
-    before = signal.getsignal(signal.SIGTERM)
     watch = PeerWatch(DistInfo()).start()
-    assert signal.getsignal(signal.SIGTERM) is before and watch.store is None
-    assert list(watch.guard(iter([1, 2]))) == [1, 2]
+    assert watch.store is None
     assert watch.failure(RuntimeError("[gloo] Connection closed by peer"), 3, "CHECKPOINT") is None
     watch.stop()
 
@@ -197,14 +195,16 @@ def _hanging_peer_worker(rank: int, port: int, out: str) -> None:
                       MASTER_PORT=str(port))
     import torch.distributed as dist
 
-    from fastdino.engine.distributed import PeerWatch, Terminated, init_distributed
+    from fastdino.engine.distributed import PeerWatch, init_distributed
+    from fastdino.engine.preempt import StopSignals
 
     info = init_distributed(torch.device("cpu"), timeout_s=2)
-    watch = PeerWatch(info, period_s=0.2).start()
+    stops = StopSignals().install()
+    watch = PeerWatch(info, stops, period_s=0.2).start()
     store = dist.distributed_c10d._get_default_store()
-    child = os.fork()  # as a DataLoader worker is: the launcher's SIGTERM must end it, not be noted
+    child = os.fork()  # as a DataLoader worker is: it keeps serving batches until its parent's agreed stop
     if child == 0:
-        Path(f"{out}.{rank}.child").write_text(str(signal.getsignal(signal.SIGTERM) == signal.SIG_DFL))
+        Path(f"{out}.{rank}.child").write_text(str(signal.getsignal(signal.SIGTERM) == signal.SIG_IGN))
         os._exit(0)
     os.waitpid(child, 0)
     if rank == 1:  # alive (its heartbeat goes on) but silent: never joins the next all-reduce
@@ -218,11 +218,9 @@ def _hanging_peer_worker(rank: int, port: int, out: str) -> None:
     except RuntimeError as exc:
         waited = time.monotonic() - start
         lines = [f"{waited:.1f}", str(watch.failure(exc, 7, "CHECKPOINT")), str(watch.failure(ValueError(), 7, "-"))]
-        os.kill(os.getpid(), signal.SIGTERM)  # noted, not raised: the loop stops before its next batch
-        try:
-            next(watch.guard(iter(range(3))))
-        except Terminated as stop:  # every peer alive: the launcher or scheduler stops this process
-            lines.append(str(watch.failure(stop, 7, "CHECKPOINT")))
+        os.kill(os.getpid(), signal.SIGTERM)  # noted, not raised
+        assert stops.received == signal.SIGTERM
+        lines.append(str(watch.failure(exc, 7, "CHECKPOINT")))  # every peer alive: the launcher stops this process
         Path(out).write_text("\n".join(lines))
     store.set("done", "1")
     time.sleep(0.5)  # rank 1 sees it before this process, which holds the store, exits
@@ -237,12 +235,12 @@ def test_dist_timeout_bounds_the_wait_for_a_hanging_peer(tmp_path):
     torch.multiprocessing.start_processes(_hanging_peer_worker, args=(_free_port(), str(out)), nprocs=2,
                                           start_method="spawn")
     waited, message, not_ours, terminated = out.read_text().split("\n")
-    assert [Path(f"{out}.{rank}.child").read_text() for rank in (0, 1)] == ["True", "True"]  # forked: default SIGTERM
+    assert [Path(f"{out}.{rank}.child").read_text() for rank in (0, 1)] == ["True", "True"]  # forked: SIGTERM ignored
     assert 1.5 <= float(waited) < 10, message
     assert message == ("rank 1 of 2 stopped responding at iteration 7 (its process died or hangs); CHECKPOINT")
     assert not_ours == "None"  # not a process-group error: the caller re-raises it with its traceback
-    assert terminated == ("SIGTERM at iteration 7 (the launcher or scheduler stopped this process, rank 0 of 2); "
-                          "CHECKPOINT")
+    assert terminated == ("SIGTERM at iteration 7 (the launcher or scheduler stopped this process, rank 0 of 2; a "
+                          "collective failed before the processes agreed on a checkpoint); CHECKPOINT")
 
 
 def _dead_peer_worker(rank: int, port: int, out: str) -> None:
@@ -250,20 +248,19 @@ def _dead_peer_worker(rank: int, port: int, out: str) -> None:
                       MASTER_PORT=str(port))
     import torch.distributed as dist
 
-    from fastdino.engine.distributed import PeerWatch, Terminated, init_distributed
+    from fastdino.engine.distributed import PeerWatch, init_distributed
+    from fastdino.engine.preempt import StopSignals
 
     info = init_distributed(torch.device("cpu"), timeout_s=30)
-    watch = PeerWatch(info, period_s=0.2, window_s=2.0).start()
+    stops = StopSignals().install()
+    watch = PeerWatch(info, stops, period_s=0.2, window_s=2.0).start()
     dist.barrier()  # every heartbeat has started
     store = dist.distributed_c10d._get_default_store()
     if rank == 2:
         os._exit(0)
     if rank == 1:  # SIGTERM (as torchrun's agent sends it) with rank 2 gone: the report names rank 2
         os.kill(os.getpid(), signal.SIGTERM)
-        try:
-            list(watch.guard(iter(range(3))))
-        except Terminated as stop:
-            store.set("rank1", str(watch.failure(stop, 3, "CHECKPOINT")))
+        store.set("rank1", str(watch.failure(RuntimeError("an error after the signal"), 3, "CHECKPOINT")))
         try:
             store.wait(["rank0"])  # alive until rank 0 has looked
         finally:

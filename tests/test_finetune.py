@@ -88,3 +88,23 @@ def test_cli_finetunes_a_sit_checkpoint_and_refuses_bad_flags(demo_root, tmp_pat
     assert "none.pt" in capsys.readouterr().err
     assert main(["finetune", ckpt, "--train", str(tmp_path / "nowhere"), "--val", str(demo_root / "val")]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_an_unreadable_validation_image_is_skipped_not_scored_under_another_label(demo_root, tmp_path):
+    """As k-NN does: the corrupt file's slot is not filled by the next image under the wrong label; the score equals
+    the one without that file."""
+    scores = []
+    for case in ("corrupt", "removed"):
+        val = tmp_path / case
+        shutil.copytree(demo_root / "val", val)
+        bad = sorted((val / "dots").iterdir())[0]
+        if case == "corrupt":
+            bad.write_bytes(b"not an image")
+        else:
+            bad.unlink()
+        torch.manual_seed(0)
+        backbone = build_backbone("vit_tiny", depth=1, patch_size=8, img_size=16)
+        result = finetune(backbone, demo_root / "train", val, 16, torch.device("cpu"), epochs=1, batch_size=4,
+                          num_workers=0, seed=3)
+        scores.append((result.top1, result.skipped_val))
+    assert scores[0] == (scores[1][0], 1) and scores[1][1] == 0

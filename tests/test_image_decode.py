@@ -296,3 +296,20 @@ def test_a_bad_file_is_warned_once_and_counted_once_per_run_and_across_a_resume(
     torch.save(older, tmp_path / "older.pt")
     trainer = Trainer(cfg(tmp_path / "older", f"train.resume={tmp_path / 'older.pt'}"))
     assert trainer.step == 2 and len(trainer.unreadable) == 0  # loads; its files are counted again when met
+
+
+def test_transparent_pixels_are_composited_onto_white(tmp_path):
+    """Two PNGs that look the same (fully transparent, different hidden colours) decode the same; half-transparent
+    black is mid grey on white; a palette's transparent colour is white too."""
+    for name, colour in (("a", (10, 200, 30, 0)), ("b", (200, 10, 130, 0)), ("half", (0, 0, 0, 128))):
+        Image.new("RGBA", (4, 4), colour).save(tmp_path / f"{name}.png")
+    a, b, half = (np.asarray(decode_rgb(str(tmp_path / f"{n}.png"))) for n in ("a", "b", "half"))
+    assert (a == 255).all() and (b == 255).all() and (half == 127).all()
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([0, 0, 0, 9, 9, 9] + [0] * 762)
+    palette.putpixel((0, 0), 1)
+    palette.save(tmp_path / "p.png", transparency=1)
+    assert np.asarray(decode_rgb(str(tmp_path / "p.png"))).tolist() == [[[255, 255, 255], [0, 0, 0]]]
+    la = Image.new("LA", (2, 2), (40, 0))
+    la.save(tmp_path / "la.png")
+    assert (np.asarray(decode_rgb(str(tmp_path / "la.png"))) == 255).all()

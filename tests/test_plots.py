@@ -58,3 +58,12 @@ def test_run_curves_refuse_a_file_without_iterations(tmp_path):
 def test_phase_bars_png(tmp_path):
     png = plot_phases({"data wait": 0.1, "backward": 6.0, "other": 0.4}, tmp_path / "p.png", 10.0, "t", "wall clock")
     assert png.read_bytes()[:8] == PNG_MAGIC and imread(png).shape[0] > 100
+
+
+def test_read_metrics_skips_damaged_lines_with_one_warning(tmp_path, caplog):
+    """A line cut short by a full disk (then appended to) no longer ends every later call in a JSONDecodeError."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0, "loss": 2.0}\n{"step": 1, "lo\n{"step": 2, "loss": 1.0}\n[1]\n{"step": 3, "lo')
+    train, evals = read_metrics(path)
+    assert [r["step"] for r in train] == [0, 2] and evals == []
+    assert caplog.text.count("skipped 3 damaged line(s)") == 1

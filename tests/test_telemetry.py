@@ -47,12 +47,44 @@ def test_quiet_gives_no_notice(caplog):
     assert notices(caplog) == []
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine whose NVML cannot start")
-def test_nvml_that_cannot_start_is_unavailable(caplog):
-    pytest.importorskip("pynvml")
-    gpu = GpuTelemetry("cuda")
-    assert gpu.sample() == {} and "NVML did not start" in gpu.reason
+def test_nvml_that_cannot_start_is_unavailable(fake_gpu, caplog):
+    fake_gpu()
+
+    def no_driver():
+        raise FakeNVMLError("Driver Not Loaded")
+
+    sys.modules["pynvml"].nvmlInit = no_driver
+    for _ in range(2):
+        gpu = GpuTelemetry("cuda")
+        assert gpu.sample() == {} and not gpu.available and "NVML did not start (Driver Not Loaded)" in gpu.reason
     assert len(notices(caplog)) == 1
+
+
+def test_pynvml_that_fails_to_import_is_unavailable(monkeypatch, caplog):
+    """Installed but broken (its import raises something other than ImportError): one notice, no crash."""
+    monkeypatch.delitem(sys.modules, "pynvml", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [_FailingImport("pynvml"), *sys.meta_path])
+    gpu = GpuTelemetry("cuda")
+    assert gpu.sample() == {} and "pynvml failed to import (RuntimeError: broken build)" in gpu.reason
+    assert len(notices(caplog)) == 1
+
+
+class _FailingImport:
+    """A meta-path finder whose module `name` raises RuntimeError while it is imported."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def find_spec(self, name, path=None, target=None):
+        import importlib.util
+
+        return importlib.util.spec_from_loader(name, self) if name == self.name else None
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        raise RuntimeError("broken build")
 
 
 class FakeNVMLError(Exception):

@@ -110,8 +110,9 @@ def _encoded(item: EncodedItem) -> np.ndarray:
 def _import_dali():
     try:
         from nvidia.dali import fn, pipeline_def, types
-    except ImportError as err:
-        raise MissingDependencyError('data.backend=dali needs NVIDIA DALI: pip install -e ".[dali]"') from err
+    except Exception as err:  # not installed, or installed but broken (any error while importing)
+        raise MissingDependencyError(f'data.backend=dali needs NVIDIA DALI: pip install -e ".[dali]" (importing it '
+                                     f'failed: {type(err).__name__}: {err})') from err
     return fn, pipeline_def, types
 
 

@@ -435,6 +435,10 @@ def _scale_to_8_bits(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8), "L")  # clip: infinities only
 
 
+ALPHA_BACKGROUND = (255, 255, 255)
+"""The colour transparent pixels are composited onto when an image is decoded (training and evaluation): white."""
+
+
 def decode_rgb(path: str | BinaryIO) -> Image.Image:
     """Decode `path` (a file, or a binary file object) to an 8-bit "RGB" image, upright, as an image viewer shows it.
 
@@ -444,7 +448,9 @@ def decode_rgb(path: str | BinaryIO) -> Image.Image:
     - 16-bit greyscale and float images scaled to 8 bits by `_scale_to_8_bits` (Pillow's own conversion
       clips every sample above 255 to white). 16-bit RGB(A) PNGs arrive from Pillow as 8-bit "RGB(A)"
       holding each sample's high byte (v // 256): linear over the full range, not clipped.
-    - Alpha dropped, palette and CMYK converted by Pillow (`convert("RGB")`, as the official DINO loader).
+    - Transparency (an alpha channel, or a palette's or greyscale's transparent colour) composited onto white
+      (`ALPHA_BACKGROUND`), as a viewer on a white page shows it: the colour hidden under alpha 0 never reaches
+      the model, and two files that look the same decode the same. Palette and CMYK converted by Pillow.
     - A multi-frame file gives its first frame.
 
     Raises what Pillow raises for an unreadable file (OSError, SyntaxError, ValueError,
@@ -455,6 +461,9 @@ def decode_rgb(path: str | BinaryIO) -> Image.Image:
         upright = ImageOps.exif_transpose(img)
     if upright.mode == "F" or upright.mode.startswith("I"):
         upright = _scale_to_8_bits(upright)
+    if upright.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in upright.info:
+        rgba = upright.convert("RGBA")
+        upright = Image.alpha_composite(Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255)), rgba)
     return upright.convert("RGB")
 
 

@@ -20,7 +20,7 @@ def dali_available() -> bool:
     """Whether NVIDIA DALI (`pip install -e ".[dali]"`) can be imported."""
     try:
         import nvidia.dali  # noqa: F401
-    except ImportError:
+    except Exception:  # not installed, or broken: any error while importing (build_pipeline names it when asked for)
         return False
     return True
 

@@ -96,10 +96,17 @@ def budget(epochs: int, n_images: int, img_per_s: float, gpus: list[int], scalin
     return rows
 
 
+def duration(hours: float) -> str:
+    """Hours as the unit a person reads: seconds under a minute, minutes under an hour, hours beyond."""
+    if hours < 1 / 60:
+        return f"{hours * 3600:.0f} s"
+    return f"{hours * 60:.1f} min" if hours < 1 else f"{hours:.1f} h"
+
+
 def format_table(rows: list[BudgetRow]) -> list[str]:
-    """Text lines: the rows, then the paper's reference run."""
-    lines = [f"{'GPUs':>5} {'img/s':>10} {'wall-clock h':>13} {'GPU-hours':>10}"]
-    lines += [f"{r.gpus:>5} {r.img_per_s:>10.1f} {r.hours:>13.1f} {r.gpu_hours:>10.1f}" for r in rows]
+    """Text lines: the rows (short runs in minutes or seconds), then the paper's reference run."""
+    lines = [f"{'GPUs':>5} {'img/s':>10} {'wall clock':>12} {'GPU time':>12}"]
+    lines += [f"{r.gpus:>5} {r.img_per_s:>10.1f} {duration(r.hours):>12} {duration(r.gpu_hours):>12}" for r in rows]
     p = PAPER_RUN
     lines.append(f"{p['what']}: {p['hours']:.1f} h wall clock, {p['hours'] * p['gpus']:.1f} GPU-hours "
                  f"({300 * IMAGENET_1K_TRAIN / (p['hours'] * 3600):.0f} img/s in all)")

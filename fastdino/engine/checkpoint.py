@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
@@ -15,7 +16,12 @@ from fastdino.errors import CheckpointError
 
 
 class CheckpointWriteError(RuntimeError):
-    """A checkpoint could not be written (disk full, permissions, I/O); the previous file is left as it was."""
+    """A file of the run (a checkpoint, DeepSpeed's files, metrics.jsonl, summary.json, curves.png, ...) could not be
+    written (disk full, quota, I/O); the message names it and what last.pt holds (CLI exit code 5)."""
+
+
+# What a write that fails for want of space or a working disk raises: the run stops (exit code 5).
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
@@ -28,7 +34,10 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            try:
+                torch.save(state, f)
+            except RuntimeError as exc:  # torch.save's writer wraps what the file raised: a full disk, Ctrl-C
+                raise os_error_of(exc) or exc from None
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600: give it the mode a plain open() would
@@ -41,6 +50,22 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
+
+
+def os_error_of(exc: BaseException) -> OSError | KeyboardInterrupt | None:
+    """The OSError or KeyboardInterrupt in `exc`'s chain: torch.save's C++ writer turns what the file raised (a full
+    disk, Ctrl-C) into `RuntimeError: [enforce fail at inline_container.cc]` with it as the context; None if none."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, (OSError, KeyboardInterrupt)):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def temporary_files(path: Path) -> list[Path]:
+    """The temporary files `save_checkpoint` leaves when its process is killed mid-write (`.last.pt.*.tmp`)."""
+    return sorted(path.parent.glob(f".{path.name}.*.tmp"))
 
 
 def _umask() -> int:

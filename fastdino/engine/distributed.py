@@ -67,7 +67,12 @@ class PeerLostError(RuntimeError):
 
 
 class Terminated(Exception):
-    """SIGTERM reached a process of a multi-process run: its launcher or scheduler stops it (CLI exit code 143)."""
+    """A stop signal reached a process of a multi-process run whose collective then failed while every peer is alive:
+    no checkpoint could be agreed on (CLI exit code 128 + signal number, as for engine/preempt.Stopped)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGTERM):
+        super().__init__(message)
+        self.signum = signum
 
 
 def _is_collective_error(exc: BaseException) -> bool:
@@ -77,82 +82,44 @@ def _is_collective_error(exc: BaseException) -> bool:
     return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and ("gloo" in text or "nccl" in text))
 
 
-def _ignore(signum, frame) -> None:
-    pass
-
-
 class PeerWatch:
     """Heartbeats in the process group's key-value store, to name the rank that is gone when a collective fails.
 
     A collective that fails does not say which process is missing (gloo names a socket address, NCCL nothing).
     Every process of a multi-process run keeps a counter `fastdino/beat/<rank>` in the c10d store (torchrun's
     agent holds it, else rank 0's process) and adds 1 to it every `period_s` from a daemon thread. When the loop
-    meets an error (a failed collective, or another) or SIGTERM, `failure` reads the other ranks' counters until
-    each has moved again or `window_s` has passed: those that did not move belong to processes that are gone
-    (their thread stopped with them); an unreachable store means its host is gone. A process that hangs keeps
-    beating: then the other rank of a 2-process run is named, or none when there are more.
+    meets an error (a failed collective, or another), `failure` reads the other ranks' counters until each has
+    moved again or `window_s` has passed: those that did not move belong to processes that are gone (their thread
+    stopped with them); an unreachable store means its host is gone. A process that hangs keeps beating: then the
+    other rank of a 2-process run is named, or none when there are more.
 
-    SIGTERM: torchrun's agent and the DeepSpeed launcher send it to the survivors of a dead worker (and to their
-    DataLoader workers), then SIGKILL 30 s later. Where a gloo process group runs (the CPU) the handler only notes
-    it and mutes DataLoader's SIGCHLD handler (which would raise anywhere once the workers die); `guard` raises
-    Terminated before the loop's next batch, unless a failed collective got there first (under gloo as soon as the
-    dead peer's sockets close: at once, or when its forked DataLoader workers, which hold them too, see their parent
-    gone, within 5 s). No exception is raised from inside the handler, where it could land in a finaliser and be
-    lost. Forked children (DataLoader workers) get the previous handlers back, so the launcher's SIGTERM ends them
-    at once. Under NCCL the main thread waits inside CUDA when a peer is gone, where no Python handler runs, so
-    SIGTERM keeps its default action there. Single-process runs get no thread and no handler: `guard` passes batches
-    through and `failure` returns None at once.
+    Signals are engine/preempt.StopSignals' (`stops`): torchrun's agent and the DeepSpeed launcher send SIGTERM to the
+    survivors of a dead worker, then SIGKILL 30 s later; the signal is noted and the next failed collective is
+    reported here, as a lost rank or, when every peer is alive, as Terminated. Single-process runs get no thread:
+    `failure` returns None at once.
     """
 
-    def __init__(self, info: DistInfo, period_s: float = 1.0, window_s: float = 5.0):
-        self.info, self.period_s, self.window_s = info, period_s, window_s
+    def __init__(self, info: DistInfo, stops=None, period_s: float = 1.0, window_s: float = 5.0):
+        self.info, self.stops, self.period_s, self.window_s = info, stops, period_s, window_s
         self.store = None
         if info.world_size > 1 and dist.is_initialized():
             store = dist.distributed_c10d._get_default_store()
             # a connection of its own (torch >= 2.8): a store call of the main thread holds the shared one's lock
             self.store = store.clone() if hasattr(store, "clone") else store
         self._stop = threading.Event()
-        self._handlers: dict[int, object] = {}  # signal -> the handler ours replaced
-        self.signalled = False  # SIGTERM came
-        self._answering = False  # a failure is being reported: the process ends with that report
+
+    def start(self) -> PeerWatch:
+        if self.store is not None:
+            threading.Thread(target=self._beat, name="fastdino-heartbeat", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        """End the heartbeat."""
+        self._stop.set()
 
     @staticmethod
     def _key(rank: int) -> str:
         return f"fastdino/beat/{rank}"
-
-    def start(self) -> PeerWatch:
-        if self.store is None:
-            return self
-        threading.Thread(target=self._beat, name="fastdino-heartbeat", daemon=True).start()
-        if threading.current_thread() is threading.main_thread() and dist.get_backend() == "gloo":
-            self._replace(signal.SIGTERM, self._on_sigterm)
-            os.register_at_fork(after_in_child=self._in_child)
-        return self
-
-    def _in_child(self) -> None:
-        """A forked child (a DataLoader worker) gets the handlers back that ours replaced: a launcher's SIGTERM to the
-        process group ends it at once."""
-        self._answering = True  # this copy never reports
-        try:
-            for signum, handler in self._handlers.items():
-                signal.signal(signum, handler)
-        except ValueError:  # forked from another thread than the main one: handlers cannot be set there
-            pass
-        self._handlers.clear()
-
-    def stop(self) -> None:
-        """End the heartbeat; the signal handlers go back, except while a failure is reported (the process is
-        ending with its line, which a default SIGTERM would cut short)."""
-        self._stop.set()
-        if not self._answering:
-            for signum, handler in self._handlers.items():
-                signal.signal(signum, handler)
-            self._handlers.clear()
-
-    def _replace(self, signum: int, handler) -> None:
-        if signum not in self._handlers:
-            old = signal.signal(signum, handler)
-            self._handlers[signum] = old if old is not None else signal.SIG_DFL
 
     def _beat(self) -> None:
         while True:
@@ -162,19 +129,6 @@ class PeerWatch:
                 return
             if self._stop.wait(self.period_s):
                 return
-
-    def _on_sigterm(self, signum, frame) -> None:
-        self.signalled = True
-        # DataLoader's handler raises wherever the main thread is once its workers die; a Python no-op, not
-        # SIG_DFL, or a SIGCHLD already caught would raise `Signal 17 ignored due to race condition`
-        self._replace(signal.SIGCHLD, _ignore)
-
-    def guard(self, batches):
-        """`batches`, passed through; raises Terminated before the next one once SIGTERM came."""
-        for batch in batches:
-            if self.signalled:
-                raise Terminated("SIGTERM")
-            yield batch
 
     def lost_ranks(self) -> list[int] | None:
         """The other ranks whose counter does not move within `window_s` (sorted); None: the store is unreachable."""
@@ -198,16 +152,16 @@ class PeerWatch:
         collective's: a process whose peer died may first meet something else (its DataLoader workers stopped by
         the launcher beside it: a RuntimeError, or an OSError from their queue).
         checkpoint: what the last complete checkpoint is and how to continue, appended to the message.
-        Returns PeerLostError naming the lost rank(s), or Terminated when SIGTERM came while every peer is alive.
+        Returns PeerLostError naming the lost rank(s), or Terminated when a stop signal came while every peer is
+        alive.
         """
         if self.store is None or isinstance(exc, UserError):  # a user mistake is one on every process
             return None
-        self._answering = True
-        terminated = self.signalled or isinstance(exc, Terminated)
+        signum = self.stops.received if self.stops is not None else None
+        terminated = signum is not None
         n = self.info.world_size
         lost = self.lost_ranks()
         if lost == [] and not terminated and not _is_collective_error(exc):
-            self._answering = False
             return None
         if lost is None:
             host = "torchrun's agent" if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else None
@@ -216,8 +170,10 @@ class PeerWatch:
         elif lost:
             who = f"rank{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))} of {n}"
         elif terminated:
-            return Terminated(f"SIGTERM at iteration {step} (the launcher or scheduler stopped this process, rank "
-                              f"{self.info.rank} of {n}); {checkpoint}")
+            name = signal.Signals(signum).name
+            return Terminated(f"{name} at iteration {step} (the launcher or scheduler stopped this process, rank "
+                              f"{self.info.rank} of {n}; a collective failed before the processes agreed on a "
+                              f"checkpoint); {checkpoint}", signum)
         elif n == 2:
             who = f"rank {1 - self.info.rank} of 2"
         else:

@@ -39,7 +39,8 @@ class RunLogger:
         self.telemetry = GpuTelemetry(device) if enabled and device is not None else None
         self.images_per_step = images_per_step
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, disable=not enabled)
-        self.jsonl = open(output_dir / "metrics.jsonl", "a") if enabled else None
+        self.jsonl_path = output_dir / "metrics.jsonl"
+        self.jsonl = _open_jsonl(self.jsonl_path) if enabled else None
         self.tb = None
         if enabled:
             try:
@@ -48,6 +49,9 @@ class RunLogger:
                 self.tb = SummaryWriter(str(output_dir / "tb"))
             except ImportError:
                 log.info("tensorboard is not installed: metrics go to metrics.jsonl only")
+            except Exception as exc:  # installed but broken (any error while importing or starting): skipped
+                log.warning("tensorboard failed to start (%s: %s): metrics go to metrics.jsonl only",
+                            type(exc).__name__, exc)
         self._last_time = time.perf_counter()
         self._last_step = start_step
 
@@ -66,8 +70,7 @@ class RunLogger:
                 loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}", mom=f"{values['momentum']:.5f}",
                 img_s=f"{values['img_per_s']:.1f}",
             )
-            self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
-            self.jsonl.flush()
+            self._append({"step": step, **values})
             if self.tb is not None:
                 for k, v in values.items():
                     if isinstance(v, (int, float)):
@@ -78,11 +81,18 @@ class RunLogger:
         """An evaluation (e.g. `{"epoch": 2, "knn_top1": 97.5}`) after `step` iterations: one JSONL line and
         TensorBoard `eval/*` scalars."""
         if self.enabled:
-            self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
-            self.jsonl.flush()
+            self._append({"step": step, **values})
             if self.tb is not None:
                 for k, v in values.items():
                     self.tb.add_scalar(f"eval/{k}", v, step)
+
+    def _append(self, record: dict) -> None:
+        """One JSONL line; an OSError names the file (a file object's write does not)."""
+        try:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(self.jsonl_path)) from exc
 
     def write(self, message: str) -> None:
         """A line above the bar (tqdm.write keeps the bar intact)."""
@@ -92,9 +102,25 @@ class RunLogger:
     def close(self) -> None:
         if self.enabled:
             self.bar.close()
-            self.jsonl.close()
-            if self.tb is not None:
-                self.tb.close()
+            try:
+                self.jsonl.close()
+                if self.tb is not None:
+                    self.tb.close()
+            except OSError:  # a full disk: the write that failed first has said so
+                pass
+
+
+def _open_jsonl(path: Path):
+    """metrics.jsonl for appending; a last line cut short (a full disk, a kill mid-write) is dropped first, with a
+    warning, so the next record starts on a line of its own."""
+    if path.is_file() and path.stat().st_size:
+        data = path.read_bytes()
+        if not data.endswith(b"\n"):
+            keep = data.rfind(b"\n") + 1
+            log.warning("%s: dropped a damaged last line (%d bytes; a write cut short)", path, len(data) - keep)
+            with open(path, "r+b") as f:
+                f.truncate(keep)
+    return open(path, "a")
 
 
 def write_run_report(output_dir: Path, summary: dict, health: HealthConfig | None = None) -> tuple[Path, Path | None]:

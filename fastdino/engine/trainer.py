@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from fastdino.config import Config, config_to_dict, schedule_warnings
+from fastdino.config import Config, config_to_dict, parse_stop_signals, schedule_warnings
 from fastdino.data.batch import steps_per_epoch
 from fastdino.data.files import DataError, ImageFileDataset, ImageIndex, UnreadableImages
 from fastdino.data.loader import build_batch_source, resolve_backend
@@ -23,9 +23,11 @@ from fastdino.data.multicrop import eval_transform
 from fastdino.data.shards import index_images
 from fastdino.engine.backends import Backend, build_backend
 from fastdino.engine.checkpoint import (
+    WRITE_ERRNOS,
     CheckpointError,
     CheckpointWriteError,
     load_checkpoint,
+    os_error_of,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -35,6 +37,13 @@ from fastdino.engine.distributed import DistInfo, PeerWatch, init_distributed, s
 from fastdino.engine.ema import TeacherEMA
 from fastdino.engine.health import HealthMonitor, TrainingHealthError, agree
 from fastdino.engine.logging import RunLogger, write_run_report
+from fastdino.engine.preempt import Stopped, StopSignals, signal_name
+from fastdino.engine.run_folder import (
+    check_fresh_start,
+    check_outside_data,
+    lock_run_folder,
+    remove_temporary_checkpoints,
+)
 from fastdino.errors import ConfigError
 from fastdino.eval.knn import knn_evaluate
 from fastdino.interop.official import init_from_weights, read_dino_weights
@@ -82,15 +91,17 @@ class NonFiniteWatch:
         self.epoch = torch.where(new, epoch, self.epoch)
         self.loss = torch.where(new, loss.detach().float(), self.loss)
 
-    def check(self, output_dir: Path, saved_step: int | None) -> None:
+    def check(self, output_dir: Path, saved_step: int | None, stop: int | None = None) -> int | None:
         """Raise NonFiniteLossError when any process saw a bad iteration (one host sync; an all-reduce when
-        several processes train)."""
-        first = self.first.clone()
+        several processes train). `stop`: the stop signal this process received (engine/preempt.py), or None;
+        returns the one any process received (the same on every process: it rides in the same all-reduce), so
+        all stop at this iteration without a collective of their own."""
+        flags = torch.stack([self.first, torch.full_like(self.first, -(stop or 0))])  # MIN: the largest signal
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(first, op=dist.ReduceOp.MIN)
-        step = int(first)
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        step, signum = flags.tolist()
         if step == self.NONE:
-            return
+            return -signum or None
         fix = "lower optim.lr" + (" or use train.precision=bf16" if self.precision == "fp16" else "")
         kept = (f"the last checkpoint {output_dir / 'last.pt'} (after {saved_step} iterations) is intact (finite "
                 f"weights; the divergence may have begun before it): {fix} and resume with "
@@ -104,6 +115,22 @@ class NonFiniteWatch:
             what = f"non-finite loss ({float(self.loss)})"
         where = f" (epoch {int(self.epoch)})" if step == int(self.first) else ""
         raise NonFiniteLossError(f"{what} at iteration {step}{where}; {kept}", step)
+
+
+class OutOfMemory(RuntimeError):
+    """The step ran out of memory (CUDA or CPU); the message names the batch size, the memory switches and what
+    last.pt holds (CLI exit code 7)."""
+
+
+class DataVanishedError(RuntimeError):
+    """Training images indexed at the start are gone mid-run (an unmounted volume); not a user mistake made before
+    the run (CLI exit code 8, not 2)."""
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or isinstance(exc, RuntimeError) and (
+        "DefaultCPUAllocator: can't allocate memory" in text or "DefaultCPUAllocator: not enough memory" in text)
 
 
 @dataclass
@@ -227,7 +254,7 @@ FREE_KEYS = {
     "loss": ("impl",),
     "ema": ("impl",),
     "train": ("epochs", "max_steps", "output_dir", "resume", "device", "log_every", "ckpt_every", "knn_eval",
-              "allow_config_change", "init_from", "dist_timeout"),
+              "allow_config_change", "init_from", "dist_timeout", "stop_signals"),
 }
 
 
@@ -303,6 +330,7 @@ class Trainer:
 
         # Refuse bad data, bad checkpoints and changed settings before any model is built or step taken.
         self.train_dir, self.val_dir = data_roots(cfg.data.path)
+        check_outside_data(self.output_dir, [d for d in (self.train_dir, self.val_dir) if d is not None])
         self.index: ImageIndex = index_images(self.train_dir)
         n_images = len(self.index.paths)
         self.fingerprint = index_fingerprint(self.index, self.train_dir)
@@ -356,6 +384,11 @@ class Trainer:
         elif init is not None:
             init_from_weights(self.method, init, cfg.dino.norm_last_layer)
         check_writable(self.output_dir)  # the last check (it creates the folder): nothing is written before
+        self.lock = None
+        if self.dist.is_main:  # one run per folder; then what a killed run left, and what another run wrote
+            self.lock = lock_run_folder(self.output_dir)
+            remove_temporary_checkpoints(self.output_dir)
+            check_fresh_start(self.output_dir, cfg.train.resume, resumes=ckpt is not None)
         compile_networks(self.method, cfg.model.compile)  # in place, before any wrapper
         self.backend.wrap(self.method)  # optimizer; DDP or the DeepSpeed engine around the student
         if ckpt is not None:  # after the wrap: DeepSpeed's optimizer exists only now
@@ -405,17 +438,62 @@ class Trainer:
         Raises CheckpointWriteError (training stops: a run that cannot checkpoint would lose all further work
         on the next fault) naming the file, the error and what the previous last.pt holds."""
         path = self.output_dir / "last.pt"
+        what = self.backend.checkpoint_dir or path
         try:
             state = self.state_dict()  # a DeepSpeed backend writes its own files here, on every rank
+            what = path
             if self.dist.is_main:
                 save_checkpoint(state, path)
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:  # DeepSpeed's torch.save wraps the OSError
+            cause = os_error_of(exc)
+            if not isinstance(cause, OSError):
+                raise
+            what = cause.filename or what
             kept = (f"the previous checkpoint {path} (after {self.saved_step} iterations) is intact"
                     if self.saved_step is not None else "no checkpoint was written before")
             raise CheckpointWriteError(
-                f"could not write checkpoint {path} at iteration {self.step} ({exc.strerror or exc}); {kept}: "
+                f"could not write checkpoint {what} at iteration {self.step} ({cause.strerror or cause}); {kept}: "
                 "free space (or fix the folder) and run again with train.resume=auto to continue") from exc
         return path
+
+    def _kept(self) -> str:
+        path = self.output_dir / "last.pt"
+        return (f"{path} (after {self.saved_step} iterations) is intact" if self.saved_step is not None else
+                "no checkpoint was written yet")
+
+    def _resource_failure(self, exc: BaseException) -> RuntimeError | None:
+        """Out of memory, or training images gone mid-run, as the one-line stop; None for any other error."""
+        if _is_out_of_memory(exc):
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            batch = f"data.batch_size={self.cfg.data.batch_size}"
+            keep = [] if self.cfg.model.grad_checkpointing else ["model.grad_checkpointing=true"]
+            if self.device.type == "cuda" and self.precision == "fp32":
+                keep.append("train.precision=bf16 (with train.allow_config_change=true)")
+            resume = f"set {' and '.join(keep)} and resume with train.resume=auto, or " if keep else ""
+            return OutOfMemory(
+                f"out of memory on {self.device} at iteration {self.step} with {batch} per process ({first}); "
+                f"{self._kept()}: {resume}lower data.batch_size in a new train.output_dir (a resume keeps the global "
+                "batch)")
+        if isinstance(exc, DataError):
+            picks = self.index.paths[:: max(1, len(self.index.paths) // 100)]
+            missing = sum(not os.path.exists(p) for p in picks)
+            if not self.train_dir.is_dir() or missing:
+                gone = ("is gone" if not self.train_dir.is_dir() else
+                        f"lost files: {missing} of {len(picks)} indexed images checked are missing")
+                return DataVanishedError(
+                    f"the training data {self.train_dir} {gone} at iteration {self.step} (an unmounted volume?); "
+                    f"{self._kept()}: restore the data and resume with train.resume=auto")
+        return None
+
+    def _write_failure(self, exc: BaseException) -> CheckpointWriteError | None:
+        """A run file (metrics.jsonl, summary.json, curves.png, health.json, ...) that a full or failing disk kept
+        from being written, as the one-line stop (exit code 5); None for any other error."""
+        cause = os_error_of(exc) if type(exc) in (OSError, RuntimeError) else None  # not one said already
+        if not isinstance(cause, OSError) or cause.errno not in WRITE_ERRNOS:
+            return None
+        return CheckpointWriteError(
+            f"could not write {cause.filename or 'a file in ' + str(self.output_dir)} at iteration {self.step} "
+            f"({cause.strerror or cause}); {self._kept()}: free space and run again (train.resume=auto) to continue")
 
     # -- one iteration -------------------------------------------------------------------------------
     def train_step(self, views: list[torch.Tensor], epoch: int, with_signals: bool = False) -> dict:
@@ -538,11 +616,50 @@ class Trainer:
         }
         write_run_report(self.output_dir, summary, self.cfg.health)
 
+    def _stop(self, signum: int, keep: bool, signals: tuple[int, ...]) -> None:
+        """A stop signal, agreed on by every process at this iteration: write last.pt here (unless the health watch
+        holds on this state: then the last healthy one stays) and raise Stopped with the line the CLI prints."""
+        if keep and self.saved_step != self.step:
+            self.nonfinite.check(self.output_dir, self.saved_step)  # never a state after a non-finite step
+            self.save()
+            self.saved_step = self.step
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()  # no process exits (its launcher would then end the others) before last.pt is written
+        path = self.output_dir / "last.pt"
+        held = (f"{path} holds iteration {self.saved_step}" if self.saved_step is not None else
+                "no checkpoint was written")
+        raise Stopped(f"stopped by {signal_name(signum)} after {self.step} iterations; {held}: run the same command "
+                      "again (train.resume=auto) to continue from it", signum, self.step, signals)
+
     def fit(self) -> TrainResult:
         cfg = self.cfg
         if self.step >= self.stop_step:  # a finished run re-run, or train.epochs lowered below the checkpoint
+            if self.lock is not None:
+                self.lock.release()
             return TrainResult(self.output_dir, self.step, already_complete=True,
                                skipped_images=len(self.unreadable))
+        # noted only (engine/preempt.py); one process acts at the next iteration's end, several at the next log or
+        # checkpoint step, whose all-reduce (NonFiniteWatch.check) carries the signal: the same iteration everywhere
+        stops = StopSignals(parse_stop_signals(cfg.train.stop_signals)).install()
+        single = self.dist.world_size == 1
+        try:
+            result = self._fit(stops, single)
+        except Stopped:  # the handlers stay while the process ends with its line: a later signal (torchrun's,
+            raise  # once a peer has exited with the stop's code) is noted, never a cut
+        except BaseException as exc:
+            stops.restore()
+            failure = self._write_failure(exc) or self._resource_failure(exc)
+            if failure is not None:
+                raise failure from exc
+            raise
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+        stops.restore()
+        return result
+
+    def _fit(self, stops: StopSignals, single: bool) -> TrainResult:
+        cfg = self.cfg
         started, start_step = time.perf_counter(), self.step
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:
@@ -551,18 +668,20 @@ class Trainer:
         images_per_step = cfg.data.batch_size * self.dist.world_size
         logger = RunLogger(self.output_dir, self.stop_step, self.step, images_per_step, self.dist.is_main,
                            self.device)
-        if self.step == 0:
-            self._knn_pass(result, logger)
-            result.knn_init = result.knn_history.get(0)
-            self._snapshot("start")
         watch = cfg.health.enabled
         monitor = HealthMonitor(cfg.health, verbose=self.dist.is_main) if watch else None
         loop_start, knn_seconds = time.perf_counter(), 0.0
-        peers = PeerWatch(self.dist).start()  # heartbeats: which process is gone when a collective fails
+        peers = PeerWatch(self.dist, stops).start()  # heartbeats: which process is gone when a collective fails
         try:
+            if self.step == 0:
+                self._knn_pass(result, logger)
+                result.knn_init = result.knn_history.get(0)
+                self._snapshot("start")
+            if single and stops.received is not None:  # came before the first step (e.g. in the k-NN pass)
+                self._stop(stops.received, True, stops.signals)
             while self.step < self.stop_step:
                 epoch = self.step // self.steps_per_epoch
-                loader = peers.guard(self.batches.epoch(epoch, start_step=self.step % self.steps_per_epoch))
+                loader = self.batches.epoch(epoch, start_step=self.step % self.steps_per_epoch)
                 for views, _labels, unreadable in loader:
                     self.unreadable.add(unreadable)  # warns once per file per run
                     last_of_epoch = (self.step + 1) % self.steps_per_epoch == 0
@@ -570,8 +689,9 @@ class Trainer:
                     log_now = log_now or last_of_epoch
                     metrics = self.train_step(views, epoch, with_signals=watch and log_now)
                     self.step += 1
+                    signum = stops.received if single else None
                     if log_now:
-                        self.nonfinite.check(self.output_dir, self.saved_step)
+                        signum = self.nonfinite.check(self.output_dir, self.saved_step, stops.received)
                         metrics.update(epoch=epoch, skipped_images=len(self.unreadable))
                         result.history.append({"step": self.step - 1, **logger.step(self.step - 1, metrics)})
                         result.last_loss = result.history[-1]["loss"]
@@ -582,9 +702,11 @@ class Trainer:
                     # stop mode never checkpoints a state a health condition holds on (last.pt stays good)
                     keep = monitor is None or cfg.health.on_collapse == "warn" or monitor.healthy
                     if keep and (self.step % cfg.train.ckpt_every == 0 or self.step == self.stop_step or last_of_epoch):
-                        self.nonfinite.check(self.output_dir, self.saved_step)
+                        signum = self.nonfinite.check(self.output_dir, self.saved_step, stops.received) or signum
                         self.save()
                         self.saved_step = self.step
+                    if signum is not None and self.step < self.stop_step:
+                        self._stop(signum, keep, stops.signals)
                     if last_of_epoch and cfg.train.knn_every and (epoch + 1) % cfg.train.knn_every == 0:
                         tick = time.perf_counter()
                         self._knn_pass(result, logger)
@@ -595,11 +717,12 @@ class Trainer:
             if self.step == self.stop_step:
                 self._knn_pass(result, logger)
                 result.knn_trained = result.knn_history.get(self.step)
-        except (NonFiniteLossError, TrainingHealthError) as exc:
+        except (NonFiniteLossError, TrainingHealthError, Stopped) as exc:
             result.wall_time_s = time.perf_counter() - started
             if isinstance(exc, NonFiniteLossError):
                 self.step = exc.iteration  # the report counts the good iterations
-            why = "non-finite loss" if isinstance(exc, NonFiniteLossError) else "health.on_collapse=stop"
+            why = ("non-finite loss" if isinstance(exc, NonFiniteLossError) else signal_name(exc.signum)
+                   if isinstance(exc, Stopped) else "health.on_collapse=stop")
             self._write_report(result, monitor, f"stopped: {why}", start_step,
                                time.perf_counter() - loop_start - knn_seconds)
             raise

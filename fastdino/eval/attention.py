@@ -10,6 +10,7 @@ Maps and masks are upsampled to the image by repeating each patch's value over i
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from fastdino.data.files import DECODE_ERRORS, DataError, decode_rgb
 from fastdino.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
 from fastdino.models.vit import VisionTransformer
 from fastdino.reports.plots import save_attention_grid
+
+log = logging.getLogger("fastdino")
 
 # PIL raises these for missing modes, truncated or malformed files, and absurd sizes.
 
@@ -37,12 +40,25 @@ def read_image(path: str | Path) -> Image.Image:
         raise DataError(f"image {path} is unreadable ({exc})") from exc
 
 
-def crop_to_patches(img: Image.Image, patch_size: int, image_size: int = 0) -> Image.Image:
+MAX_PATCHES = 4096
+"""The most patches one map is computed over: the attention of N patches holds heads x N^2 floats (4096 patches of a
+ViT-S/16: 6 x 4097^2 x 4 B = 0.4 GB); a wide strip resized to a 480 px short side would need far more."""
+
+
+def crop_to_patches(img: Image.Image, patch_size: int, image_size: int = 0,
+                    max_patches: int = MAX_PATCHES) -> Image.Image:
     """Resize the short side to `image_size` (bicubic; 0 keeps the size), then centre-crop both sides down to
-    multiples of `patch_size`. Raises ValueError when the image is smaller than one patch."""
-    if image_size:
-        w, h = img.size
-        scale = image_size / min(w, h)
+    multiples of `patch_size`. An image that would hold more than `max_patches` patches is scaled down (aspect
+    kept) until it fits, with a warning. Raises ValueError when the image is smaller than one patch."""
+    w, h = img.size
+    scale = image_size / min(w, h) if image_size else 1.0
+    patches = (w * scale / patch_size) * (h * scale / patch_size)
+    if patches > max_patches:
+        scale *= (max_patches / patches) ** 0.5
+        log.warning("a %dx%d image at --image-size %d would hold %d patches: scaled to %dx%d px instead (at most %d "
+                    "patches, as the attention of every patch pair must fit in memory)", w, h, image_size,
+                    patches, round(w * scale), round(h * scale), max_patches)
+    if scale != 1.0:
         img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
     w, h = img.size
     cw, ch = w - w % patch_size, h - h % patch_size

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from fastdino.data.batch import build_loader, steps_per_epoch
-from fastdino.data.files import DataError, ImageFileDataset, ImageIndex, collate_views
+from fastdino.data.files import DataError, ImageFileDataset, ImageIndex, UnreadableImages, collate_views
 from fastdino.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from fastdino.data.shards import index_images
 from fastdino.schedules import cosine_schedule
@@ -75,7 +75,9 @@ def per_class_subset(index: ImageIndex, n: int, seed: int) -> ImageIndex:
 @dataclass
 class FinetuneResult:
     top1: float
-    """Validation top-1 (%) after the last epoch."""
+    """Validation top-1 (%) after the last epoch, over the readable validation images."""
+    skipped_val: int = 0
+    """Unreadable validation images, skipped (not scored; as k-NN does)."""
     history: list[dict] = field(default_factory=list)
     """Per epoch: epoch, train loss (mean over its iterations), validation top-1 (%)."""
     classes: list[str] = field(default_factory=list)
@@ -85,16 +87,24 @@ class FinetuneResult:
 
 
 @torch.no_grad()
-def top1_accuracy(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
-    """Top-1 (%) of `model` over every item of `loader` (eval mode)."""
+def top1_accuracy(model: nn.Module, loader: DataLoader, device: torch.device,
+                  unreadable: UnreadableImages | None = None) -> float:
+    """Top-1 (%) of `model` over every item of `loader` (eval mode); the unreadable files a skipping dataset reports
+    go to `unreadable`. Raises DataError when no item could be read."""
     was_training = model.training
     model.eval()
     correct = total = 0
-    for views, labels, _ in loader:
+    for views, labels, bad in loader:
+        if unreadable is not None:
+            unreadable.add(bad)
+        if labels.numel() == 0:  # every image of the batch was skipped
+            continue
         pred = model(views[0].to(device, non_blocking=True)).argmax(1).cpu()
         correct += int((pred == labels).sum())
         total += labels.numel()
     model.train(was_training)
+    if total == 0:
+        raise DataError("no readable validation image to score: check the --val folder's files")
     return 100.0 * correct / total
 
 
@@ -123,11 +133,14 @@ def finetune(
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=lr)
     train_set = ImageFileDataset(train_index, finetune_transform(image_size), seed=seed)
-    val_loader = DataLoader(ImageFileDataset(val_index, eval_transform(image_size)), batch_size=batch_size,
+    # an unreadable validation image is skipped, not replaced by the next one under its own label (as k-NN does)
+    val_loader = DataLoader(ImageFileDataset(val_index, eval_transform(image_size), on_unreadable="skip"),
+                            batch_size=batch_size,
                             num_workers=num_workers, collate_fn=collate_views, pin_memory=device.type == "cuda")
     per_epoch = steps_per_epoch(len(train_index), batch_size, drop_last=False)
     total, step = epochs * per_epoch, 0
     result = FinetuneResult(top1=0.0, classes=list(train_index.classes))
+    unreadable = UnreadableImages()  # warns once per file
     model.train()
     for epoch in range(epochs):
         loader = build_loader(train_set, batch_size, num_workers, seed=seed, epoch=epoch, drop_last=False)
@@ -142,10 +155,10 @@ def finetune(
             optimizer.step()
             losses.append(loss.detach())
             step += 1
-        top1 = top1_accuracy(model, val_loader, device)
+        top1 = top1_accuracy(model, val_loader, device, unreadable)
         mean_loss = float(torch.stack(losses).mean())  # one host sync per epoch
         result.history.append({"epoch": epoch, "loss": mean_loss, "top1": top1})
         if report is not None:
             report(f"fine-tune epoch {epoch + 1}/{epochs}: train loss {mean_loss:.4f}, val top-1 {top1:.2f}%")
-    result.top1, result.model = result.history[-1]["top1"], model
+    result.top1, result.model, result.skipped_val = result.history[-1]["top1"], model, len(unreadable)
     return result

@@ -22,10 +22,10 @@ def check_attention_impl(impl: str) -> None:
     if impl == "xformers":
         try:
             import xformers.ops  # noqa: F401
-        except ImportError as exc:
+        except Exception as exc:  # not installed, or installed but broken (any error while importing)
             raise MissingDependencyError(
                 "model.attention=xformers needs the 'xformers' package (pip install xformers, matching your "
-                "torch build); use model.attention=sdpa otherwise"
+                f"torch build; importing it failed: {type(exc).__name__}: {exc}); use model.attention=sdpa otherwise"
             ) from exc
 
 

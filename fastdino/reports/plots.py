@@ -9,6 +9,7 @@ the engine and eval/ call these functions, never the other way round.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from matplotlib.figure import Figure
 
 from fastdino.config import HealthConfig
 from fastdino.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
+
+log = logging.getLogger("fastdino")
 
 # ---------------------------------------------------------------------------------------------------------
 # Image grids (generic) and attention maps (`fastdino attention`, fastdino/eval/attention.py)
@@ -124,18 +127,27 @@ def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
 
     Training records carry `loss`; evaluation records carry `knn_top1` (written by the trainer's k-NN
     passes). A resumed run appends again the iterations logged after its checkpoint: the later record of an
-    iteration wins. Raises FileNotFoundError when `path` does not exist.
+    iteration wins. A line that is not a JSON record (a write cut short by a full disk or a kill) is skipped,
+    with one warning. Raises FileNotFoundError when `path` does not exist.
     """
     train: dict[int, dict] = {}
     evals: dict[int, dict] = {}
-    for line in Path(path).read_text().splitlines():
+    damaged = 0
+    for line in Path(path).read_text(errors="replace").splitlines():
         if not line.strip():
             continue
-        record = json.loads(line)
+        try:
+            record = json.loads(line)
+            int(record["step"])
+        except (ValueError, TypeError, KeyError):
+            damaged += 1
+            continue
         if "knn_top1" in record:
             evals[int(record["step"])] = record
         elif "loss" in record:
             train[int(record["step"])] = record
+    if damaged:
+        log.warning("%s: skipped %d damaged line(s) (a write cut short, e.g. by a full disk)", path, damaged)
     return [train[s] for s in sorted(train)], [evals[s] for s in sorted(evals)]
 
 

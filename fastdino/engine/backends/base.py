@@ -41,6 +41,8 @@ class Backend:
 
     optimizer: torch.optim.Optimizer
     """The optimizer whose param_groups carry lr / weight_decay (AdamW, engine/optim.py's groups)."""
+    checkpoint_dir: Path | None = None
+    """Where `state_dict` writes files of its own (DeepSpeed), named when a write there fails; None: none."""
 
     def __init__(self, cfg: Config, dist: DistInfo, device: torch.device, precision: str, output_dir: Path):
         self.cfg, self.dist, self.device, self.precision, self.output_dir = cfg, dist, device, precision, output_dir

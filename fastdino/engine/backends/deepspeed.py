@@ -84,10 +84,10 @@ FP16_FIELDS = ("loss_scale", "initial_scale_power", "loss_scale_window")
 def _import_deepspeed():
     try:
         import deepspeed
-    except ImportError as exc:
+    except Exception as exc:  # not installed, or installed but broken (any error while importing)
         raise MissingDependencyError(
-            f"train.engine=deepspeed needs the deepspeed package ({exc}): pip install 'fastdino[deepspeed]' "
-            "(or deepspeed), or use train.engine=ddp"
+            f"train.engine=deepspeed needs the deepspeed package ({type(exc).__name__}: {exc}): pip install "
+            "'fastdino[deepspeed]' (or deepspeed), or use train.engine=ddp"
         ) from exc
     return deepspeed
 
@@ -192,7 +192,7 @@ class DeepSpeedBackend(Backend):
         fp16 = self.ds_config.pop("fastdino_fp16")
         self.scaler = LossScale(**fp16) if self.precision == "fp16" else None
         self.stage = self.ds_config["zero_optimization"]["stage"]
-        self.ckpt_dir = self.output_dir / "deepspeed"
+        self.ckpt_dir = self.checkpoint_dir = self.output_dir / "deepspeed"
 
     def wrap(self, method: Method) -> None:
         """The DeepSpeed engine around the student, with torch AdamW over our groups and the clipping hook."""
