@@ -40,7 +40,7 @@ class Backend:
     """The engine interface of the training step; see the module docstring for the order of calls."""
 
     optimizer: torch.optim.Optimizer
-    """The optimizer whose param_groups carry lr / weight_decay (AdamW, engine/optim.py's groups)."""
+    """The optimizer whose param_groups carry lr / weight_decay (AdamW, SGD or LARS over engine/optim.py's groups)."""
 
     def __init__(self, cfg: Config, dist: DistInfo, device: torch.device, precision: str, output_dir: Path):
         self.cfg, self.dist, self.device, self.precision, self.output_dir = cfg, dist, device, precision, output_dir
