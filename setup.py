@@ -19,11 +19,12 @@ setup(
         "matplotlib",  # reports/plots.py (Agg): SiT reconstruction grids
     ],
     extras_require={
-        "dev": ["pytest", "ruff"],
+        "dev": ["pytest", "ruff", "timm"],  # timm: tests of model.arch=timm/<name>
         "tensorboard": ["tensorboard"],
         "gpu": ["nvidia-ml-py"],  # pynvml: GPU telemetry in the training log, benchmarks and profile
         "dali": ["nvidia-dali-cuda130"],  # data.backend=dali: decode and multi-crop on the GPU
         "deepspeed": ["deepspeed>=0.19"],  # train.engine=deepspeed: ZeRO stage 1 / 2
+        "timm": ["timm>=1.0"],  # model.arch=timm/<name>: any timm backbone
     },
     entry_points={"console_scripts": ["fastdino=fastdino.cli:main"]},
 )
