@@ -73,6 +73,12 @@ def build_backbone(arch: str, **vit_kwargs) -> tuple[nn.Module, int]:
     if is_vit(arch):
         model = build_vit(arch, **vit_kwargs)
         return model, model.embed_dim
+    model, dim = _build_convnet(arch, vit_kwargs)
+    model.feature_dim = dim  # what `feature_dim` reads back (evaluation heads)
+    return model, dim
+
+
+def _build_convnet(arch: str, vit_kwargs: dict) -> tuple[nn.Module, int]:
     if vit_kwargs:
         raise TypeError(f"{arch} is a convnet: ViT settings {sorted(vit_kwargs)} do not apply")
     if arch in TORCHVISION_RESNETS:
@@ -84,6 +90,11 @@ def build_backbone(arch: str, **vit_kwargs) -> tuple[nn.Module, int]:
         return model, dim
     model = _timm().create_model(arch[len(TIMM_PREFIX):], pretrained=False, num_classes=0)
     return model, int(model.num_features)
+
+
+def feature_dim(backbone: nn.Module) -> int:
+    """The width D of a backbone's (B, D) features: a ViT's embed_dim, a convnet's pooled width."""
+    return int(backbone.feature_dim) if hasattr(backbone, "feature_dim") else backbone.embed_dim
 
 
 def has_batchnorms(module: nn.Module) -> bool:
