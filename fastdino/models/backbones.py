@@ -97,6 +97,11 @@ def feature_dim(backbone: nn.Module) -> int:
     return int(backbone.feature_dim) if hasattr(backbone, "feature_dim") else backbone.embed_dim
 
 
+def arch_label(arch: str, patch_size: int) -> str:
+    """How reports name a backbone: vit_small/16 (with its patch), resnet50 or timm/<name> (none)."""
+    return f"{arch}/{patch_size}" if is_vit(arch) else arch
+
+
 def has_batchnorms(module: nn.Module) -> bool:
     """Whether any BatchNorm layer is inside (the official `utils.has_batchnorms`: then SyncBatchNorm across GPUs)."""
     return any(isinstance(m, BN_TYPES) for m in module.modules())
