@@ -13,7 +13,7 @@ from fastdino.config import load_config
 from fastdino.data.demo import make_demo_dataset
 from fastdino.engine.checkpoint import load_checkpoint, save_checkpoint
 from fastdino.engine.interop import load_teacher_backbone, read_dino_weights
-from fastdino.engine.trainer import train
+from fastdino.engine.trainer import Trainer, train
 
 RUN = ["model.arch=resnet18", "optim.name=sgd", "dino.out_dim=32", "dino.hidden_dim=16", "dino.bottleneck_dim=8",
        "data.global_size=32", "data.local_size=16", "data.local_crops_number=1", "data.batch_size=4",
@@ -97,3 +97,17 @@ def test_official_resnet50_release_file_is_read(tmp_path):
     out = tmp_path / "again.pth"
     assert main(["export", str(path), "--format", "official-backbone", "--out", str(out)]) == 0
     assert torch.load(out, weights_only=True).keys() == reference.state_dict().keys()
+
+
+def test_train_init_from_an_official_resnet_file(trained, tmp_path):
+    """train.init_from reads a torchvision-keyed ResNet file (its ImageNet `fc` dropped: an identity in the official
+    code) into both backbones; the head starts fresh."""
+    root, _ = trained
+    reference = torchvision.models.resnet18()  # with its fc: dropped on reading
+    path = tmp_path / "resnet18_backbone.pth"
+    save_checkpoint(reference.state_dict(), path)
+    trainer = Trainer(load_config(None, RUN + [f"data.path={root}", f"train.output_dir={tmp_path / 'run'}",
+                                               f"train.init_from={path}"]))
+    for net in (trainer.method.student_module(), trainer.method.teacher):
+        state = net.backbone.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in reference.state_dict().items() if not k.startswith("fc."))

@@ -215,6 +215,10 @@ def convnet_arch(state: dict[str, torch.Tensor], source: str, arch: str | None =
     return found
 
 
+def _without_fc(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if not k.startswith("backbone.fc.")}
+
+
 def _has_batchnorm(state: dict[str, torch.Tensor]) -> bool:
     return any(k.endswith(".running_mean") for k in state)
 
@@ -263,6 +267,9 @@ def read_dino_weights(path: str | Path) -> DinoWeights:
     args = state.get("args")
     norm_last_layer = getattr(args, "norm_last_layer", None) if isinstance(args, argparse.Namespace) else None
     spec = network_spec(teacher, f"checkpoint {path}", norm_last_layer)
+    if spec.patch_size is None:  # a convnet: its `fc` is an identity in the official code (a classifier's is dropped)
+        teacher = _without_fc(teacher)
+        student = _without_fc(student) if student is not None else None
     if spec.out_dim is None:
         return DinoWeights(path, "official-backbone", teacher, None, None, spec, spec.img_size or CONVNET_EVAL_SIZE)
     dino_loss = state.get("dino_loss")
@@ -324,7 +331,6 @@ def load_teacher_backbone(
     backbone = {k.removeprefix("backbone."): v for k, v in weights.teacher.items() if k.startswith("backbone.")}
     if s.patch_size is None:  # a convnet
         model, _ = build_any_backbone(s.arch)
-        backbone = {k: v for k, v in backbone.items() if not k.startswith("fc.")}  # an identity in the official code
         load_exact(model, backbone, f"checkpoint {weights.path}: teacher backbone weights")
         return TeacherBackbone(model.eval(), weights.image_size, weights.kind, s)
     model = build_backbone(s.arch, img_size=s.img_size, patch_size=s.patch_size, depth=s.depth, attention=attention)
