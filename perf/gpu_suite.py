@@ -72,7 +72,8 @@ PARTS = (
                              "--results", ""), 35,
          "the SiT step on the same engine, ViT-S/16 2x224 B128 bf16: img/s beside DINO's (issue 15)"),
     Part("bench_step", ("-m", "perf.bench_step", "--steps", "10", "--warmup", "3", "--json", "{json}"), 70,
-         "official vs plain PyTorch vs fastdino step, the four issue-17 cases (10 timed steps each)"),
+         "official vs plain PyTorch vs fastdino step, the four issue-17 cases, then the ResNet-50 recipe (rn50_b64, "
+         "last: rows are written as they come, so a cut-off box keeps the ViT rows; 10 timed steps each)"),
 )
 
 
