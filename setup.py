@@ -23,13 +23,14 @@ setup(
     ],
     extras_require={
         # timm (local-dir: loading), transformers 5 (AutoImageProcessor backends): the exports are loaded back by
-        # the real libraries in tests/test_interop_*.py;
+        # the real libraries in tests/test_interop_*.py, and model.arch=timm/<name> is tested;
         # transformers 5.x brings Hugging Face's `kernels` package, which tests/test_packaging.py needs
         "dev": ["pytest", "ruff", "timm>=1.0.16", "transformers>=5"],
         "tensorboard": ["tensorboard"],  # the training log also as TensorBoard events (<train.output_dir>/tb/)
         "gpu": ["nvidia-ml-py"],  # pynvml: GPU telemetry in the training log, benchmarks and profile
         "dali": ["nvidia-dali-cuda130"],  # data.backend=dali: decode and multi-crop on the GPU
         "deepspeed": ["deepspeed>=0.19"],  # train.engine=deepspeed: ZeRO stage 1 / 2
+        "timm": ["timm>=1.0"],  # model.arch=timm/<name>: any timm backbone
     },
     entry_points={"console_scripts": ["fastdino=fastdino.cli:main"]},
 )

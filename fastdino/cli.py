@@ -23,6 +23,7 @@ from fastdino.models.vit import model_names
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)  # data-loading processes of the evaluation commands
 DEMO_CONFIGS = {"dino": "demo.yaml", "sit": "sit_demo.yaml"}
+DEMO_CONVNET_CONFIG = "demo_convnet.yaml"  # `fastdino demo model.arch=resnet18` (or timm/<name>)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -134,7 +135,7 @@ def _demo(args: argparse.Namespace) -> int:
     from fastdino.data.demo import make_demo_dataset
     from fastdino.engine.trainer import resolve_device, resolve_precision, train
 
-    cfg = load_config(CONFIG_DIR / DEMO_CONFIGS[args.method], args.overrides)
+    cfg = load_config(CONFIG_DIR / _demo_config(args), args.overrides)
     resolve_precision(cfg.train.precision, resolve_device(cfg.train.device))  # refuse before writing any data
     data_dir = Path(cfg.data.path)
     print(f"demo data set: {make_demo_dataset(data_dir)}")
@@ -152,6 +153,17 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_config(args: argparse.Namespace) -> str:
+    """The demo's config: configs/demo_convnet.yaml (no ViT settings) when model.arch names a convnet, else the
+    method's (DEMO_CONFIGS)."""
+    from fastdino.models.backbones import is_vit
+
+    arch = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("model.arch=")), None)
+    if args.method == "dino" and arch is not None and not is_vit(arch):
+        return DEMO_CONVNET_CONFIG
+    return DEMO_CONFIGS[args.method]
+
+
 def _knn(args: argparse.Namespace) -> int:
     from fastdino.config import EvalConfig
     from fastdino.engine.trainer import resolve_device
@@ -160,7 +172,7 @@ def _knn(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device, key="--device")
     loaded = load_teacher_backbone(args.checkpoint, arch=args.arch, patch_size=args.patch_size)
-    if args.image_size % loaded.model.patch_size:
+    if loaded.spec.patch_size and args.image_size % loaded.model.patch_size:
         raise UserError(f"--image-size {args.image_size} is not a multiple of the checkpoint's patch size "
                         f"{loaded.model.patch_size}")
     eval_cfg = EvalConfig(knn_k=args.k, knn_temperature=args.temperature)
@@ -181,12 +193,14 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _load_teacher_backbone(path: str, arch: str | None, patch_size: int | None, device: torch.device):
-    """Checkpoint path (fastdino or official DINO) -> the frozen teacher backbone (eval mode, on `device`), with
-    sdpa attention: `linear` needs no xformers, and attention maps always take the explicit-softmax path."""
+    """Checkpoint path (fastdino, official DINO, timm or transformers) -> interop.official.TeacherBackbone whose
+    model is the frozen teacher backbone (eval mode, on `device`), a ViT with sdpa attention (`linear` needs no
+    xformers, and attention maps always take the explicit-softmax path) or a convnet."""
     from fastdino.interop.official import load_teacher_backbone
 
     loaded = load_teacher_backbone(path, arch=arch, patch_size=patch_size, attention="sdpa")
-    return loaded.model.eval().requires_grad_(False).to(device)
+    loaded.model.eval().requires_grad_(False).to(device)
+    return loaded
 
 
 def _linear(args: argparse.Namespace) -> int:
@@ -194,10 +208,14 @@ def _linear(args: argparse.Namespace) -> int:
     from fastdino.eval.linear import linear_probe
 
     device = resolve_device(args.device, key="--device")
-    backbone = _load_teacher_backbone(args.checkpoint, args.arch, args.patch_size, device)
-    # 0: the crop the position embeddings were stored for (model.img_size, the training global crop).
-    image_size = args.image_size or math.isqrt(backbone.pos_embed.shape[1] - 1) * backbone.patch_size
-    if image_size % backbone.patch_size:
+    loaded = _load_teacher_backbone(args.checkpoint, args.arch, args.patch_size, device)
+    backbone = loaded.model
+    # 0: the crop the position embeddings were stored for (model.img_size, the training global crop); a convnet:
+    # the training global crop (fastdino checkpoints) or 224 (official files).
+    patch = getattr(backbone, "patch_size", None)
+    image_size = args.image_size or (math.isqrt(backbone.pos_embed.shape[1] - 1) * patch if patch else
+                                     loaded.image_size)
+    if patch and image_size % patch:
         raise UserError(f"--image-size {image_size} is not a multiple of the checkpoint's patch size "
                         f"{backbone.patch_size}")
     r = linear_probe(backbone, args.train, args.val, image_size=image_size, features=args.features,
@@ -229,7 +247,11 @@ def _attention(args: argparse.Namespace) -> int:
         if not Path(path).is_file():
             raise DataError(f"image {path} does not exist")
     device = resolve_device(args.device, key="--device")
-    backbone = _load_teacher_backbone(args.checkpoint, args.arch, args.patch_size, device)
+    loaded = _load_teacher_backbone(args.checkpoint, args.arch, args.patch_size, device)
+    if loaded.spec.patch_size is None:
+        raise UserError(f"fastdino attention draws a ViT's class-token attention; checkpoint {args.checkpoint} holds a "
+                        f"{loaded.spec.arch} (a convnet, no attention): use a ViT checkpoint")
+    backbone = loaded.model
     for path in write_attention_maps(backbone, args.images, args.out, args.image_size, args.mass, device):
         print(f"wrote {path}")
     return 0
@@ -383,9 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", required=True, type=_images,
                    help="labelled folder (class sub-folders) to train the probe on")
     p.add_argument("--val", required=True, type=_images, help="labelled folder with the same classes to measure it on")
-    p.add_argument("--features", default="auto", choices=("auto", "cls4", "cls_avgpool"),
+    p.add_argument("--features", default="auto", choices=("auto", "cls4", "cls_avgpool", "pooled"),
                    help="cls4: class tokens of the last 4 blocks (ViT-S rule); cls_avgpool: last class token + mean "
-                        "patch token (ViT-B rule); auto: cls4 below width 768")
+                        "patch token (ViT-B rule); pooled: the backbone's output (a convnet's pooled features); "
+                        "auto: cls4 below width 768, pooled for a convnet")
     p.add_argument("--mode", default="cached", choices=("cached", "augment"),
                    help="cached: backbone once on centre crops, fast (default); augment: the paper's protocol, "
                         "random-resized-crop + flip through the backbone every epoch")

@@ -18,11 +18,14 @@ from typing import Any
 
 import yaml
 
-from fastdino.errors import ConfigError  # ConfigError lives in errors.py; tests also import it from here
+from fastdino.errors import ConfigError, UserError  # ConfigError lives in errors.py; tests import it from here too
 
 METHODS = ("dino", "sit")
 """The values of train.method; fastdino/methods/__init__.py maps each to its class."""
 
+
+OPTIMIZERS = ("adamw", "sgd", "lars")
+"""The values of optim.name; fastdino/engine/optim.py builds each."""
 
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -37,10 +40,19 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
         raise ConfigError(f"{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}", key)
 
 
+VIT_ONLY_KEYS = ("patch_size", "img_size", "depth", "drop_path_rate", "attention", "pos_embed_interp",
+                 "grad_checkpointing")
+"""model.* keys of fastdino's ViT only; a convnet (torchvision or timm) is built as the official code builds it, and
+refuses these at non-default values, naming the key."""
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     arch: str = "vit_small"
-    """Backbone from the registry: vit_tiny | vit_small | vit_base."""
+    """The backbone (models/backbones.py): vit_tiny | vit_small | vit_base (fastdino's ViT), resnet18 | resnet34 |
+    resnet50 | resnet101 | resnet152 (torchvision, `fc` replaced by an identity as the official code), or
+    timm/<name> for any model timm builds (pooled features, `num_classes=0`; needs `pip install 'fastdino[timm]'`).
+    The keys in VIT_ONLY_KEYS apply to the ViTs only: a convnet refuses them at non-default values."""
     patch_size: int = 16
     img_size: int = 224
     """Crop size the position embeddings are stored for; other sizes are interpolated."""
@@ -64,9 +76,21 @@ class ModelConfig:
 
     def __post_init__(self):
         from fastdino.models.attention import ATTENTION_IMPLS
-        from fastdino.models.vit import POS_EMBED_INTERP, model_names
+        from fastdino.models.backbones import check_arch, is_vit
+        from fastdino.models.vit import POS_EMBED_INTERP
 
-        _choice("model.arch", self.arch, model_names())
+        try:
+            check_arch(self.arch)
+        except (ValueError, UserError) as exc:  # an unknown name, or timm/... without timm
+            raise ConfigError(f"model.arch={self.arch!r}: {exc}" if isinstance(exc, UserError)
+                              else f"model.arch={exc}", "model.arch") from None
+        if not is_vit(self.arch):
+            defaults = ModelConfig.__dataclass_fields__
+            for key in VIT_ONLY_KEYS:
+                if getattr(self, key) != defaults[key].default:
+                    raise ConfigError(
+                        f"model.{key}={getattr(self, key)!r} applies to ViTs only; model.arch={self.arch!r} is a "
+                        f"convnet: remove model.{key} (or leave it at {defaults[key].default!r})", f"model.{key}")
         _choice("model.compile", self.compile, COMPILE_MODES)
         _choice("model.attention", self.attention, ATTENTION_IMPLS)
         _choice("model.pos_embed_interp", self.pos_embed_interp, POS_EMBED_INTERP)
@@ -246,6 +270,10 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class OptimConfig:
+    name: str = "adamw"
+    """The optimizer, as the official `--optimizer` (engine/optim.py): adamw (torch AdamW) | sgd (torch SGD, momentum
+    0.9: the official ResNet-50 recipe, configs/resnet50.yaml) | lars (the official `utils.LARS`: momentum 0.9, trust
+    ratio 0.001, no weight decay and no adaptation on 1-D parameters). Same lr / weight-decay schedules for all."""
     lr: float = 0.0005
     """Peak learning rate per 256 images of global batch (linear scaling rule)."""
     min_lr: float = 1e-6
@@ -255,10 +283,12 @@ class OptimConfig:
     clip_grad: float = 3.0
     """Per-parameter gradient-norm clip as the official code; 0 disables."""
     fused: bool = True
-    """torch's fused AdamW kernel (CUDA and CPU): one launch for every parameter, and it skips a non-finite step on
-    the device; false: torch's foreach AdamW, which reads that flag on the host (one sync per step)."""
+    """torch's fused AdamW / SGD kernel (CUDA and CPU): one launch for every parameter, and it skips a non-finite
+    step on the device; false: torch's foreach implementation, which reads that flag on the host (one sync per
+    step). LARS is fastdino's own foreach implementation, which skips on the device either way."""
 
     def __post_init__(self):
+        _choice("optim.name", self.name, OPTIMIZERS)
         _positive("optim.lr", self.lr)
         for key in ("min_lr", "warmup_epochs", "weight_decay", "weight_decay_end", "clip_grad"):
             _positive(f"optim.{key}", getattr(self, key), allow_zero=True)
@@ -423,8 +453,16 @@ class Config:
 
     def __post_init__(self):
         """Checks across sections; each names the key to change."""
+        from fastdino.models.backbones import is_vit
+
+        vit = is_vit(self.model.arch)
+        if not vit and self.train.method != "dino":
+            raise ConfigError(
+                f"train.method={self.train.method!r} reads the ViT's patch tokens; model.arch={self.model.arch!r} is a "
+                "convnet: use a ViT (vit_tiny | vit_small | vit_base) or train.method=dino",
+                ("train.method", "model.arch"))
         patch = self.model.patch_size
-        for key in ("global_size", "local_size"):
+        for key in ("global_size", "local_size") if vit else ():
             size = getattr(self.data, key)
             if size % patch or size < patch:
                 near = max(patch, round(size / patch) * patch)
@@ -432,6 +470,11 @@ class Config:
                     f"data.{key}={size} is not a multiple of model.patch_size={patch} (the patch embedding would "
                     f"drop {size % patch} pixel rows and columns): use {near}", (f"data.{key}", "model.patch_size")
                 )
+        if self.optim.name == "lars" and self.train.engine == "deepspeed":
+            raise ConfigError(
+                "optim.name=lars needs each parameter whole (its trust ratio is a per-parameter norm); train.engine="
+                "deepspeed hands the optimizer flat ZeRO partitions: use optim.name=sgd or adamw, or train.engine=ddp",
+                ("optim.name", "train.engine"))
         if self.train.init_from and self.train.method != "dino":
             raise ConfigError(
                 f"train.init_from reads DINO checkpoints (fastdino or official); train.method={self.train.method!r} "

@@ -3,6 +3,7 @@
     python -m perf.bench_step                          # the four issue-17 cases, 20 timed steps each
     python -m perf.bench_step --cases vits16_b128 --steps 10 --warmup 3 --json out.json
     python -m perf.bench_step --smoke                  # tiny model on whatever device there is (CPU in CI)
+    python -m perf.bench_step --smoke --cases rn50_b64 # its convnet twin: a ResNet-18 with SGD
 
 Providers (same architecture, same initial weights, same input crops, same hyper-parameters):
   official  a re-implementation of the official step (facebookresearch/dino, main_dino.py train_one_epoch):
@@ -65,12 +66,12 @@ from fastdino.cli import OneLineParser, output_file, positive_int
 from fastdino.config import load_config
 from fastdino.data.demo import DEMO_CLASSES, make_demo_dataset
 from fastdino.engine.ema import ema_foreach_
-from fastdino.engine.optim import clip_gradients_per_param, param_groups
+from fastdino.engine.optim import clip_gradients_per_param, make_optimizer, param_groups
 from fastdino.engine.trainer import Trainer
 from fastdino.methods.dino import MultiCropNetwork
-from fastdino.models.flops import dino_train_flops_per_image
+from fastdino.models.backbones import build_backbone, feature_dim, is_vit
+from fastdino.models.flops import backbone_forward_flops, head_forward_flops
 from fastdino.models.heads import DINOHead
-from fastdino.models.vit import build_backbone
 from fastdino.schedules import teacher_temp_schedule
 
 # fastdino's step-speed candidates (issue 17): each is the `fastdino` provider plus these config overrides, so one
@@ -101,10 +102,15 @@ class Case:
     bottleneck_dim: int = 256
     depth: int = 0  # 0: the architecture's own
     drop_path: float = 0.1
+    optimizer: str = "adamw"  # the official --optimizer of the recipe (sgd for the ResNet-50 one)
+
+    @property
+    def vit(self) -> bool:
+        return is_vit(self.arch)
 
     def label(self) -> str:
         crops = f"2x{self.global_size}" + (f"+{self.n_local}x{self.local_size}" if self.n_local else "")
-        return f"{self.arch}/{self.patch} B{self.batch} {crops}"
+        return f"{self.arch}{f'/{self.patch}' if self.vit else ''} B{self.batch} {crops} {self.optimizer}"
 
 
 CASES = {
@@ -112,10 +118,15 @@ CASES = {
     "vits16_b64_global": Case("vits16_b64_global", "vit_small", 16, 64, 0),
     "vits8_b32": Case("vits8_b32", "vit_small", 8, 32, 10),
     "vitb16_b64": Case("vitb16_b64", "vit_base", 16, 64, 10),
+    # the official ResNet-50 recipe (configs/resnet50.yaml): SGD, 8 local crops, no drop path (a convnet has none)
+    "rn50_b64": Case("rn50_b64", "resnet50", 0, 64, 8, drop_path=0.0, optimizer="sgd"),
 }
 # Tiny enough for a CI smoke run on a 2-core CPU; drop path off so the three first losses can be compared.
 SMOKE = Case("smoke", "vit_tiny", 8, 4, 2, global_size=32, local_size=16, out_dim=64, hidden_dim=32,
              bottleneck_dim=16, depth=2, drop_path=0.0)
+# The smoke twin of the convnet cases (--smoke --cases rn50_b64): a ResNet-18 with SGD on 32 px crops.
+SMOKE_CONVNET = Case("smoke_convnet", "resnet18", 0, 4, 2, global_size=32, local_size=16, out_dim=64, hidden_dim=32,
+                     bottleneck_dim=16, drop_path=0.0, optimizer="sgd")
 
 
 def sync(device: torch.device) -> None:
@@ -154,9 +165,9 @@ def build_networks(case: Case, attention: str, device: torch.device) -> tuple[Mu
 
     def net(drop_path: float) -> MultiCropNetwork:
         torch.manual_seed(0)  # the same initial weights for every provider
-        backbone = build_backbone(case.arch, drop_path_rate=drop_path, **kwargs)
-        return MultiCropNetwork(backbone, DINOHead(backbone.embed_dim, case.out_dim, case.hidden_dim,
-                                                   case.bottleneck_dim))
+        backbone, dim = build_backbone(case.arch, drop_path_rate=drop_path, **kwargs) if case.vit else \
+            build_backbone(case.arch)
+        return MultiCropNetwork(backbone, DINOHead(dim, case.out_dim, case.hidden_dim, case.bottleneck_dim))
 
     student, teacher = net(case.drop_path).to(device), net(0.0).to(device)
     teacher.requires_grad_(False)
@@ -169,7 +180,9 @@ def official_step_fn(case: Case, device: torch.device, cfg) -> tuple:
     from perf.bench_ema import official_update
 
     student, teacher = build_networks(case, "math", device)
-    optimizer = torch.optim.AdamW(param_groups(student))  # the official optimizer: torch's defaults
+    # the official optimizers: torch AdamW with its defaults, or torch SGD with momentum 0.9
+    optimizer = (torch.optim.AdamW(param_groups(student)) if case.optimizer == "adamw" else
+                 torch.optim.SGD(param_groups(student), lr=0, momentum=0.9))
     half = device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type, enabled=half)
     center = torch.zeros(1, case.out_dim, device=device)
@@ -218,7 +231,7 @@ def torch_step_fn(case: Case, device: torch.device, cfg) -> tuple:
     from perf.bench_dino_loss import official_dino_loss
 
     student, teacher = build_networks(case, "sdpa", device)
-    optimizer = torch.optim.AdamW(param_groups(student), fused=device.type == "cuda" or None)
+    optimizer = make_optimizer(case.optimizer, param_groups(student), fused=device.type == "cuda")
     bf16 = device.type == "cuda"
     d = cfg.dino
     teacher_temp = teacher_temp_schedule(EPOCH, d.warmup_teacher_temp, d.teacher_temp, d.warmup_teacher_temp_epochs)
@@ -254,10 +267,11 @@ def torch_step_fn(case: Case, device: torch.device, cfg) -> tuple:
 
 def fastdino_overrides(case: Case, device: torch.device, data_dir: Path, out_dir: Path) -> list[str]:
     """The config of the fastdino provider: the case's shapes at fastdino's best settings (on CUDA)."""
+    vit = [f"model.patch_size={case.patch}", f"model.img_size={case.global_size}", f"model.depth={case.depth}",
+           f"model.drop_path_rate={case.drop_path}", "model.attention=sdpa"] if case.vit else []
     overrides = [
-        f"model.arch={case.arch}", f"model.patch_size={case.patch}", f"model.img_size={case.global_size}",
-        f"model.depth={case.depth}", f"model.drop_path_rate={case.drop_path}", "model.attention=sdpa",
-        f"data.batch_size={case.batch}", f"data.global_size={case.global_size}", f"data.local_size={case.local_size}",
+        f"model.arch={case.arch}", *vit, f"optim.name={case.optimizer}", f"data.batch_size={case.batch}",
+        f"data.global_size={case.global_size}", f"data.local_size={case.local_size}",
         f"data.local_crops_number={case.n_local}", f"dino.out_dim={case.out_dim}", f"dino.hidden_dim={case.hidden_dim}",
         f"dino.bottleneck_dim={case.bottleneck_dim}", "data.num_workers=0", "train.knn_eval=false",
         "optim.warmup_epochs=0", f"train.device={device.type}", f"data.path={data_dir}", f"train.output_dir={out_dir}",
@@ -422,9 +436,10 @@ def end_to_end_row(case: Case, device: torch.device, backend: str, jpegs: Path, 
 
 def flops_per_image(case: Case, backbone: torch.nn.Module) -> float:
     """Model FLOPs of one image's training step (fastdino.models.flops) for the backbone as built."""
-    return dino_train_flops_per_image(dim=backbone.embed_dim, depth=len(backbone.blocks), patch=case.patch,
-                                      global_size=case.global_size, local_size=case.local_size, n_local=case.n_local,
-                                      hidden=case.hidden_dim, bottleneck=case.bottleneck_dim, out_dim=case.out_dim)
+    head = head_forward_flops(feature_dim(backbone), case.hidden_dim, case.bottleneck_dim, case.out_dim)
+    glob = backbone_forward_flops(backbone, case.global_size) + head
+    local = backbone_forward_flops(backbone, case.local_size) + head if case.n_local else 0.0
+    return 3 * (2 * glob + case.n_local * local) + 2 * glob  # as DINO.train_flops_per_image
 
 
 def table_row(r: dict) -> str:
@@ -486,7 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     if not cuda and (gpu_only := [b for b in backends if b != "cpu"]):
         parser.error(f"--end-to-end {gpu_only[0]} decodes on the GPU and no CUDA device is visible: use cpu here")
     if args.smoke:
-        cases, args.steps, args.warmup = [SMOKE], min(args.steps, 2), 1
+        convnet = not CASES[args.cases[0]].vit
+        cases, args.steps, args.warmup = [SMOKE_CONVNET if convnet else SMOKE], min(args.steps, 2), 1
     elif not cuda:
         parser.error("needs a CUDA GPU (none found); --smoke runs a tiny model on the CPU")
     else:
@@ -531,7 +547,8 @@ def main(argv: list[str] | None = None) -> int:
             r = end_to_end_row(case, device, backend, jpegs, Path(tmp) / f"e2e_{backend}", args)
             if "error" not in r:
                 backbone = build_backbone(case.arch, patch_size=case.patch, img_size=case.global_size,
-                                          **({"depth": case.depth} if case.depth else {}))  # shapes only
+                                          **({"depth": case.depth} if case.depth else {}))[0] if case.vit else \
+                    build_backbone(case.arch)[0]  # shapes only
                 r["gflop_per_img"] = flops_per_image(case, backbone) / 1e9
                 r["pct_floor"] = 100 * r["img_s"] * r["gflop_per_img"] * 1e9 / rate
             rows.append(r)

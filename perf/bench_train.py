@@ -9,6 +9,7 @@ the same run.
   python perf/bench_train.py model.patch_size=8 data.batch_size=64 loss.impl=torch ema.impl=foreach
   python perf/bench_train.py --device cpu --steps 3 --warmup 1 model.arch=vit_tiny model.depth=2 \
       data.global_size=32 data.local_size=16 model.img_size=32 dino.out_dim=1024 data.batch_size=8
+  python perf/bench_train.py --config configs/resnet50.yaml      # the official ResNet-50 recipe (SGD, 2x224 + 8x96)
   python perf/bench_train.py --config configs/vit_small16.yaml --engine deepspeed \
       train.deepspeed_config=configs/deepspeed/zero1.json           # DeepSpeed ZeRO-1 (zero2.json: ZeRO-2)
 
@@ -37,6 +38,7 @@ from fastdino.config import load_config
 from fastdino.data.demo import DEMO_CLASSES, make_demo_dataset
 from fastdino.engine.budget import BENCH_RESULTS, step_shape
 from fastdino.engine.trainer import Trainer
+from fastdino.models.backbones import arch_label, is_vit
 from fastdino.telemetry import GpuTelemetry
 
 DEFAULTS = ["model.arch=vit_small", "model.patch_size=16", "data.batch_size=128", "data.local_crops_number=10",
@@ -122,9 +124,10 @@ def main() -> int:
     engine = f"deepspeed ZeRO-{stage}" if stage else "ddp"
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}")
     crops = " + ".join(f"{n}x{size}" for size, n in Counter(shape[-1] for shape in shapes).items())
-    print(f"config: {args.method} {cfg.model.arch}/{cfg.model.patch_size}, {crops}, batch {b}, {trainer.precision}, "
-          f"loss {getattr(trainer.method, 'loss_impl', 'torch')}, ema {cfg.ema.impl}, attention {cfg.model.attention}, "
-          f"engine {engine}")
+    attention = f", attention {cfg.model.attention}" if is_vit(cfg.model.arch) else ""
+    print(f"config: {args.method} {arch_label(cfg.model.arch, cfg.model.patch_size)}, {crops}, batch {b}, "
+          f"{trainer.precision}, optim {cfg.optim.name}, loss {getattr(trainer.method, 'loss_impl', 'torch')}, "
+          f"ema {cfg.ema.impl}{attention}, engine {engine}")
     print(f"step: {1e3 * seconds / args.steps:.1f} ms; throughput: {img_s:.1f} img/s; "
           f"model FLOPs: {flops / 1e9:.1f} GFLOP/img = {img_s * flops / 1e12:.1f} TFLOP/s; "
           f"peak memory: {peak_gib:.2f} GiB ({'CUDA allocated' if device.type == 'cuda' else 'process RSS'})")

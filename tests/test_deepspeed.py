@@ -101,6 +101,19 @@ def test_one_process_step_matches_ddp_backend(tmp_path, config):
         torch.testing.assert_close(t.method.center.center, ref_center, rtol=1e-5, atol=1e-6)
 
 
+def test_zero2_sgd_matches_the_ddp_backend(tmp_path):
+    """optim.name=sgd (issue 22) through DeepSpeed's flat partitions: the same steps as the DDP backend's fused SGD,
+    across the end of the last layer's freeze (a parameter that joins the momentum late)."""
+    sgd = ["optim.name=sgd", "optim.lr=20"]
+    ddp = [(m, snapshot(t)) for m, t in steps(tmp_path, "ddp", 5, sgd)]
+    extra = [*sgd, "train.deepspeed_config=configs/deepspeed/zero2.json"]
+    for step, (m, t) in enumerate(steps(tmp_path, "deepspeed", 5, extra)):
+        ref, ref_state = ddp[step]
+        assert float(m["loss"]) == pytest.approx(float(ref["loss"]), rel=1e-5), f"sgd, step {step}"
+        assert_states_close(ref_state, snapshot(t), lr_bound=1e-3, where=f"sgd, step {step}")
+    assert t.optimizer.optimizer.__class__ is torch.optim.SGD
+
+
 def test_zero2_freezes_last_layer_exactly_and_clips_per_parameter(tmp_path):
     """At ZeRO-2 the gradient lives in the partition after backward (p.grad is None already, so the DDP
     way of cancelling it cannot work); the frozen group is skipped by AdamW: the last layer is bitwise

@@ -161,3 +161,26 @@ def test_one_gpu_under_torchrun_then_resume(tmp_path):
             assert torch.equal(torch.as_tensor(value).cpu(), torch.as_tensor(ckpt["optimizer"]["state"][i][name]))
     result = trainer.fit()
     assert result.steps_done == 6 and math.isfinite(result.last_loss)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+def test_two_process_convnet_keeps_per_process_batchnorm_on_the_cpu(tmp_path):
+    """A BatchNorm convnet (timm's test ResNet, issue 22) under 2 gloo processes: torch's SyncBatchNorm is GPU-only,
+    so each process normalises by its own batch (engine/distributed.sync_batchnorm's CPU fallback) and training
+    goes through; the checkpoint holds rank 0's running statistics, finite and moved from their init."""
+    pytest.importorskip("timm")
+    data = make_demo_dataset(tmp_path / "data", n_train_per_class=2, n_val_per_class=1, size=32)
+    run = subprocess.run(
+        ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "fastdino.cli", "train", "configs/demo_convnet.yaml",
+         "model.arch=timm/test_resnet", "dino.out_dim=32", "dino.hidden_dim=16", "dino.bottleneck_dim=8",
+         "data.global_size=32", "data.local_size=16", "data.batch_size=2", "data.num_workers=0", "train.epochs=1",
+         "train.knn_eval=false", f"data.path={data}", f"train.output_dir={tmp_path}/run"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["step"] == 3
+    for key in ("student", "teacher"):
+        means = [v for k, v in ckpt[key].items() if k.endswith("running_mean")]
+        assert means and all(torch.isfinite(m).all() for m in means)
+        assert any(m.abs().sum() > 0 for m in means)

@@ -39,6 +39,17 @@ def test_bench_step_smoke_runs_three_providers_from_the_same_weights(tmp_path):
     assert max(losses) - min(losses) <= 1e-4 * abs(losses[0]), losses
 
 
+def test_bench_step_smoke_of_the_resnet50_case_runs_a_convnet_with_sgd(tmp_path):
+    """--cases rn50_b64 --smoke: its twin (ResNet-18, SGD, counted FLOPs), the same first loss from all three."""
+    out = run("-m", "perf.bench_step", "--smoke", "--cases", "rn50_b64", "--json", str(tmp_path / "step.json"))
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "step.json").read_text())["rows"]
+    assert [r["provider"] for r in rows] == ["official", "torch", "fastdino"]
+    assert all("resnet18" in r["config"] and "sgd" in r["config"] and r["gflop_per_img"] > 0 for r in rows), rows
+    losses = [r["loss_first"] for r in rows]
+    assert max(losses) - min(losses) <= 1e-4 * abs(losses[0]), losses
+
+
 def test_bench_step_end_to_end_reports_the_trainers_own_figure(tmp_path):
     """--end-to-end runs Trainer.fit on real JPEGs: a row with the img/s of the trainer's log, in the step table."""
     out = run("-m", "perf.bench_step", "--smoke", "--providers", "torch", "--end-to-end", "cpu",

@@ -78,7 +78,7 @@ def check_parses(argv: list[str]) -> None:
     args = cli.build_parser().parse_args(argv)  # a refused flag raises SystemExit
     config = getattr(args, "config", None)
     if args.command == "demo":
-        config = ROOT / "configs" / cli.DEMO_CONFIGS[args.method]
+        config = ROOT / "configs" / cli._demo_config(args)  # the demo's own choice (a convnet's config for resnet18)
     if config is not None:
         path = ROOT / config
         load_config(path if path.is_file() else None, args.overrides)  # placeholders (cfg.yaml): the defaults
@@ -89,6 +89,7 @@ def test_readme_has_the_commands():
     names = {argv[0] for _, argv in README_COMMANDS}
     assert {"demo", "train", "knn", "linear", "attention", "export"} <= names
     assert any(argv[:1] == ["train"] and "train.engine=deepspeed" in argv for _, argv in README_COMMANDS)
+    assert ["demo", "model.arch=resnet18"] in [argv for _, argv in README_COMMANDS]
     assert fastdino_argv("torchrun --nproc_per_node=8 -m fastdino train c.yaml") == ["train", "c.yaml"]
     assert fastdino_argv("pip install -e .") is None
     assert fastdino_argv("python -m perf.bench_step --providers fastdino") is None

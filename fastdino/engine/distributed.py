@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from fastdino.errors import UserError
+from fastdino.models.backbones import has_batchnorms
 
 
 @dataclass(frozen=True)
@@ -49,12 +50,15 @@ def wrap_ddp(module: torch.nn.Module, info: DistInfo, device: torch.device) -> t
 
 
 def sync_batchnorm(module: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
-    """BatchNorm layers computed over the global batch on CUDA (torch's SyncBatchNorm is GPU-only).
+    """BatchNorm layers computed over the global batch when several CUDA processes train, as the official code
+    does for a network that `has_batchnorms` (a ResNet, a head with dino.head_bn): torch's SyncBatchNorm.
 
-    On CPU processes (gloo) each process keeps its own batch statistics. Call before TeacherEMA is built:
-    the conversion replaces modules.
+    CPU fallback: torch's SyncBatchNorm runs on GPUs only (its forward refuses CPU tensors), so CPU processes (gloo)
+    keep plain BatchNorm: each normalises by its own batch's statistics. The student's running statistics are
+    rank 0's after every forward (DDP broadcasts buffers); each teacher keeps its own, and checkpoints hold rank
+    0's. Call before TeacherEMA is built: the conversion replaces modules.
     """
-    if info.world_size == 1 or device.type != "cuda":
+    if info.world_size == 1 or device.type != "cuda" or not has_batchnorms(module):
         return module
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
 

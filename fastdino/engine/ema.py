@@ -79,13 +79,15 @@ class TeacherEMA:
       (`named_parameters()`): the name sets, shapes and buffer names/shapes must be equal, else ValueError.
     - Policy, fixed at construction from the student's `requires_grad`:
         * trainable student parameter -> EMA; the teacher's copy must be float32 (an EMA step of
-          1 - m = 4e-3 is below bf16 resolution); the student's may be float32, bfloat16 or float16.
+          1 - m = 4e-3 is below bf16 resolution; float64 too, for the float64 parity tests); the student's may be
+          float32, bfloat16 or float16.
         * frozen student parameter (requires_grad False, e.g. the weight-norm gain g of DINOHead with
           norm_last_layer) -> copied exactly, teacher <- student, every update: equal stays equal, with no
           rounding drift from averaging two equal values. (Freezing by zeroing gradients, as DINO does for
           the last layer in epoch 1, keeps a parameter trainable: it is averaged.)
-        * buffers -> the teacher's own (none in ViT / DINOHead; BatchNorm statistics of a ResNet teacher
-          come from the teacher's own forward, as in the official code): never touched.
+        * buffers -> the teacher's own (none in ViT / DINOHead; the BatchNorm running statistics of a
+          convnet teacher come from the teacher's own forward in train mode, as in the official code, whose EMA
+          moves `parameters()` only): never touched.
         * every teacher parameter gets requires_grad False (the teacher is never trained by gradients).
     - `update(m)` after each optimizer step; m a Python float in [0, 1] or a 0-d float tensor on the
       device (no host sync). Both impls give the same result to fp32 rounding.
@@ -130,8 +132,9 @@ class TeacherEMA:
             owner, _, leaf = name.rpartition(".")
             slot = (teacher.get_submodule(owner), leaf, student.get_submodule(owner), leaf)
             if s.requires_grad:
-                if t.dtype != torch.float32 or not s.is_floating_point():
-                    raise ValueError(f"parameter {name}: the EMA needs a float32 teacher, got {t.dtype} / {s.dtype}")
+                if t.dtype not in (torch.float32, torch.float64) or not s.is_floating_point():
+                    raise ValueError(f"parameter {name}: the EMA needs a float32 (or float64) teacher, got {t.dtype} / "
+                                     f"{s.dtype}")
                 self._ema_slots.append(slot)
             else:
                 self._copy_slots.append(slot)

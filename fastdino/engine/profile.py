@@ -40,6 +40,7 @@ from fastdino.data.batch import build_loader
 from fastdino.data.demo import DEMO_CLASSES, make_demo_dataset
 from fastdino.data.files import collate_views
 from fastdino.engine.trainer import Trainer
+from fastdino.models.backbones import arch_label, is_vit
 from fastdino.reports.plots import plot_phases
 from fastdino.telemetry import GPU_KEYS, GpuTelemetry, PhaseTimer
 
@@ -218,7 +219,8 @@ def _profile(trainer: Trainer, batches: Iterator, out_dir: Path, steps: int, war
     top, top_what = _top_ops(prof, device, trace_steps, set(phases))
 
     clock = "CUDA events" if device.type == "cuda" else "wall clock"
-    title = f"{cfg.model.arch}/{cfg.model.patch_size}, batch {batch}, {trainer.precision}, {device_words(device)}"
+    label = arch_label(cfg.model.arch, cfg.model.patch_size)
+    title = f"{label}, batch {batch}, {trainer.precision}, {device_words(device)}"
     plot_phases(phases, out_dir / "phases.png", step_ms, title, clock)
     figures = {
         "date": datetime.date.today().isoformat(), "device": device_words(device), "torch": torch.__version__,
@@ -241,9 +243,10 @@ def _report_md(cfg: Config, f: dict) -> str:
     m, d = cfg.model, cfg.data
     step_ms, lines = f["step_ms"], []
     add = lines.append
-    add(f"# Training step profile: {m.arch}/{m.patch_size}, batch {f['batch']}\n")
-    add(f"{f['date']}, {f['device']}, torch {f['torch']}, {f['precision']}; {m.arch} depth {m.depth or 12}, "
-        f"patch {m.patch_size}, {f['views']}; attention {m.attention}, loss.impl={cfg.loss.impl}, "
+    vit = f" depth {m.depth or 12}, patch {m.patch_size}, attention {m.attention}" if is_vit(m.arch) else ""
+    add(f"# Training step profile: {arch_label(m.arch, m.patch_size)}, batch {f['batch']}\n")
+    add(f"{f['date']}, {f['device']}, torch {f['torch']}, {f['precision']}; {m.arch}{vit}, "
+        f"optim.name={cfg.optim.name}, {f['views']}; loss.impl={cfg.loss.impl}, "
         f"ema.impl={cfg.ema.impl}, optim.fused={cfg.optim.fused}. Steps: {f['warmup']} warm-up, {f['steps']} timed, "
         f"{f['trace_steps']} traced, with the schedules at epoch {f['epoch']}.\n")
     add("## Data\n")

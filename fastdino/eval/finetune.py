@@ -26,6 +26,7 @@ from fastdino.data.batch import build_loader, steps_per_epoch
 from fastdino.data.files import DataError, ImageFileDataset, ImageIndex, UnreadableImages, collate_views
 from fastdino.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from fastdino.data.shards import index_images
+from fastdino.models.backbones import feature_dim
 from fastdino.schedules import cosine_schedule
 
 log = logging.getLogger("fastdino")
@@ -113,7 +114,8 @@ def finetune(
     epochs: int = 10, lr: float = 5e-4, batch_size: int = 64, weight_decay: float = 0.05, num_workers: int = 4,
     seed: int = 0, per_class: int = 0, report: Callable[[str], None] | None = None,
 ) -> FinetuneResult:
-    """Fine-tune a copy of `backbone` (the argument is untouched; its `embed_dim` is the class token's width)
+    """Fine-tune a copy of `backbone` (the argument is untouched; `models.backbones.feature_dim` gives the width of its
+    features: a ViT's class token, a convnet's pooled features)
     with a new linear head on train_dir's classes, on `device`, evaluating on val_dir after each epoch
     (the last, ragged batch of an epoch is kept; one host sync per epoch, for the log). lr is the peak
     learning rate for this batch size; per_class > 0 trains on at most that many images of each class
@@ -126,7 +128,7 @@ def finetune(
         train_index = per_class_subset(train_index, per_class, seed)
     val_index = index_images(val_dir, classes=train_index.classes)
     torch.manual_seed(seed)
-    model = Classifier(copy.deepcopy(backbone), backbone.embed_dim, len(train_index.classes)).to(device)
+    model = Classifier(copy.deepcopy(backbone), feature_dim(backbone), len(train_index.classes)).to(device)
     model.requires_grad_(True)  # a teacher backbone comes frozen
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and not n.endswith(".bias")]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 or n.endswith(".bias")]

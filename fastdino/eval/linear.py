@@ -8,7 +8,10 @@ centre crops. Features (`FEATURE_MODES`):
 - `cls4`: the normed class tokens of the last 4 blocks, concatenated: (B, 4*D) (the paper's ViT-S rule);
 - `cls_avgpool`: the last class token and the mean of the last block's normed patch tokens, interleaved
   per channel as the official code orders them (so its released linear weights fit): (B, 2*D) (ViT-B);
-- `auto`: `cls4` below width 768, `cls_avgpool` from 768 up, as the official recipe does for ViT-S / ViT-B.
+- `pooled`: the backbone's own output, (B, D): a convnet's globally pooled features (official `eval_linear.py`
+  on a ResNet: `fc` replaced by an identity), a ViT's last class token;
+- `auto`: `cls4` below width 768, `cls_avgpool` from 768 up, as the official recipe does for ViT-S / ViT-B;
+  `pooled` for a convnet (torchvision, timm), where `cls4` / `cls_avgpool` are refused.
 
 Two ways to feed it (`PROBE_MODES`):
 - `augment`, the paper's protocol: every epoch re-reads the images through random-resized-crop + flip
@@ -38,10 +41,12 @@ from torch.utils.data import DataLoader, Dataset
 from fastdino.data.files import DECODE_ERRORS, DataError, ImageIndex, decode_rgb, item_seed
 from fastdino.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from fastdino.data.shards import index_images
+from fastdino.errors import UserError
+from fastdino.models.backbones import feature_dim as backbone_dim
 from fastdino.models.vit import VisionTransformer
 from fastdino.schedules import cosine_schedule
 
-FEATURE_MODES = ("auto", "cls4", "cls_avgpool")
+FEATURE_MODES = ("auto", "cls4", "cls_avgpool", "pooled")
 PROBE_MODES = ("cached", "augment")
 DEFAULT_LRS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
 
@@ -63,16 +68,32 @@ def resolve_feature_mode(mode: str, embed_dim: int) -> str:
     return mode
 
 
-def feature_dim(backbone: VisionTransformer, mode: str) -> int:
-    """Width of `probe_features`: 4*D (or depth*D for fewer than 4 blocks) for cls4, 2*D for cls_avgpool."""
-    mode = resolve_feature_mode(mode, backbone.embed_dim)
+def backbone_feature_mode(mode: str, backbone: nn.Module) -> str:
+    """`resolve_feature_mode` for this backbone: `pooled` for a convnet (auto), whose class tokens do not exist
+    (UserError naming --features for cls4 / cls_avgpool)."""
+    if isinstance(backbone, VisionTransformer):
+        return resolve_feature_mode(mode, backbone.embed_dim)
+    if mode not in ("auto", "pooled"):
+        raise UserError(f"--features {mode} reads a ViT's class tokens; this checkpoint's backbone is a convnet: use "
+                        "--features pooled (or auto)")
+    return "pooled"
+
+
+def feature_dim(backbone: nn.Module, mode: str) -> int:
+    """Width of `probe_features`: 4*D (or depth*D for fewer than 4 blocks) for cls4, 2*D for cls_avgpool, D for
+    pooled."""
+    mode = backbone_feature_mode(mode, backbone)
+    if mode == "pooled":
+        return backbone_dim(backbone)
     return backbone.embed_dim * (min(4, len(backbone.blocks)) if mode == "cls4" else 2)
 
 
 @torch.no_grad()
-def probe_features(backbone: VisionTransformer, x: torch.Tensor, mode: str) -> torch.Tensor:
+def probe_features(backbone: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
     """x: (B, 3, H, W) normalised images -> (B, feature_dim) float32 features of the frozen backbone."""
-    mode = resolve_feature_mode(mode, backbone.embed_dim)
+    mode = backbone_feature_mode(mode, backbone)
+    if mode == "pooled":
+        return backbone(x).float()  # (B, D)
     if mode == "cls4":
         return torch.cat(backbone.get_intermediate_class_tokens(x, 4), dim=1).float()  # (B, 4*D)
     tokens = backbone.prepare_tokens(x)
@@ -291,7 +312,7 @@ class ProbeResult:
 
 
 def linear_probe(
-    backbone: VisionTransformer, train_dir: str | Path, val_dir: str | Path, *, image_size: int,
+    backbone: nn.Module, train_dir: str | Path, val_dir: str | Path, *, image_size: int,
     features: str = "auto", mode: str = "cached", lrs: Sequence[float] = DEFAULT_LRS, epochs: int = 100,
     batch_size: int = 256, device: torch.device | None = None, num_workers: int = 0, seed: int = 0,
 ) -> ProbeResult:
@@ -301,7 +322,7 @@ def linear_probe(
         raise ValueError(f"probe mode must be one of {PROBE_MODES}, got {mode!r}")
     device = device or torch.device("cpu")
     backbone = backbone.eval().requires_grad_(False)
-    feat_mode = resolve_feature_mode(features, backbone.embed_dim)
+    feat_mode = backbone_feature_mode(features, backbone)
     train_index = index_images(train_dir)
     val_index = index_images(val_dir, classes=train_index.classes)
     num_classes = len(train_index.classes)

@@ -41,6 +41,8 @@ from torch import nn
 from fastdino.errors import CheckpointError, UserError
 from fastdino.interop.hf import from_hf, is_hf_state
 from fastdino.interop.timm import from_timm
+from fastdino.models.backbones import TIMM_PREFIX, TORCHVISION_RESNETS, is_vit
+from fastdino.models.backbones import build_backbone as build_any_backbone
 from fastdino.models.vit import VisionTransformer, build_backbone, model_names
 
 log = logging.getLogger("fastdino")
@@ -65,9 +67,10 @@ class NetworkSpec:
     `norm_last_layer` is None when nothing tells (a gain of all ones fits both settings)."""
 
     arch: str
-    patch_size: int
-    img_size: int
-    depth: int
+    patch_size: int | None
+    img_size: int | None
+    depth: int | None
+    """None, None, None for a convnet (none of them applies)."""
     out_dim: int | None = None
     hidden_dim: int | None = None
     bottleneck_dim: int | None = None
@@ -202,14 +205,21 @@ def _arch_by_width() -> dict[int, str]:
     return {build_backbone(name, depth=0, img_size=16, patch_size=16).embed_dim: name for name in model_names()}
 
 
-def network_spec(state: dict[str, torch.Tensor], source: str, norm_last_layer: bool | None = None) -> NetworkSpec:
+def network_spec(state: dict[str, torch.Tensor], source: str, norm_last_layer: bool | None = None,
+                 arch: str | None = None) -> NetworkSpec:
     """The architecture of a network state dict in fastdino's key names, read from tensor shapes.
 
     state: `backbone.*` (and `head.*` when there is a head). source names the file in errors. norm_last_layer:
     what the file's settings say, if anything; else it is inferred from the gain g, which stays at 1 when it
-    is fixed (False when any g != 1, None when all are 1). Raises CheckpointError for a non-ViT backbone, an
-    embed dim no registered architecture has, or a head whose MLP does not have 3 linear layers.
+    is fixed (False when any g != 1, None when all are 1). arch: the architecture the file's settings name, if any
+    (a fastdino checkpoint's model.arch: how a timm convnet is known). Raises CheckpointError for a backbone
+    that is neither a ViT nor a convnet `convnet_arch` knows, an embed dim no registered architecture has, or a
+    head whose MLP does not have 3 linear layers.
     """
+    convnet = convnet_arch(state, source, arch)
+    if convnet is not None:
+        spec = {"arch": convnet, "patch_size": None, "img_size": None, "depth": None}
+        return _with_head(spec, state, source, norm_last_layer)
     required = ("backbone.cls_token", "backbone.pos_embed", "backbone.patch_embed.proj.weight")
     if not all(k in state for k in required):
         raise CheckpointError(f"{source} holds no ViT backbone (no cls_token / pos_embed / patch_embed.proj.weight); "
@@ -227,6 +237,11 @@ def network_spec(state: dict[str, torch.Tensor], source: str, norm_last_layer: b
         raise CheckpointError(f"{source}: embed dim {dim} is no fastdino architecture's ({known})")
     depth = len({k.split(".")[2] for k in state if k.startswith("backbone.blocks.")})
     spec = {"arch": arch, "patch_size": patch, "img_size": side * patch, "depth": depth}
+    return _with_head(spec, state, source, norm_last_layer)
+
+
+def _with_head(spec: dict, state: dict[str, torch.Tensor], source: str, norm_last_layer: bool | None) -> NetworkSpec:
+    """The backbone's spec plus the head's fields read from `head.*` (none for a backbone alone)."""
     if _OURS_V in state:
         linears = sorted((int(m.group(1)), v) for k, v in state.items()
                          if (m := re.fullmatch(r"head\.mlp\.(\d+)\.weight", k)) and v.dim() == 2)
@@ -239,6 +254,39 @@ def network_spec(state: dict[str, torch.Tensor], source: str, norm_last_layer: b
                     bottleneck_dim=linears[-1][1].shape[0], norm_last_layer=norm_last_layer,
                     head_bn=any(k.startswith("head.mlp.") and k.endswith(".running_mean") for k in state))
     return NetworkSpec(**spec)
+
+
+# -- convnets (issue 22): torchvision ResNets by their keys, any backbone by a fastdino checkpoint's model.arch ----
+CONVNET_EVAL_SIZE = 224  # the official evaluation crop of a convnet file (its tensors do not say)
+_RESNET_DEPTHS = {((2, 2, 2, 2), False): "resnet18", ((3, 4, 6, 3), False): "resnet34",
+                  ((3, 4, 6, 3), True): "resnet50", ((3, 4, 23, 3), True): "resnet101",
+                  ((3, 8, 36, 3), True): "resnet152"}
+"""torchvision ResNets by (blocks per stage, bottleneck blocks)."""
+
+
+def convnet_arch(state: dict[str, torch.Tensor], source: str, arch: str | None = None) -> str | None:
+    """The convnet a `backbone.*` state dict holds: `arch` when the file's settings name a non-ViT, else a
+    torchvision ResNet read from its keys (official ResNet files, e.g. dino_resnet50_pretrain.pth), else None (a
+    ViT, or nothing known: network_spec refuses it). Raises CheckpointError for ResNet keys of no torchvision depth.
+    """
+    if arch is not None and not is_vit(arch):
+        return arch
+    if "backbone.conv1.weight" not in state or "backbone.layer1.0.conv1.weight" not in state:
+        return None
+    blocks = tuple(len({k.split(".")[2] for k in state if k.startswith(f"backbone.layer{i}.")}) for i in range(1, 5))
+    found = _RESNET_DEPTHS.get((blocks, "backbone.layer1.0.conv3.weight" in state))
+    if found is None:
+        raise CheckpointError(f"{source}: a ResNet with {blocks} blocks per stage is no torchvision ResNet "
+                              f"({', '.join(TORCHVISION_RESNETS)})")
+    return found
+
+
+def _without_fc(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if not k.startswith("backbone.fc.")}
+
+
+def _has_batchnorm(state: dict[str, torch.Tensor]) -> bool:
+    return any(k.endswith(".running_mean") for k in state)
 
 
 def spec_differences(found: NetworkSpec, wanted: NetworkSpec) -> list[str]:
@@ -280,7 +328,8 @@ def read_dino_weights(path: str | Path) -> DinoWeights:
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict of weights")
     if "config" in state and "teacher" in state:
         config = state["config"]
-        spec = network_spec(state["teacher"], f"checkpoint {path}", config.get("dino", {}).get("norm_last_layer"))
+        spec = network_spec(state["teacher"], f"checkpoint {path}", config.get("dino", {}).get("norm_last_layer"),
+                            arch=config.get("model", {}).get("arch"))
         center = state.get("center", {}).get("center")
         image_size = config.get("data", {}).get("global_size", spec.img_size)
         return DinoWeights(path, "fastdino", state["teacher"], state.get("student"), center, spec, image_size)
@@ -291,15 +340,18 @@ def read_dino_weights(path: str | Path) -> DinoWeights:
     args = state.get("args")
     norm_last_layer = getattr(args, "norm_last_layer", None) if isinstance(args, argparse.Namespace) else None
     spec = network_spec(teacher, f"checkpoint {path}", norm_last_layer)
+    if spec.patch_size is None:  # a convnet: its `fc` is an identity in the official code (a classifier's is dropped)
+        teacher = _without_fc(teacher)
+        student = _without_fc(student) if student is not None else None
     if spec.out_dim is None:
-        return DinoWeights(path, "official-backbone", teacher, None, None, spec, spec.img_size)
+        return DinoWeights(path, "official-backbone", teacher, None, None, spec, spec.img_size or CONVNET_EVAL_SIZE)
     dino_loss = state.get("dino_loss")
     center = dino_loss.get("center") if isinstance(dino_loss, dict) else None
     if center is not None:
         if not isinstance(center, torch.Tensor) or center.numel() != spec.out_dim:
             raise CheckpointError(f"checkpoint {path}: dino_loss.center does not have the head's {spec.out_dim} values")
         center = center.reshape(-1).float()
-    return DinoWeights(path, "official", teacher, student, center, spec, spec.img_size)
+    return DinoWeights(path, "official", teacher, student, center, spec, spec.img_size or CONVNET_EVAL_SIZE)
 
 
 def _few(keys: list[str]) -> str:
@@ -344,13 +396,17 @@ def load_teacher_backbone(
     CheckpointError (naming the file) for an unreadable or unsafe file, a non-ViT or unknown-width backbone,
     a flag that disagrees with the file, or weights that do not fit; UserError for an unknown `arch`.
     """
-    if arch is not None and arch not in model_names():
-        raise UserError(f"--arch {arch} is not one of {', '.join(model_names())}")
+    if arch is not None and arch not in model_names() + TORCHVISION_RESNETS and not arch.startswith(TIMM_PREFIX):
+        raise UserError(f"--arch {arch} is not one of {', '.join(model_names() + TORCHVISION_RESNETS)} nor timm/<name>")
     weights = read_dino_weights(path)
     _check_flags(weights, arch, patch_size)
     s = weights.spec
-    model = build_backbone(s.arch, img_size=s.img_size, patch_size=s.patch_size, depth=s.depth, attention=attention)
     backbone = {k.removeprefix("backbone."): v for k, v in weights.teacher.items() if k.startswith("backbone.")}
+    if s.patch_size is None:  # a convnet
+        model, _ = build_any_backbone(s.arch)
+        load_exact(model, backbone, f"checkpoint {weights.path}: teacher backbone weights")
+        return TeacherBackbone(model.eval(), weights.image_size, weights.kind, s)
+    model = build_backbone(s.arch, img_size=s.img_size, patch_size=s.patch_size, depth=s.depth, attention=attention)
     load_exact(model, backbone, f"checkpoint {weights.path}: teacher backbone weights")
     return TeacherBackbone(model.eval(), weights.image_size, weights.kind, s)
 
@@ -363,7 +419,7 @@ def init_from_weights(method: nn.Module, weights: DinoWeights, norm_last_layer: 
     backbones and leaves head and center as built. A full file without a student gives its teacher to both.
     Raises CheckpointError naming the file and every config key whose value disagrees with the file.
     """
-    wanted = network_spec(method.teacher.state_dict(), "the config", norm_last_layer)
+    wanted = network_spec(method.teacher.state_dict(), "the config", norm_last_layer, arch=method.cfg.model.arch)
     diffs = spec_differences(weights.spec, wanted)
     if diffs:
         raise CheckpointError(f"train.init_from={weights.path} is another architecture than the config: "
@@ -393,7 +449,8 @@ def to_official(weights: DinoWeights) -> dict:
 
     `student` keys carry `module.` (the official student is always behind DDP, and restart_from_checkpoint loads
     into it with strict=False, so keys without the prefix would silently load nothing); `teacher` keys carry it
-    only with BatchNorm in the head (the official code wraps the teacher in DDP only then). Head: weight_g /
+    only with BatchNorm in the network (a convnet, or dino.head_bn: the official code wraps the teacher in DDP
+    only when `has_batchnorms`). Head: weight_g /
     weight_v. `dino_loss`: {"center": (1, K)}. No `optimizer` (its parameter groups differ from the official
     ones), `epoch` or `args`: main_dino.py warm-starts from these weights at epoch 0, and the file holds only
     tensors, so torch.load's default weights_only=True (torch >= 2.6) reads it. Raises CheckpointError for a
@@ -405,13 +462,14 @@ def to_official(weights: DinoWeights) -> dict:
     center = weights.center if weights.center is not None else torch.zeros(weights.spec.out_dim)
     return {
         "student": _official_keys(weights.student or weights.teacher, "module."),
-        "teacher": _official_keys(weights.teacher, "module." if weights.spec.head_bn else ""),
+        "teacher": _official_keys(weights.teacher, "module." if _has_batchnorm(weights.teacher) else ""),
         "dino_loss": {"center": center.reshape(1, -1).clone()},
     }
 
 
 def to_official_backbone(weights: DinoWeights) -> dict[str, torch.Tensor]:
-    """The release layout (dino_deitsmall16_pretrain.pth): the teacher backbone's ViT state dict, no prefix;
-    hubconf.py loads it with strict=True, load_pretrained_weights with strict=False."""
+    """The release layout (dino_deitsmall16_pretrain.pth, dino_resnet50_pretrain.pth): the teacher backbone's state
+    dict, no prefix (a ResNet: torchvision's keys without `fc.*`, which official eval_knn.py --arch resnet50 loads
+    with its `fc` an identity); hubconf.py loads it with strict=True, load_pretrained_weights with strict=False."""
     teacher = weights.teacher
     return {k.removeprefix("backbone."): v.contiguous() for k, v in teacher.items() if k.startswith("backbone.")}

@@ -43,7 +43,8 @@ def dino_loss_ref(
     teacher_logits: (2*B, K), the same two global crops through the teacher (no gradient).
     center: (K,) float32.
     Returns (loss: fp32 scalar, teacher_sum: (K,) fp32 column sum of the raw teacher logits for the
-    center update). Math is fp32 whatever the input dtype; the gradient reaches student_logits only.
+    center update). Math is fp32 whatever the input dtype (fp64 for fp64 logits: the float64 parity tests); the
+    gradient reaches student_logits only.
 
     A student row's partners share one mixture (SPEC note): global crop 0 pairs with P_t[1], global
     crop 1 with P_t[0], each local crop with P_t[0] + P_t[1]. Bytes a fused pass must move: read S and
@@ -51,9 +52,9 @@ def dino_loss_ref(
     """
     batch, n_crops = _check_shapes(student_logits, teacher_logits, center)
     k = teacher_logits.shape[1]
-    teacher = teacher_logits.detach().float()  # (2B, K)
-    p_t = F.softmax((teacher - center.float()) / teacher_temp, dim=-1).view(2, batch, k)
-    log_p_s = F.log_softmax(student_logits.float() / student_temp, dim=-1).view(n_crops, batch, k)
+    teacher = _wide(teacher_logits.detach())  # (2B, K)
+    p_t = F.softmax((teacher - _wide(center)) / teacher_temp, dim=-1).view(2, batch, k)
+    log_p_s = F.log_softmax(_wide(student_logits) / student_temp, dim=-1).view(n_crops, batch, k)
 
     cross = (p_t[1] * log_p_s[0]).sum() + (p_t[0] * log_p_s[1]).sum()
     if n_crops > 2:
@@ -61,6 +62,11 @@ def dino_loss_ref(
     n_pairs = 2 * n_crops - 2
     loss = -cross / (batch * n_pairs)
     return loss, teacher.sum(0)
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """fp32, or fp64 kept as it is."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def resolve_loss_impl(impl: str, device: torch.device) -> str:
@@ -102,7 +108,7 @@ class TeacherCenter(nn.Module):
 
         When distributed, the sums and the row counts are all-reduced together (one call), so the mean is the
         global batch's also when processes hold different numbers of rows (a last, smaller batch)."""
-        total = teacher_sum.float()
+        total = _wide(teacher_sum)
         total_rows = float(n_rows)
         if dist.is_available() and dist.is_initialized():
             both = torch.cat([total, total.new_full((1,), float(n_rows))])

@@ -13,12 +13,16 @@ import torch
 from torch import nn
 
 from fastdino.config import ModelConfig
-from fastdino.models.vit import VisionTransformer, build_backbone
+from fastdino.models.backbones import build_backbone, is_vit
 
 
-def backbone_from_config(m: ModelConfig, student: bool) -> VisionTransformer:
-    """The ViT of `model.*` every method builds on: the student's with stochastic depth (model.drop_path_rate) and,
-    when asked, recomputed blocks (model.grad_checkpointing); the teacher's with neither (no gradients)."""
+def backbone_from_config(m: ModelConfig, student: bool) -> tuple[nn.Module, int]:
+    """The backbone of `model.*` every method builds on, and its feature width (models/backbones.py). A ViT: the
+    student's with stochastic depth (model.drop_path_rate) and, when asked, recomputed blocks
+    (model.grad_checkpointing); the teacher's with neither (no gradients). A convnet (torchvision or timm) is built
+    as the official code builds it: no ViT setting applies (the config refuses them)."""
+    if not is_vit(m.arch):
+        return build_backbone(m.arch)
     kwargs = {"img_size": m.img_size, "patch_size": m.patch_size, "attention": m.attention,
               "pos_embed_interp": m.pos_embed_interp, **({"depth": m.depth} if m.depth else {})}
     if student:

@@ -1,6 +1,7 @@
 """DINO: self-distillation with no labels (Caron et al. 2021, Alg. 1 and Sec. 3.1).
 
-Student and teacher are a ViT backbone plus the DINO head. Every crop goes through the student, the two
+Student and teacher are a backbone (a ViT, a torchvision ResNet or a timm model: models/backbones.py) plus the
+DINO head. Every crop goes through the student, the two
 global crops through the teacher; crops of one resolution share one backbone call. After the loss,
 the center takes the batch mean of the teacher logits.
 """
@@ -18,7 +19,7 @@ from fastdino.data.multicrop import multicrop_transform
 from fastdino.losses.dino import TeacherCenter, dino_loss, resolve_loss_impl
 from fastdino.losses.signals import distribution_signals, feature_spread
 from fastdino.methods.base import Method, backbone_from_config
-from fastdino.models.flops import dino_train_flops_per_image
+from fastdino.models.flops import backbone_forward_flops, head_forward_flops
 from fastdino.models.heads import DINOHead
 from fastdino.schedules import cosine_schedule, teacher_temp_schedule
 from fastdino.telemetry import phase
@@ -60,10 +61,12 @@ class DINO(Method):
         def head(dim: int) -> DINOHead:
             return DINOHead(dim, d.out_dim, d.hidden_dim, d.bottleneck_dim, d.norm_last_layer, use_bn=d.head_bn)
 
-        backbone = backbone_from_config(cfg.model, student=True)
-        self.student = MultiCropNetwork(backbone, head(backbone.embed_dim))
-        teacher_backbone = backbone_from_config(cfg.model, student=False)
-        self.teacher = MultiCropNetwork(teacher_backbone, head(teacher_backbone.embed_dim))
+        backbone, dim = backbone_from_config(cfg.model, student=True)
+        self.student = MultiCropNetwork(backbone, head(dim))
+        teacher_backbone, dim = backbone_from_config(cfg.model, student=False)
+        self.teacher = MultiCropNetwork(teacher_backbone, head(dim))
+        self.feature_dim = dim
+        """The backbone's feature width D, the head's input."""
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
         self.center = TeacherCenter(d.out_dim, d.center_momentum)
@@ -145,11 +148,10 @@ class DINO(Method):
         return self.teacher.backbone
 
     def train_flops_per_image(self) -> float:
-        """Student forward + backward over every crop, teacher forward over the 2 global crops (models/flops.py)."""
-        backbone, d = self.student_module().backbone, self.cfg.data
-        h = self.cfg.dino
-        return dino_train_flops_per_image(
-            dim=backbone.embed_dim, depth=len(backbone.blocks), patch=backbone.patch_size, global_size=d.global_size,
-            local_size=d.local_size, n_local=d.local_crops_number, hidden=h.hidden_dim, bottleneck=h.bottleneck_dim,
-            out_dim=h.out_dim,
-        )
+        """Student forward + backward (3x forward) over every crop, teacher forward over the 2 global crops: the
+        ViT counted analytically, any other backbone by FlopCounterMode (models/flops.py)."""
+        backbone, d, h = self.student_module().backbone, self.cfg.data, self.cfg.dino
+        head = head_forward_flops(self.feature_dim, h.hidden_dim, h.bottleneck_dim, h.out_dim)
+        glob = backbone_forward_flops(backbone, d.global_size) + head
+        local = backbone_forward_flops(backbone, d.local_size) + head if d.local_crops_number else 0.0
+        return 3 * (2 * glob + d.local_crops_number * local) + 2 * glob

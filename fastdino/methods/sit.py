@@ -114,8 +114,8 @@ class SiT(Method):
         super().__init__()
         self.cfg = cfg
         m = cfg.model
-        student = backbone_from_config(m, student=True)
-        teacher = backbone_from_config(m, student=False)
+        student, _ = backbone_from_config(m, student=True)  # a ViT: the config refuses SiT on a convnet
+        teacher, _ = backbone_from_config(m, student=False)
         self.student = SiTNetwork(student, cfg.sit, m.attention)
         self.teacher = SiTNetwork(teacher, cfg.sit, m.attention)
         self.teacher.load_state_dict(self.student.state_dict())

@@ -1,10 +1,18 @@
-"""Analytic FLOP counts (2 per multiply-add) of the ViT and DINO head, for MFU figures.
+"""FLOP counts (2 per multiply-add) of the backbones and the DINO head, for MFU figures.
 
-Counts the matrix products (patch embedding, qkv, attention scores and values, projection, MLP, head);
-norms, softmax and elementwise work are left out, as in the usual MFU convention.
+The ViT and the heads are counted analytically: the matrix products (patch embedding, qkv, attention scores and
+values, projection, MLP, head); norms, softmax and elementwise work are left out, as in the usual MFU convention.
+Any other backbone (torchvision, timm convnets) is counted by torch's FlopCounterMode (`counted_forward_flops`:
+convolutions and matrix products, the same convention, fvcore-style) on a meta-device copy.
 """
 
 from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 
 def vit_forward_flops(tokens_side: int, dim: int, depth: int, patch: int, mlp_ratio: float = 4.0) -> float:
@@ -13,6 +21,26 @@ def vit_forward_flops(tokens_side: int, dim: int, depth: int, patch: int, mlp_ra
     per_block = 2 * n * dim * 3 * dim + 4 * n * n * dim + 2 * n * dim * dim + 4 * n * dim * int(dim * mlp_ratio)
     patch_embed = 2 * (n - 1) * 3 * patch * patch * dim
     return depth * per_block + patch_embed
+
+
+def counted_forward_flops(module: nn.Module, size: int) -> float:
+    """Forward FLOPs of `module` on one (1, 3, size, size) image, as torch.utils.flop_counter.FlopCounterMode
+    counts them (convolutions, matrix products, attention; 2 per multiply-add), run on a copy on the meta device:
+    shapes only, no compute and no memory. `module` itself is untouched."""
+    meta = copy.deepcopy(module).to("meta").eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        meta(torch.empty(1, 3, size, size, device="meta"))
+    return float(counter.get_total_flops())
+
+
+def backbone_forward_flops(backbone: nn.Module, size: int) -> float:
+    """One image of side `size` through any backbone: analytic for fastdino's ViT, counted otherwise."""
+    from fastdino.models.vit import VisionTransformer
+
+    if isinstance(backbone, VisionTransformer):
+        return vit_forward_flops(size // backbone.patch_size, backbone.embed_dim, len(backbone.blocks),
+                                 backbone.patch_size)
+    return counted_forward_flops(backbone, size)
 
 
 def head_forward_flops(dim: int, hidden: int, bottleneck: int, out_dim: int) -> float:

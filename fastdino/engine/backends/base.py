@@ -40,7 +40,7 @@ class Backend:
     """The engine interface of the training step; see the module docstring for the order of calls."""
 
     optimizer: torch.optim.Optimizer
-    """The optimizer whose param_groups carry lr / weight_decay (AdamW, engine/optim.py's groups)."""
+    """The optimizer whose param_groups carry lr / weight_decay (AdamW, SGD or LARS over engine/optim.py's groups)."""
     checkpoint_dir: Path | None = None
     """Where `state_dict` writes files of its own (DeepSpeed), named when a write there fails; None: none."""
 

@@ -1,11 +1,12 @@
-"""torchrun / DDP backend, and the single process: torch AdamW, GradScaler under fp16, SPEC's clipping.
+"""torchrun / DDP backend, and the single process: the optimizer of optim.name (AdamW, SGD or LARS,
+engine/optim.py), GradScaler under fp16, SPEC's clipping.
 
 The step is the official DINO step (`main_dino.py`): backward of the (scaled) loss, unscale, clip each
 parameter's gradient to norm `optim.clip_grad`, cancel the method's frozen parameters (DINO's last layer
-in the first epochs: gradient None, so AdamW neither moves nor decays it), AdamW step, scaler update. A step
-whose loss or gradient norm is not finite is skipped on the device (fused AdamW's `found_inf`; under fp16 the
-GradScaler's own check), so no host sync is needed to keep a NaN out of the weights.
-"""
+in the first epochs: gradient None, so the optimizer neither moves nor decays it), optimizer step, scaler update.
+A step whose loss or gradient norm is not finite is skipped on the device (the `found_inf` flag of fused AdamW /
+SGD and of LARS; under fp16 the GradScaler's own check), so no host sync is needed to keep a NaN out of the
+weights; optim.fused=false (torch's foreach AdamW / SGD) reads the flag on the host."""
 
 from __future__ import annotations
 
@@ -28,9 +29,9 @@ class DDPBackend(Backend):
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
     def wrap(self, method: Method) -> None:
-        """AdamW over the unwrapped student's parameter groups, then DDP when there are several processes."""
+        """optim.name over the unwrapped student's parameter groups, then DDP when there are several processes."""
         self.method = method
-        self.optimizer = build_optimizer(method.student_module(), self.cfg.optim.fused, self.device)
+        self.optimizer = build_optimizer(method.student_module(), self.cfg.optim.name, self.cfg.optim.fused)
         method.student = wrap_ddp(method.student, self.dist, self.device)
 
     def backward(self, loss: torch.Tensor) -> None:

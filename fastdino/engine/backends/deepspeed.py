@@ -1,6 +1,8 @@
 """DeepSpeed ZeRO stage 1 / 2 backend (Rajbhandari et al. 2020), the same DINO step as ddp.py.
 
-What stays ours, one source of truth with the DDP backend: the AdamW parameter groups (engine/optim.py),
+What stays ours, one source of truth with the DDP backend: the optimizer (optim.name: torch AdamW or SGD, never
+fused here; LARS is refused, its trust ratio needs each parameter whole and ZeRO hands the optimizer flat
+partitions) and its parameter groups (engine/optim.py),
 the closed-form lr / weight-decay schedules (set on the groups each step), the per-parameter clipping of
 the SPEC, the method's frozen parameters, the EMA teacher (outside DeepSpeed, replicated on every rank)
 and the center (all-reduced by TeacherCenter over torch.distributed, which DeepSpeed shares).
@@ -57,7 +59,7 @@ import torch.distributed as dist
 
 from fastdino.engine.backends.base import Backend
 from fastdino.engine.checkpoint import CheckpointError
-from fastdino.engine.optim import param_groups
+from fastdino.engine.optim import make_optimizer, param_groups
 from fastdino.errors import ConfigError, MissingDependencyError
 from fastdino.methods.base import Method
 from fastdino.telemetry import phase
@@ -73,7 +75,7 @@ OWNED = {
     "bf16": "train.precision",
     "torch_autocast": "train.precision",
     "amp": "train.precision",
-    "optimizer": "optim.* (AdamW with engine/optim.py's groups)",
+    "optimizer": "optim.* (optim.name with engine/optim.py's groups)",
     "scheduler": "optim.* (closed-form schedules)",
     "gradient_clipping": "optim.clip_grad (per parameter)",
 }
@@ -195,7 +197,8 @@ class DeepSpeedBackend(Backend):
         self.ckpt_dir = self.checkpoint_dir = self.output_dir / "deepspeed"
 
     def wrap(self, method: Method) -> None:
-        """The DeepSpeed engine around the student, with torch AdamW over our groups and the clipping hook."""
+        """The DeepSpeed engine around the student, with optim.name's torch optimizer over our groups and the clipping
+        hook."""
         if not dist.is_initialized():  # a single process without a launcher: a group of one, for DeepSpeed
             os.environ.setdefault("LOCAL_RANK", "0")
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", store=dist.HashStore(),
@@ -205,7 +208,7 @@ class DeepSpeedBackend(Backend):
         freezable = {id(p) for p in method.frozen_parameters(0)}
         self.groups = split_groups(param_groups(student), freezable)
         self.group_params = [list(g["params"]) for g in self.groups]  # DeepSpeed replaces them by flat partitions
-        optimizer = torch.optim.AdamW(self.groups, lr=0.0, weight_decay=0.0)
+        optimizer = make_optimizer(self.cfg.optim.name, self.groups, fused=False)
         self.engine, self.optimizer, _, _ = self.ds.initialize(
             model=student, optimizer=optimizer, config=self.ds_config, dist_init_required=False)
         self._slices = [self._partition_slices(i) for i in range(len(self.group_params))]
@@ -255,7 +258,7 @@ class DeepSpeedBackend(Backend):
             for j, a, b in self._slices[i]:
                 grad[a:b].mul_(coefs[j])
         if self._frozen[i]:
-            opt.single_partition_of_fp32_groups[i].grad = None  # AdamW skips the group: no step, no decay
+            opt.single_partition_of_fp32_groups[i].grad = None  # the optimizer skips the group: no step, no decay
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.scaler is None:
