@@ -12,8 +12,8 @@ from fastdino.cli import main
 from fastdino.config import load_config
 from fastdino.data.demo import make_demo_dataset
 from fastdino.engine.checkpoint import load_checkpoint, save_checkpoint
-from fastdino.engine.interop import load_teacher_backbone, read_dino_weights
 from fastdino.engine.trainer import Trainer, train
+from fastdino.interop.official import load_teacher_backbone, read_dino_weights
 
 RUN = ["model.arch=resnet18", "optim.name=sgd", "dino.out_dim=32", "dino.hidden_dim=16", "dino.bottleneck_dim=8",
        "data.global_size=32", "data.local_size=16", "data.local_crops_number=1", "data.batch_size=4",
@@ -82,6 +82,15 @@ def test_export_writes_what_the_official_code_reads(trained, tmp_path):
     assert back.spec.arch == "resnet18" and back.kind == "official"
     torch.testing.assert_close(back.model(x), ours.model(x), rtol=0, atol=0)
     assert torch.equal(read_dino_weights(full).center, load_checkpoint(ckpt)["center"]["center"])
+
+
+def test_export_of_a_convnet_to_a_vit_format_is_one_line(trained, tmp_path, capsys):
+    """timm / hf folders hold ViTs only: a ResNet is refused naming the format that works, and nothing is written."""
+    _, ckpt = trained
+    assert main(["export", str(ckpt), "--format", "hf", "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert "--format hf writes ViTs only" in err and "official-backbone" in err and err.count("\n") == 1
+    assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf.*"))
 
 
 def test_official_resnet50_release_file_is_read(tmp_path):

@@ -34,6 +34,8 @@ from fastdino.interop.official import (
 )
 from fastdino.interop.restated import from_fused_qkv
 from fastdino.interop.timm import timm_class_token, timm_config, to_timm
+from fastdino.models.backbones import build_backbone as build_any_backbone
+from fastdino.models.backbones import is_vit
 from fastdino.models.vit import build_backbone
 
 EXPORT_FORMATS = ("official", "official-backbone", "hub", "timm", "hf")
@@ -42,6 +44,8 @@ CHECK_ATOL = 1e-5
 """Largest |class token - fastdino's| the check accepts (fp32): all formats hold the same fp32 tensors, so only
 the order of float operations differs."""
 CHECK_BATCH = 2
+CONVNET_CHECK_SIZE = 64
+"""The check's image size for a convnet (no stored grid; pooled features work at any size)."""
 
 
 class ExportCheckError(CheckpointError):
@@ -110,6 +114,18 @@ def _official_class_token(path: Path, fmt: str, heads: int, x: torch.Tensor) -> 
     return from_fused_qkv(state, heads).class_token(x)
 
 
+def _official_convnet_features(path: Path, fmt: str, arch: str, x: torch.Tensor) -> torch.Tensor:
+    """A convnet's official file read as eval_knn.py reads it (the teacher's `backbone.*` without `module.`, or
+    the whole state dict) into a fresh backbone whose classifier is an identity: its pooled features (B, D)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if fmt == "official":
+        teacher = {k.removeprefix("module."): v for k, v in state["teacher"].items()}
+        state = {k.removeprefix("backbone."): v for k, v in teacher.items() if k.startswith("backbone.")}
+    model, _ = build_any_backbone(arch)
+    load_exact(model, state, f"exported {path.name}")
+    return model.eval()(x)
+
+
 def exported_class_token(fmt: str, written: Path, heads: int, x: torch.Tensor, use_library: bool = True):
     """The class token (B, D) the written export gives on x, loaded as its target loads it (module docstring)."""
     if fmt == "timm":
@@ -120,9 +136,13 @@ def exported_class_token(fmt: str, written: Path, heads: int, x: torch.Tensor, u
 
 
 def fastdino_class_token(weights: DinoWeights, x: torch.Tensor) -> torch.Tensor:
-    """The teacher backbone's class token (B, D) on x, as fastdino's own ViT computes it (fp32, eval mode)."""
+    """The teacher backbone's class token (B, D) on x, as fastdino's own ViT computes it (fp32, eval mode); a
+    convnet's pooled features."""
     s = weights.spec
-    model = build_backbone(s.arch, img_size=s.img_size, patch_size=s.patch_size, depth=s.depth, attention="sdpa")
+    if is_vit(s.arch):
+        model = build_backbone(s.arch, img_size=s.img_size, patch_size=s.patch_size, depth=s.depth, attention="sdpa")
+    else:  # a convnet: its pooled features play the class token's part
+        model, _ = build_any_backbone(s.arch)
     load_exact(model, {k: v.float() for k, v in to_official_backbone(weights).items()},
                f"checkpoint {weights.path}: teacher backbone weights")
     return model.eval()(x)
@@ -145,14 +165,20 @@ def export(src: str | Path, out: str | Path | None = None, fmt: str = "official"
     _check_out(src, out, fmt)
     weights = read_dino_weights(src)
     s = weights.spec
-    x = torch.randn(CHECK_BATCH, 3, s.img_size, s.img_size, generator=torch.Generator().manual_seed(0))
+    vit = is_vit(s.arch)
+    if not vit and fmt in FOLDER_FORMATS:
+        raise UserError(f"--format {fmt} writes ViTs only; {src} holds a {s.arch}: use --format official-backbone "
+                        "(torchvision / timm keys, what the official code and torch.hub load)")
+    size = s.img_size if vit else CONVNET_CHECK_SIZE
+    x = torch.randn(CHECK_BATCH, 3, size, size, generator=torch.Generator().manual_seed(0))
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         with torch.no_grad():
             reference = fastdino_class_token(weights, x)
             written = _write(fmt, weights, stage)
             try:
-                got = exported_class_token(fmt, written, arch_heads(s.arch), x, use_library).float()
+                got = (exported_class_token(fmt, written, arch_heads(s.arch), x, use_library) if vit else
+                       _official_convnet_features(written, fmt, s.arch, x)).float()
             except Exception as exc:  # the target library refusing the files is a failed check too
                 raise ExportCheckError(f"export of {src} to {fmt} refused: the written model does not load back "
                                        f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); nothing "
