@@ -14,12 +14,11 @@ setup(
     install_requires=[
         "torch>=2.5",
         "torchvision>=0.20",
-        "matplotlib>=3.5",  # PNG figures: curves, phase bars, attention grids (fastdino/reports/plots.py)
+        "matplotlib>=3.5",  # PNG figures (reports/plots.py, Agg): curves, phase bars, attention and SiT grids
         "numpy",
         "pillow",
         "pyyaml",
         "tqdm",
-        "matplotlib",  # reports/plots.py (Agg): SiT reconstruction grids
         "safetensors",  # fastdino export --format timm|hf writes, and every reader takes, .safetensors weights
     ],
     extras_require={
@@ -27,7 +26,7 @@ setup(
         # the real libraries in tests/test_interop_*.py, and model.arch=timm/<name> is tested;
         # transformers 5.x brings Hugging Face's `kernels` package, which tests/test_packaging.py needs
         "dev": ["pytest", "ruff", "timm>=1.0.16", "transformers>=5"],
-        "tensorboard": ["tensorboard"],
+        "tensorboard": ["tensorboard"],  # the training log also as TensorBoard events (<train.output_dir>/tb/)
         "gpu": ["nvidia-ml-py"],  # pynvml: GPU telemetry in the training log, benchmarks and profile
         "dali": ["nvidia-dali-cuda130"],  # data.backend=dali: decode and multi-crop on the GPU
         "deepspeed": ["deepspeed>=0.19"],  # train.engine=deepspeed: ZeRO stage 1 / 2

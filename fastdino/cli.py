@@ -236,9 +236,9 @@ def _linear(args: argparse.Namespace) -> int:
 
 
 def _attention(args: argparse.Namespace) -> int:
-    from fastdino.config import ConfigError
     from fastdino.data.files import DataError
     from fastdino.engine.trainer import resolve_device
+    from fastdino.errors import ConfigError
     from fastdino.eval.attention import write_attention_maps
 
     if not 0.0 < args.mass <= 1.0:

@@ -18,17 +18,7 @@ from typing import Any
 
 import yaml
 
-from fastdino.errors import UserError
-
-
-class ConfigError(UserError, ValueError):
-    """A bad config key or value; the message names the key, and `key` holds it (a tuple for a check across
-    keys, None when unknown)."""
-
-    def __init__(self, message: str, key: str | tuple[str, ...] | None = None):
-        super().__init__(message)
-        self.key = key
-
+from fastdino.errors import ConfigError, UserError  # ConfigError lives in errors.py; tests import it from here too
 
 METHODS = ("dino", "sit")
 """The values of train.method; fastdino/methods/__init__.py maps each to its class."""
@@ -125,7 +115,7 @@ class DinoConfig:
     """Fix the weight-norm gain of the last layer at 1 (more stable)."""
     head_bn: bool = False
     """BatchNorm in the head's hidden layers (official `use_bn_in_head`); SyncBatchNorm across CUDA processes.
-    Off in the SPEC's recipe; the CPU demo needs it to keep its teacher from collapsing (README)."""
+    Off in the SPEC's recipe; the CPU demo needs it to keep its teacher from collapsing (docs/demo.md)."""
     student_temp: float = 0.1
     teacher_temp: float = 0.04
     """Final teacher temperature (0.04-0.07)."""
@@ -255,7 +245,7 @@ class DataConfig:
     """Per process; the global batch is batch_size * world size."""
     num_workers: int = 8
     backend: str = "auto"
-    """auto | cpu | torch_gpu | dali: where images are decoded and augmented (README, "Data backends"); auto
+    """auto | cpu | torch_gpu | dali: where images are decoded and augmented (docs/data.md, "Backends"); auto
     takes dali when installed and training runs on a GPU, else torch_gpu on a GPU, else cpu."""
 
     def __post_init__(self):

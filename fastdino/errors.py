@@ -1,4 +1,4 @@
-"""The one error type for user mistakes (issue 12, section 3).
+"""The error types for user mistakes (issue 12, section 3), on the lowest floor so every part can raise them.
 
 Anything a user can get wrong (a config key or value, a data folder, a checkpoint file, a command-line
 flag, a machine that lacks what the settings ask for) raises a subclass of `UserError` whose message
@@ -11,6 +11,15 @@ from __future__ import annotations
 
 class UserError(Exception):
     """A user mistake: the message is one line naming the key, flag or file, and what to do."""
+
+
+class ConfigError(UserError, ValueError):
+    """A bad config key or value; the message names the key, and `key` holds it (a tuple for a check across
+    keys, None when unknown)."""
+
+    def __init__(self, message: str, key: str | tuple[str, ...] | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 class MissingDependencyError(UserError, ImportError):

@@ -12,7 +12,7 @@ each backend over `--steps` batches after `--warmup` batches:
   official   an official-style pipeline: torchvision transforms on PIL images as the official DINO code composes
              them (decode once, then per crop RandomResizedCrop, flip, ColorJitter p=0.8, grayscale, PIL blur,
              solarise, ToTensor, Normalize), in a DataLoader with the same workers; the ratio column divides by it
-  cpu        data.backend=cpu (fastdino.data.loader.CpuBatches)
+  cpu        data.backend=cpu (fastdino.data.batch.CpuBatches)
   torch_gpu  data.backend=torch_gpu on --device (on the CPU its batched ops run on CPU tensors)
   dali       data.backend=dali (needs `pip install -e ".[dali]"`; CPU operators without a GPU)
 For a GPU backend on a GPU it also reports the GPU time per image of its decode + augmentation, what it takes
@@ -49,8 +49,9 @@ from torchvision import transforms as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fastdino.data.batch import CpuBatches, build_loader  # noqa: E402
 from fastdino.data.files import ImageFileDataset, collate_views, decode_rgb, index_image_folder  # noqa: E402
-from fastdino.data.loader import CpuBatches, build_loader, dali_available  # noqa: E402
+from fastdino.data.loader import dali_available  # noqa: E402
 from fastdino.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, multicrop_transform  # noqa: E402
 from fastdino.data.shards import index_shards, write_shards  # noqa: E402
 

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from fastdino.config import ConfigError, load_config
-from fastdino.engine.backends import autocast_for, build_backend
+from fastdino.engine.backends import build_backend
+from fastdino.engine.backends.base import autocast_for
 from fastdino.engine.backends.deepspeed import deepspeed_config, split_groups
 from fastdino.engine.distributed import DistInfo
 from fastdino.engine.optim import param_groups

@@ -9,17 +9,17 @@ import torch
 from PIL import Image
 
 from fastdino.data import gpu_augment as ga
+from fastdino.data.batch import CpuBatches
 from fastdino.data.files import ImageFileDataset, decode_rgb, index_image_folder
-from fastdino.data.loader import CpuBatches
 from fastdino.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, multicrop_transform
 
 pytest.importorskip("nvidia.dali")
 from nvidia.dali import fn, pipeline_def, types  # noqa: E402
 
 from fastdino.data import dali as dali_module  # noqa: E402
+from fastdino.data.batch import build_loader  # noqa: E402
 from fastdino.data.dali import DaliBatches, _encoded, dali_rows  # noqa: E402
 from fastdino.data.gpu_augment import collate_encoded  # noqa: E402
-from fastdino.data.loader import build_loader  # noqa: E402
 
 # CPU operators here; nvJPEG ("mixed") and the GPU operators in `pytest -m gpu` (perf/gpu_suite.py).
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from fastdino.data.batch import ResumableShardedSampler, build_loader, steps_per_epoch
 from fastdino.data.demo import DEMO_CLASSES, make_demo_dataset
 from fastdino.data.files import DataError, ImageFileDataset, UnreadableImages, collate_views, index_image_folder
-from fastdino.data.loader import ResumableShardedSampler, build_loader, steps_per_epoch
 from fastdino.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, eval_transform, multicrop_transform
 
 

@@ -1,6 +1,6 @@
 """Faults: a checkpoint write that fails (disk full), and one of two processes killed mid-run.
 
-What happens, as documented in the README ("When a process fails", "What happens with bad input"):
+What happens, as documented in docs/distributed.md ("When a process fails") and docs/reliability.md:
 - A failed checkpoint write stops training (exit code 5) with one line naming the file, the OS error and the
   iteration the previous `last.pt` holds; that file is untouched (atomic write: temporary file, rename).
 - A process that dies or hangs makes the others stop within `train.dist_timeout` seconds (at once when its

@@ -19,8 +19,8 @@ from torchvision.transforms import InterpolationMode
 
 from fastdino.cli import main
 from fastdino.config import ConfigError
+from fastdino.data import batch, loader
 from fastdino.data import gpu_augment as ga
-from fastdino.data import loader
 from fastdino.data.demo import make_demo_dataset
 from fastdino.data.files import ImageFileDataset, decode_rgb, index_image_folder
 from fastdino.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, multicrop_transform
@@ -301,7 +301,7 @@ def test_a_batch_without_jpegs_or_mixing_formats_decodes(tmp_path, files, device
 @pytest.mark.gpu
 def test_a_gpu_batch_has_the_cpu_backends_shapes_dtypes_ranges_and_labels(tmp_path):
     dataset = ImageFileDataset(index_image_folder(_folder(tmp_path)), multicrop_transform(32, 16, 2), seed=3)
-    cpu_views, cpu_labels, _ = next(iter(loader.CpuBatches(dataset, 4, 0, seed=3).epoch(0)))
+    cpu_views, cpu_labels, _ = next(iter(batch.CpuBatches(dataset, 4, 0, seed=3).epoch(0)))
     gpu = ga.TorchGpuBatches(dataset, 4, 0, seed=3, device="cuda")
     views, labels, bad = next(iter(gpu.epoch(0)))
     assert [v.shape for v in views] == [v.shape for v in cpu_views] and bad == []
@@ -472,7 +472,7 @@ def test_backend_batches_shapes_ranges_determinism_and_resume(tmp_path):
 
 def test_backend_shards_by_rank(tmp_path):
     """Each rank decodes exactly the images the sampler assigns it, in its order (not only the same labels)."""
-    from fastdino.data.loader import ResumableShardedSampler
+    from fastdino.data.batch import ResumableShardedSampler
 
     _folder(tmp_path)
     for r in (0, 1):

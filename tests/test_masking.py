@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastdino.data.loader import ResumableShardedSampler
+from fastdino.data.batch import ResumableShardedSampler
 from fastdino.data.masking import (
     BLUR,
     GREY,

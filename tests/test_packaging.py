@@ -120,3 +120,21 @@ def test_editable_install_maps_no_top_level_kernels(source_copy, tmp_path):
     assert "kernels" not in mapping
     assert Path(mapping["fastdino"]) == source_copy / "fastdino"
     assert Path(mapping["fastdino.kernels"]) == source_copy / "kernels"
+
+
+def test_setup_lists_each_requirement_once_and_says_what_each_extra_enables():
+    """setup.py: no requirement twice in install_requires or in one extra; every extra has a comment on its line."""
+    source = (ROOT / "setup.py").read_text()
+    call = next(node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Call)
+                and getattr(node.func, "id", "") == "setup")
+    keywords = {k.arg: k.value for k in call.keywords}
+    name = lambda requirement: re.split(r"[<>=!~\[; ]", requirement.value, maxsplit=1)[0].lower()  # noqa: E731
+    lists = {"install_requires": keywords["install_requires"].elts}
+    extras = keywords["extras_require"]
+    lists.update({key.value: value.elts for key, value in zip(extras.keys, extras.values)})
+    for where, requirements in lists.items():
+        names = [name(r) for r in requirements]
+        assert len(names) == len(set(names)), (where, names)
+    lines = source.splitlines()
+    for key in extras.keys:
+        assert "#" in lines[key.lineno - 1] or lines[key.lineno - 2].strip().startswith("#"), key.value

@@ -22,12 +22,13 @@ from PIL import Image
 
 from fastdino.cli import main
 from fastdino.data import shards as sh
+from fastdino.data.batch import CpuBatches
 from fastdino.data.files import DataError, ImageFileDataset, UnreadableImages, index_image_folder
 from fastdino.data.gpu_augment import TorchGpuBatches
-from fastdino.data.loader import CpuBatches, dali_available
+from fastdino.data.loader import dali_available
 from fastdino.data.multicrop import multicrop_transform
 from fastdino.engine.checkpoint import load_checkpoint
-from fastdino.engine.trainer import index_fingerprint
+from fastdino.engine.resume import index_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 # Names whose sort order differs between naive key orders and the folder's: '-' < '.' < '/' < '_' in ASCII, a

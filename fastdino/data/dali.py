@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fastdino.data.batch import Batch, build_loader
 from fastdino.data.files import ImageFileDataset
 from fastdino.data.gpu_augment import (
     P_BLUR,
@@ -69,7 +70,6 @@ from fastdino.data.gpu_augment import (
     EncodedItem,
     collate_encoded,
 )
-from fastdino.data.loader import Batch, build_loader
 from fastdino.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
 from fastdino.errors import MissingDependencyError
 

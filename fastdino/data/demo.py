@@ -6,7 +6,7 @@ pixel noise. Why patterns and not single shapes: DINO bootstraps from what two a
 image share. A random-init ViT's class token of a lone shape depends mostly on where the shape falls on
 the patch grid, which random crops change, so the shared part is small and not the class; the student
 then learns a constant output and the teacher collapses to uniform within a few hundred iterations (the
-v4 shapes set did, README). Every crop of a pattern shows the class, so the shared part is large and
+v4 shapes set did, docs/demo.md). Every crop of a pattern shows the class, so the shared part is large and
 mostly the class. Held constant on purpose: the grey levels (a per-image brightness is shared by both
 views and DINO learns it instead of the pattern) and the noise level. The period is the one nuisance
 left: random crops rescale it, so it is only partly shared. The pattern level is solarisation-safe (160

@@ -194,8 +194,8 @@ class _Walk:
 
 
 INDEX_CACHE_ENV = "FASTDINO_INDEX_CACHE"
-"""Environment variable: the folder of the image-index cache, or `off` to index every time (README, "Train on
-your own images"). Unset: `$XDG_CACHE_HOME/fastdino/index`, else `~/.cache/fastdino/index`."""
+"""Environment variable: the folder of the image-index cache, or `off` to index every time (docs/data.md,
+"The index cache"). Unset: `$XDG_CACHE_HOME/fastdino/index`, else `~/.cache/fastdino/index`."""
 _CACHE_MAGIC = b"fastdino image index v1\n"
 _RACY_NS = 2_000_000_000  # a folder changed this close to the walk may change again within its mtime's granularity
 

@@ -52,7 +52,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from fastdino.config import ConfigError
+from fastdino.data.batch import Batch, build_loader
 from fastdino.data.files import (
     DECODE_ERRORS,
     MAX_SUBSTITUTIONS,
@@ -61,8 +61,8 @@ from fastdino.data.files import (
     decode_rgb,
     item_seed,
 )
-from fastdino.data.loader import Batch, build_loader
 from fastdino.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, MultiCrop
+from fastdino.errors import ConfigError
 
 # Columns of a crop's parameter row (float64): box in pixels of the upright image, then the draws.
 P_TOP, P_LEFT, P_HEIGHT, P_WIDTH, P_FLIP, P_JITTER = range(6)

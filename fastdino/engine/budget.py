@@ -17,7 +17,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastdino.config import Config, ConfigError
+from fastdino.config import Config
+from fastdino.errors import ConfigError
 
 IMAGENET_1K_TRAIN = 1_281_167
 """Images in ImageNet-1k's training split (ILSVRC 2012), the default data set size."""

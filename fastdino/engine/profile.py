@@ -36,9 +36,9 @@ from pathlib import Path
 import torch
 
 from fastdino.config import Config
+from fastdino.data.batch import build_loader
 from fastdino.data.demo import DEMO_CLASSES, make_demo_dataset
 from fastdino.data.files import collate_views
-from fastdino.data.loader import build_loader
 from fastdino.engine.trainer import Trainer
 from fastdino.models.backbones import arch_label, is_vit
 from fastdino.reports.plots import plot_phases

@@ -22,8 +22,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
+from fastdino.data.batch import build_loader, steps_per_epoch
 from fastdino.data.files import DataError, ImageFileDataset, ImageIndex, UnreadableImages, collate_views
-from fastdino.data.loader import build_loader, steps_per_epoch
 from fastdino.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from fastdino.data.shards import index_images
 from fastdino.models.backbones import feature_dim

@@ -7,7 +7,7 @@ fixed at 1, so the output is a cosine similarity to K learned prototypes.
 `use_bn` puts BatchNorm after both hidden layers (the official code's `use_bn_in_head`, off in the SPEC's
 ViT recipe). It keeps the head's output image-dependent however little the backbone's is: on a few hundred
 iterations from random init, where most of the class token's variation is view-specific, the student
-otherwise learns a constant output and the teacher collapses to uniform (README, "What the demo does").
+otherwise learns a constant output and the teacher collapses to uniform (docs/demo.md).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from fastdino.engine.backends import Backend
+from fastdino.engine.backends.base import Backend
 from fastdino.engine.checkpoint import CheckpointError
 from fastdino.engine.distributed import wrap_ddp
 from fastdino.engine.health import loss_scale

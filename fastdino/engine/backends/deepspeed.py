@@ -57,11 +57,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from fastdino.config import ConfigError
-from fastdino.engine.backends import Backend
+from fastdino.engine.backends.base import Backend
 from fastdino.engine.checkpoint import CheckpointError
 from fastdino.engine.optim import make_optimizer, param_groups
-from fastdino.errors import MissingDependencyError
+from fastdino.errors import ConfigError, MissingDependencyError
 from fastdino.methods.base import Method
 from fastdino.telemetry import phase
 
