@@ -14,12 +14,21 @@
 #   then, on the GPU machine, with .gpu_wheels carried:  python perf/gpu_suite.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
+case "${1:-}" in
+    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; echo "usage: bash perf/gpu_wheels.sh [DIR]   (default .gpu_wheels)"; exit 0 ;;
+    -*) echo "gpu_wheels: unknown option $1 (usage: bash perf/gpu_wheels.sh [DIR])" >&2; exit 2 ;;
+esac
 dir=${1:-.gpu_wheels}
+# The folder is emptied first: refuse one that holds anything but wheels (a mistyped path must lose nothing).
+if [[ -d "$dir" ]] && find "$dir" -mindepth 1 ! -name '*.whl' | grep -q .; then
+    echo "gpu_wheels: $dir holds files other than wheels: name a new or wheel-only folder" >&2
+    exit 2
+fi
 XFORMERS=0.0.35 DEEPSPEED=0.19.8
 LIMIT_MIB=48  # of the 64 MiB a command carries: the working tree travels in the same 64 MiB
 platform=(--python-version 3.12 --implementation cp --only-binary=:all:
           --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
-rm -rf "$dir" && mkdir -p "$dir"
+rm -rf -- "$dir" && mkdir -p -- "$dir"
 pip() { python3 -m pip --disable-pip-version-check -q "$@"; }
 pip download --no-deps "${platform[@]}" -d "$dir" "xformers==$XFORMERS"
 # DeepSpeed is published as a source archive only: build its pure-Python wheel here (no ops: DS_BUILD_OPS=0).

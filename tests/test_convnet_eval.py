@@ -91,6 +91,11 @@ def test_export_of_a_convnet_to_a_vit_format_is_one_line(trained, tmp_path, caps
     err = capsys.readouterr().err
     assert "--format hf writes ViTs only" in err and "official-backbone" in err and err.count("\n") == 1
     assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf.*"))
+    taken = tmp_path / "config.yaml"  # a file formats' --out that exists is never replaced
+    taken.write_text("kept")
+    assert main(["export", str(ckpt), "--format", "official", "--out", str(taken)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {taken} exists" in err and err.count("\n") == 1 and taken.read_text() == "kept"
 
 
 def test_official_resnet50_release_file_is_read(tmp_path):

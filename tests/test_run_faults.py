@@ -221,6 +221,10 @@ def test_run_folder_inside_the_data_is_refused(tmp_path, capsys):
     assert main(["train", "configs/demo.yaml", *TINY, f"data.path={data}", f"train.output_dir={out}"]) == 2
     assert f"train.output_dir {out} lies inside the data folder {data / 'train'}" in one_line(capsys.readouterr().err)
     assert not out.exists()
+    beside = data / "run"  # in data.path itself, beside train/ and val/
+    assert main(["train", "configs/demo.yaml", *TINY, f"data.path={data}", f"train.output_dir={beside}"]) == 2
+    assert f"train.output_dir {beside} lies inside the data folder {data}" in one_line(capsys.readouterr().err)
+    assert not beside.exists()
 
 
 def test_data_that_vanishes_mid_run(run, monkeypatch, capsys):
@@ -233,6 +237,37 @@ def test_data_that_vanishes_mid_run(run, monkeypatch, capsys):
                                          "iteration "), line
     assert f"{out / 'last.pt'} (after 4 iterations) is intact" in line  # the batch of step 3 was decoded before
     assert load_checkpoint(out / "last.pt")["step"] == 4
+
+
+def test_shards_that_vanish_mid_run_or_never_decode(tmp_path, monkeypatch, capsys):
+    """A shard set behaves as a folder: shards deleted mid-run stop the run naming the data (exit 8); shards of
+    undecodable images are one line before any step (exit 2); never a traceback."""
+    images = make_demo_dataset(tmp_path / "images", n_train_per_class=2, n_val_per_class=1, size=32)
+    assert main(["shards", str(images), str(tmp_path / "shards")]) == 0
+    capsys.readouterr()
+    train_shards = tmp_path / "shards" / "train"
+    out = tmp_path / "run"
+    args = ["train", "configs/demo.yaml", *TINY, f"data.path={tmp_path / 'shards'}", f"train.output_dir={out}"]
+    def vanish(t):
+        shutil.rmtree(train_shards)
+        t.index.members.__init__(**{k: getattr(t.index.members, k) for k in ("shards", "keys", "shard", "offset",
+                                                                            "size")})  # open files dropped too
+
+    monkeypatch.setattr(trainer.Trainer, "train_step", at_step(3, vanish))
+    assert main(args) == 8
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith(f"fastdino: training stopped: the training data {train_shards} is gone at "), line
+    monkeypatch.undo()
+    bad = tmp_path / "bad"
+    for k in range(6):
+        (bad / f"c{k % 2}").mkdir(parents=True, exist_ok=True)
+        (bad / f"c{k % 2}" / f"{k}.jpg").write_bytes(bytes(range(256)) * 4)
+    assert main(["shards", str(bad), str(tmp_path / "bad_shards")]) == 0
+    capsys.readouterr()
+    args = ["train", "configs/demo.yaml", *TINY, f"data.path={tmp_path / 'bad_shards'}",
+            f"train.output_dir={tmp_path / 'run2'}"]
+    assert main(args) == 2
+    assert "no readable image" in one_line(capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("error", [

@@ -79,6 +79,10 @@ class MemberSource(Protocol):
         """Each image's name within its data set: the relative path a `fastdino shards` key was made from."""
         ...
 
+    def files(self) -> list[str]:
+        """The files the images live in (each shard once)."""
+        ...
+
 
 @dataclass
 class ImageIndex:
@@ -112,6 +116,11 @@ class ImageIndex:
         """The images `keep` (positions in this index), in that order, with the same classes."""
         members = None if self.members is None else self.members.take(keep)
         return ImageIndex([self.paths[i] for i in keep], [self.labels[i] for i in keep], list(self.classes), members)
+
+    def files(self) -> Sequence[str]:
+        """The files the images live in: each image's own file for a folder, each shard once for a shard set
+        (what a run checks to tell data that vanished from data that cannot be decoded)."""
+        return self.paths if self.members is None else self.members.files()
 
     def image_ids(self, root: str | Path) -> Iterable[str]:
         """Each image's name within the data set at `root`, which the run's image-set fingerprint hashes: a

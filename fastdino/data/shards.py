@@ -453,7 +453,9 @@ class _MemberNames(Sequence):
     def __len__(self) -> int:
         return len(self.keys)
 
-    def __getitem__(self, j: int) -> str:
+    def __getitem__(self, j: int | slice) -> str | list[str]:
+        if isinstance(j, slice):
+            return [self[i] for i in range(*j.indices(len(self)))]
         return f"{self.shards[self.shard[j]]}:{self.keys[j]}"
 
     def __iter__(self) -> Iterator[str]:
@@ -503,6 +505,9 @@ class ShardMembers:
 
     def image_ids(self) -> Iterator[str]:
         return (decode_key(key) for key in self.keys)
+
+    def files(self) -> list[str]:
+        return [self.shards[s] for s in np.unique(self.shard).tolist()]
 
     def __del__(self) -> None:
         if getattr(self, "_pid", None) == os.getpid():

@@ -222,7 +222,7 @@ class Trainer:
 
         # Refuse bad data, bad checkpoints and changed settings before any model is built or step taken.
         self.train_dir, self.val_dir = data_roots(cfg.data.path)
-        check_outside_data(self.output_dir, [d for d in (self.train_dir, self.val_dir) if d is not None])
+        check_outside_data(self.output_dir, [d for d in (self.train_dir, self.val_dir, Path(cfg.data.path)) if d])
         self.index: ImageIndex = index_images(self.train_dir)
         n_images = len(self.index.paths)
         self.fingerprint = index_fingerprint(self.index, self.train_dir)
@@ -367,11 +367,12 @@ class Trainer:
                 f"{self._kept()}: {resume}lower data.batch_size in a new train.output_dir (a resume keeps the global "
                 "batch)")
         if isinstance(exc, DataError):
-            picks = self.index.paths[:: max(1, len(self.index.paths) // 100)]
+            files = self.index.files()  # image files, or shards
+            picks = files[:: max(1, len(files) // 100)]
             missing = sum(not os.path.exists(p) for p in picks)
-            if not self.train_dir.is_dir() or missing:
-                gone = ("is gone" if not self.train_dir.is_dir() else
-                        f"lost files: {missing} of {len(picks)} indexed images checked are missing")
+            if missing:
+                gone = ("is gone" if missing == len(picks) else
+                        f"lost files: {missing} of {len(picks)} indexed files checked are missing")
                 return DataVanishedError(
                     f"the training data {self.train_dir} {gone} at iteration {self.step} (an unmounted volume?); "
                     f"{self._kept()}: restore the data and resume with train.resume=auto")

@@ -69,6 +69,8 @@ def _check_out(src: Path, out: Path, fmt: str) -> None:
                             "name a new one")
     elif out.is_dir():
         raise UserError(f"--out {out} is a folder: the {fmt} format writes one file; name it")
+    elif out.exists():
+        raise UserError(f"--out {out} exists: an export never replaces a file; remove it or name another")
 
 
 def _fsynced(path: Path) -> None:
