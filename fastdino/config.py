@@ -505,11 +505,12 @@ def schedule_warnings(cfg: Config, steps_per_epoch: int) -> list[str]:
     if cfg.optim.warmup_epochs == epochs and epochs > 0:
         out.append(f"optim.warmup_epochs = train.epochs = {epochs}: the learning rate warms up for the whole run and "
                    "never decays to optim.min_lr")
-    if cfg.dino.freeze_last_layer_epochs >= epochs:
+    dino = cfg.train.method == "dino"  # the dino.* schedules mean nothing to another method
+    if dino and cfg.dino.freeze_last_layer_epochs >= epochs:
         out.append(f"dino.freeze_last_layer_epochs={cfg.dino.freeze_last_layer_epochs} >= train.epochs={epochs}: the "
                    "head's last layer never trains")
     for key, warm in (("optim.warmup_epochs", cfg.optim.warmup_epochs),
-                      ("dino.warmup_teacher_temp_epochs", cfg.dino.warmup_teacher_temp_epochs)):
+                      ("dino.warmup_teacher_temp_epochs", cfg.dino.warmup_teacher_temp_epochs if dino else 0)):
         if stop and warm and stop < warm * steps_per_epoch:
             out.append(f"train.max_steps={stop} stops the run inside the {warm}-epoch {key} warm-up "
                        f"({warm * steps_per_epoch} iterations): its target is never reached")

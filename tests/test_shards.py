@@ -300,6 +300,13 @@ def test_refusals_are_one_line_before_any_work(tmp_path, capsys):
     # a listed shard that does not exist
     with pytest.raises(DataError, match=r"shard-000004.tar \(of .*shard-\{000000..000099\}.tar\) does not exist"):
         sh.index_images(str(out / "shard-{000000..000099}.tar"))
+    # a shard named twice (here through a link) would count its images twice
+    first = sorted(out.glob("*.tar"))[0]
+    twice = tmp_path / "twice.txt"
+    (tmp_path / "again.tar").symlink_to(first)
+    twice.write_text(f"{first}\n{tmp_path / 'again.tar'}\n")
+    with pytest.raises(DataError, match="names one shard twice"):
+        sh.index_images(twice)
     # a label-less shard set: a training set of one class, refused by k-NN and as validation for labelled training
     flat = _shards(_image_tree(tmp_path / "flat", names=["0.jpg", "1.jpg", "2.png"]), tmp_path / "flat_shards")
     assert not (flat / "classes.json").exists()

@@ -111,6 +111,9 @@ def test_schedule_warnings_name_the_keys():
     assert any("dino.freeze_last_layer_epochs=10" in x for x in lines)
     assert any("train.max_steps=30" in x and "dino.warmup_teacher_temp_epochs" in x for x in lines)
     assert schedule_warnings(load_config(None, ["train.epochs=100"]), steps_per_epoch=10) == []
+    # SiT has no DINO head or teacher temperature: no dino.* warning
+    sit = load_config(None, ["train.method=sit", "train.epochs=1", "optim.warmup_epochs=0", "train.max_steps=5"])
+    assert not any("dino." in x for x in schedule_warnings(sit, steps_per_epoch=10))
 
 
 def test_non_finite_loss_in_a_fresh_run_says_no_checkpoint_exists(demo_root, tmp_path, poison_loss):

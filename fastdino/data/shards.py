@@ -123,7 +123,8 @@ def is_shard_set(path: str | Path) -> bool:
 def resolve_shards(spec: str | Path) -> tuple[list[str], list[str], str]:
     """(shard paths in order, files whose mtime the index cache checks, where classes.json is looked for).
 
-    Raises DataError naming the spec or the shard when a listed shard is missing, compressed, or none is found.
+    Raises DataError naming the spec or the shard when a listed shard is missing, compressed, named twice, or
+    none is found.
     """
     text = str(spec)
     watched: list[str] = []
@@ -150,6 +151,10 @@ def resolve_shards(spec: str | Path) -> tuple[list[str], list[str], str]:
         _refuse_compressed(shard)
         if not os.path.isfile(shard):
             raise DataError(f"shard {shard} (of {text}) does not exist")
+    seen: dict[str, str] = {}
+    for shard in shards:  # a shard named twice would count each of its images twice
+        if (first := seen.setdefault(os.path.realpath(shard), shard)) is not shard:
+            raise DataError(f"shard set {text} names one shard twice ({first} and {shard}): list each shard once")
     classes_dir = text if os.path.isdir(text) else os.path.dirname(shards[0])
     return shards, watched, os.path.join(classes_dir, CLASSES_FILE)
 

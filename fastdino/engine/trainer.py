@@ -281,6 +281,8 @@ class Trainer:
             self.lock = lock_run_folder(self.output_dir)
             remove_temporary_checkpoints(self.output_dir)
             check_fresh_start(self.output_dir, cfg.train.resume, resumes=ckpt is not None)
+        if ckpt is not None:  # said once the run folder is this run's (a busy folder is refused above, silently)
+            log.info("resumed from %s at iteration %d", ckpt_path, self.step)
         compile_networks(self.method, cfg.model.compile)  # in place, before any wrapper
         self.backend.wrap(self.method)  # optimizer; DDP or the DeepSpeed engine around the student
         if ckpt is not None:  # after the wrap: DeepSpeed's optimizer exists only now
@@ -322,7 +324,6 @@ class Trainer:
             self.unreadable = UnreadableImages.from_state(ckpt["skipped_images"])
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CheckpointError(f"checkpoint {path} does not match this run: {exc}") from exc
-        log.info("resumed from %s at iteration %d", path, self.step)
 
     def save(self) -> Path:
         """Write output_dir/last.pt (atomically: a failed write leaves the previous file as it was).

@@ -139,7 +139,9 @@ def read_weights_file(path: str | Path) -> Any:
                 f"checkpoint {path} holds a pickled Python object ({unsafe.group(1)}) that fastdino will not load (it "
                 "could run code from the file); re-save only its tensors (state dicts) with code you trust"
             ) from None
-        raise CheckpointError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {_one_line(exc)})") from exc
+        why = _one_line(exc)  # torch's weights_only explanation alone runs to 600+ characters
+        raise CheckpointError(f"checkpoint {path} is unreadable as a PyTorch file ({type(exc).__name__}: "
+                              f"{why[:160] + ' ...' if len(why) > 160 else why})") from exc
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
