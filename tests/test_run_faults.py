@@ -321,3 +321,20 @@ def test_a_broken_optional_dependency_is_reported_once_and_skipped(run, monkeypa
     monkeypatch.setattr(sys, "meta_path", [Broken(), *sys.meta_path])
     assert main(args) == 0
     assert caplog.text.count("tensorboard failed to start (AttributeError") == 1
+
+
+def test_two_deepspeed_runs_in_one_process(run, tmp_path):
+    """DeepSpeed caches a clone of the world group per process: an in-process run after the process group was
+    closed (a notebook, this suite) starts on a new default group and must not reach for the old clone."""
+    pytest.importorskip("deepspeed")
+    import torch.distributed as dist
+
+    args, out = run
+    try:
+        assert main([*args, "train.engine=deepspeed", "train.max_steps=2"]) == 0
+        dist.destroy_process_group()  # the single-process run's group of one, closed as tests/test_deepspeed.py does
+        assert main([*args[:-1], f"train.output_dir={tmp_path / 'again'}", "train.engine=deepspeed",
+                     "train.max_steps=2"]) == 0
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -174,6 +174,18 @@ class LossScale:
         self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
 
 
+def _forget_stale_world_clone() -> None:
+    """DeepSpeed keeps a clone of the world group in a module global (deepspeed.utils.groups._WORLD_GROUP, made
+    once per process). A second run in the same process (tests, a notebook) starts on a new default group, where
+    that clone is no longer registered and DeepSpeed's first broadcast raises: drop it, so DeepSpeed clones the
+    current world again."""
+    from deepspeed.utils import groups
+
+    clone = getattr(groups, "_WORLD_GROUP", None)
+    if clone is not None and clone not in dist.distributed_c10d._world.pg_group_ranks:
+        groups._WORLD_GROUP = None
+
+
 def split_groups(groups: list[dict], freezable: set[int]) -> list[dict]:
     """Each group split in two: the parameters the method may freeze, and the others (empty groups dropped)."""
     out = []
@@ -203,6 +215,7 @@ class DeepSpeedBackend(Backend):
             os.environ.setdefault("LOCAL_RANK", "0")
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", store=dist.HashStore(),
                                     rank=0, world_size=1)
+        _forget_stale_world_clone()
         self.method = method
         student = method.student_module()
         freezable = {id(p) for p in method.frozen_parameters(0)}
