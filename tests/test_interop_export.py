@@ -4,14 +4,14 @@ start evaluations and runs (knn, finetune, init_from from a lone .safetensors fi
 
 from pathlib import Path
 
+import interop_cases
 import pytest
 import torch
 
 import fastdino.interop.export as export_module
 from fastdino.cli import main
-from fastdino.config import config_to_dict, load_config
+from fastdino.config import load_config
 from fastdino.data.demo import make_demo_dataset
-from fastdino.engine.checkpoint import save_checkpoint
 from fastdino.interop.export import ExportCheckError, export
 from fastdino.interop.hf import to_hf
 from fastdino.interop.official import init_from_weights, read_dino_weights
@@ -24,15 +24,7 @@ TINY = ["model.arch=vit_tiny", "model.depth=2", "model.patch_size=8", "model.img
 
 
 def checkpoint(path, overrides=TINY):
-    cfg = load_config(None, overrides)
-    method = build_method(cfg, torch.device("cpu"))
-    with torch.no_grad():
-        for t in method.teacher.state_dict().values():
-            if t.is_floating_point():
-                t.add_(0.02 * torch.randn_like(t))
-    save_checkpoint({"config": config_to_dict(cfg), "step": 3, "student": method.student.state_dict(),
-                     "teacher": method.teacher.state_dict()}, path)
-    return cfg, method
+    return interop_cases.checkpoint(path, overrides)
 
 
 def _swap_q_k(backbone):

@@ -7,12 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from interop_cases import HEAD, SIZES, checkpoint, images
 from PIL import Image
 
 from fastdino.cli import main
-from fastdino.config import config_to_dict, load_config
 from fastdino.data.multicrop import eval_transform
-from fastdino.engine.checkpoint import save_checkpoint
 from fastdino.interop.official import init_from_weights, load_teacher_backbone, read_dino_weights
 from fastdino.interop.timm import timm_class_token
 from fastdino.methods import build_method
@@ -20,35 +19,10 @@ from fastdino.methods import build_method
 timm = pytest.importorskip("timm")
 pytest.importorskip("safetensors")
 
-HEAD = ["dino.out_dim=64", "dino.hidden_dim=32", "dino.bottleneck_dim=16"]
-SIZES = {  # ViT-T/8 at 32 px (all 12 blocks), ViT-S/16 at 224 px (2 blocks: 2 shared CPU cores)
-    "vit_tiny_p8_32": ["model.arch=vit_tiny", "model.patch_size=8", "model.img_size=32", "data.global_size=32"],
-    "vit_small_p16_224": ["model.arch=vit_small", "model.depth=2", "model.patch_size=16", "model.img_size=224",
-                          "data.global_size=224"],
-}
-
-
-def checkpoint(path, overrides):
-    """A fastdino checkpoint with random weights (the teacher moved away from the student)."""
-    cfg = load_config(None, overrides + HEAD)
-    method = build_method(cfg, torch.device("cpu"))
-    with torch.no_grad():
-        for t in method.teacher.state_dict().values():
-            if t.is_floating_point():
-                t.add_(0.02 * torch.randn_like(t))
-    save_checkpoint({"config": config_to_dict(cfg), "step": 3, "student": method.student.state_dict(),
-                     "teacher": method.teacher.state_dict()}, path)
-    return cfg, method
-
-
-def images(size: int, n: int = 2) -> torch.Tensor:
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
-
-
 @pytest.fixture(scope="module", params=list(SIZES))
 def exported(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(request.param)
-    cfg, method = checkpoint(tmp / "last.pt", SIZES[request.param])
+    cfg, method = checkpoint(tmp / "last.pt", SIZES[request.param] + HEAD)
     assert main(["export", str(tmp / "last.pt"), "--format", "timm", "--out", str(tmp / "timm")]) == 0
     return cfg, method, tmp / "timm"
 

@@ -1,0 +1,31 @@
+"""What the interop tests share: checkpoints with random weights at the two tested sizes, and fixed images."""
+
+import torch
+
+from fastdino.config import config_to_dict, load_config
+from fastdino.engine.checkpoint import save_checkpoint
+from fastdino.methods import build_method
+
+HEAD = ["dino.out_dim=64", "dino.hidden_dim=32", "dino.bottleneck_dim=16"]
+SIZES = {  # ViT-T/8 at 32 px (all 12 blocks), ViT-S/16 at 224 px (2 blocks: 2 shared CPU cores)
+    "vit_tiny_p8_32": ["model.arch=vit_tiny", "model.patch_size=8", "model.img_size=32", "data.global_size=32"],
+    "vit_small_p16_224": ["model.arch=vit_small", "model.depth=2", "model.patch_size=16", "model.img_size=224",
+                          "data.global_size=224"],
+}
+
+
+def checkpoint(path, overrides):
+    """A fastdino checkpoint with random weights (the teacher moved away from the student): (config, method)."""
+    cfg = load_config(None, overrides)
+    method = build_method(cfg, torch.device("cpu"))
+    with torch.no_grad():
+        for t in method.teacher.state_dict().values():
+            if t.is_floating_point():
+                t.add_(0.02 * torch.randn_like(t))
+    save_checkpoint({"config": config_to_dict(cfg), "step": 3, "student": method.student.state_dict(),
+                     "teacher": method.teacher.state_dict()}, path)
+    return cfg, method
+
+
+def images(size: int, n: int = 2) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
