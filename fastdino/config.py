@@ -574,6 +574,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     name = getattr(tp, "__name__", str(tp))
     quote = tp is str and isinstance(value, bool)
     hint = " (YAML reads off / on / yes / no as booleans: quote the word)" if quote else ""
+    if tp is str and isinstance(value, (list, tuple)):
+        hint = f" (a list given: write it as one comma-separated string, {key}={','.join(map(str, value))})"
     raise ConfigError(f"{key}={value!r} has the wrong type: expected {name}{hint}", key)
 
 

@@ -83,3 +83,9 @@ def test_yaml_merge_keys(tmp_path):
     path.write_text("model:\n  <<: {arch: vit_tiny}\n  depth: 2\n  depth: 3\n")
     with pytest.raises(ConfigError, match="appears twice"):
         load_config(path)
+
+
+def test_a_list_for_a_text_key_says_how_to_write_it():
+    with pytest.raises(ConfigError, match=r"train\.stop_signals=\['SIGTERM', 'SIGUSR1'\] has the wrong type: expected "
+                                          r"str \(a list given: .*train\.stop_signals=SIGTERM,SIGUSR1\)"):
+        load_config(None, ["train.stop_signals=[SIGTERM,SIGUSR1]"])

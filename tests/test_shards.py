@@ -291,6 +291,11 @@ def test_refusals_are_one_line_before_any_work(tmp_path, capsys):
         assert main(["shards", str(src), str(target)]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and str(target) in err
+    # an output path through a file
+    (tmp_path / "afile").write_text("")
+    assert main(["shards", str(src), str(tmp_path / "afile" / "sub")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "cannot create the shard folder" in err and "Not a directory" in err
     # compressed shards
     gz = tmp_path / "gz"
     gz.mkdir()

@@ -634,7 +634,8 @@ def write_shards(image_folder: str | Path, out_dir: str | Path, shard_size: int 
     is one permutation seeded by `seed`, so each shard mixes classes; a shard is closed before it would pass
     `shard_size` bytes (at least one image each). Every image `index_image_folder` indexes is written; a file
     that cannot be read is left out and named in `WrittenSplit.unreadable`. Raises DataError before writing
-    when out_dir exists and is not empty or lies inside image_folder, or when image_folder is not a folder.
+    when out_dir exists and is not empty, lies inside image_folder or cannot be created, or when image_folder is
+    not a folder.
     """
     from tqdm import tqdm
 
@@ -645,6 +646,10 @@ def write_shards(image_folder: str | Path, out_dir: str | Path, shard_size: int 
         raise DataError(f"{out} exists and is not an empty folder: shards are written to a new or empty folder only")
     if Path(os.path.realpath(out)).is_relative_to(os.path.realpath(src)):
         raise DataError(f"{out} is inside the image folder {src}: write the shards elsewhere")
+    try:  # before any image is read: a path through a file, or a read-only place, fails here
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot create the shard folder {out}: {exc.strerror or exc}") from None
     splits = [("", src)]
     if (src / "train").is_dir():
         splits = [("train", src / "train")] + ([("val", src / "val")] if (src / "val").is_dir() else [])
