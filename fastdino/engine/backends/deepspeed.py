@@ -174,16 +174,21 @@ class LossScale:
         self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
 
 
-def _forget_stale_world_clone() -> None:
-    """DeepSpeed keeps a clone of the world group in a module global (deepspeed.utils.groups._WORLD_GROUP, made
-    once per process). A second run in the same process (tests, a notebook) starts on a new default group, where
-    that clone is no longer registered and DeepSpeed's first broadcast raises: drop it, so DeepSpeed clones the
-    current world again."""
+def _forget_earlier_runs() -> None:
+    """DeepSpeed keeps per-process state in module globals, made by the first engine and kept for every later one.
+    A second run in the same process (tests, a notebook) must not inherit it:
+    - deepspeed.utils.groups._WORLD_GROUP, a clone of the world group: after the process group was closed, the
+      new default group does not hold it, and DeepSpeed's first broadcast raises;
+    - deepspeed.runtime.torch_autocast's TORCH_AUTOCAST_INITIALIZED / _DTYPE, set by a run in DeepSpeed's
+      torch-autocast mode: a later fp32 run would then step through an fp16 GradScaler that never saw its
+      gradients. DeepSpeed sets them again when this run's config asks for that mode."""
+    from deepspeed.runtime import torch_autocast
     from deepspeed.utils import groups
 
     clone = getattr(groups, "_WORLD_GROUP", None)
     if clone is not None and clone not in dist.distributed_c10d._world.pg_group_ranks:
         groups._WORLD_GROUP = None
+    torch_autocast.TORCH_AUTOCAST_INITIALIZED, torch_autocast.TORCH_AUTOCAST_DTYPE = False, None
 
 
 def split_groups(groups: list[dict], freezable: set[int]) -> list[dict]:
@@ -215,7 +220,7 @@ class DeepSpeedBackend(Backend):
             os.environ.setdefault("LOCAL_RANK", "0")
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", store=dist.HashStore(),
                                     rank=0, world_size=1)
-        _forget_stale_world_clone()
+        _forget_earlier_runs()
         self.method = method
         student = method.student_module()
         freezable = {id(p) for p in method.frozen_parameters(0)}
