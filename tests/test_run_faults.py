@@ -79,6 +79,24 @@ class FullAfter:
         return getattr(self.f, name)
 
 
+def second_save_fails(error: BaseException):
+    """torch.save whose second call writes part of the file, then fails with `error` as torch's writer reports
+    it: wrapped in `RuntimeError: [enforce fail at inline_container.cc]`."""
+    real, calls = torch.save, []
+
+    def save(obj, f, *a, **k):
+        calls.append(1)
+        if len(calls) < 2:
+            return real(obj, f, *a, **k)
+        f.write(b"partial")
+        try:
+            raise error
+        except BaseException:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+
+    return save
+
+
 def test_full_disk_at_metrics_then_resume_skips_the_damaged_line(run, monkeypatch, capsys, caplog):
     args, out = run
     monkeypatch.setattr(run_logging, "_open_jsonl", lambda path: FullAfter(path, 3))
@@ -115,19 +133,7 @@ def test_full_disk_at_the_report(run, monkeypatch, capsys, where):
 def test_full_disk_inside_torch_save(run, monkeypatch, capsys):
     """torch.save's writer turns the file's OSError into `RuntimeError: [enforce fail at inline_container.cc]`."""
     args, out = run
-    real, calls = torch.save, []
-
-    def save(obj, f, *a, **k):
-        calls.append(1)
-        if len(calls) < 2:
-            return real(obj, f, *a, **k)
-        f.write(b"partial")
-        try:
-            raise OSError(errno.ENOSPC, ENOSPC)
-        except OSError:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
-
-    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(torch, "save", second_save_fails(OSError(errno.ENOSPC, ENOSPC)))
     assert main(args) == 5
     line = one_line(capsys.readouterr().err)
     assert f"could not write checkpoint {out / 'last.pt'} at iteration 3 ({ENOSPC}); the previous" in line
@@ -152,19 +158,7 @@ def test_full_disk_at_deepspeeds_files(run, monkeypatch, capsys):
 
 def test_ctrl_c_inside_a_checkpoint_write(run, monkeypatch, capsys):
     args, out = run
-    real, calls = torch.save, []
-
-    def save(obj, f, *a, **k):
-        calls.append(1)
-        if len(calls) < 2:
-            return real(obj, f, *a, **k)
-        f.write(b"partial")
-        try:
-            raise KeyboardInterrupt
-        except KeyboardInterrupt:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos") from None
-
-    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(torch, "save", second_save_fails(KeyboardInterrupt()))
     assert main(args) == 130
     assert one_line(capsys.readouterr().err).startswith("fastdino: interrupted; the last checkpoint")
     assert load_checkpoint(out / "last.pt")["step"] == 2 and temporary_files(out / "last.pt") == []
