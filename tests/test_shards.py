@@ -4,10 +4,12 @@ and the same fingerprint; a 2-process run on shards resumes bitwise after a kill
 a shard changes; damaged data is reported in one line naming shard:key, and nothing else is lost."""
 
 import contextlib
+import gzip
 import io
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,6 +24,7 @@ from PIL import Image
 
 from fastdino.cli import main
 from fastdino.data import shards as sh
+from fastdino.data import tarscan
 from fastdino.data.batch import CpuBatches
 from fastdino.data.files import DataError, ImageFileDataset, UnreadableImages, index_image_folder
 from fastdino.data.gpu_augment import TorchGpuBatches
@@ -29,6 +32,7 @@ from fastdino.data.loader import dali_available
 from fastdino.data.multicrop import multicrop_transform
 from fastdino.engine.checkpoint import load_checkpoint
 from fastdino.engine.resume import index_fingerprint
+from fastdino.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 # Names whose sort order differs between naive key orders and the folder's: '-' < '.' < '/' < '_' in ASCII, a
@@ -283,6 +287,98 @@ def test_damaged_shards_are_named_by_shard_and_key_and_nothing_else_is_lost(tmp_
     assert all("truncated after indexing" in reasons[name] for name in cut_short)
 
 
+def _damaged_set(tmp_path: Path) -> Path:
+    """Shards with a member without an image, a bad class member, a key repeated in a later shard, a shard that
+    ends inside a header and one cut inside its last image."""
+    out = _shards(_image_tree(tmp_path / "images"), tmp_path / "shards", shard_size=8_000)
+    tars = sorted(out.glob("*.tar"))
+    assert len(tars) >= 5
+    jpeg = io.BytesIO()
+    _photo(7, 200, 200).save(jpeg, format="JPEG")
+    _add_sample(tars[0], "a/only-a-label", None)
+    _add_sample(tars[1], "b/bad-label", jpeg.getvalue(), b"seven")
+    _add_sample(tars[2], "b/twice", jpeg.getvalue())
+    _add_sample(tars[3], "b/twice", jpeg.getvalue(), b"2")
+    for shard, key, inside in ((tars[3], "b/lost", "header"), (tars[4], "b/zz-cut", "image")):
+        _add_sample(shard, key, jpeg.getvalue())
+        with tarfile.open(shard) as tar:
+            member = tar.getmember(f"{key}.jpg")
+        with open(shard, "r+b") as f:
+            f.truncate(member.offset + 256 if inside == "header" else member.offset_data + 100)
+    return out
+
+
+def test_a_scan_spread_over_processes_gives_what_one_process_gives(tmp_path, monkeypatch, caplog):
+    out = _damaged_set(tmp_path)
+    shards, _, classes_file = sh.resolve_shards(out)
+    one = sh._scan(shards, classes_file, processes=1)
+    expected = [f"{shards[0]}:a/only-a-label has no image member", f"{shards[1]}:b/bad-label: unreadable class",
+                f"shard {shards[3]} is damaged after", f"{shards[3]}:b/twice repeats a key of {shards[2]}",
+                f"{shards[4]}:b/zz-cut: the shard is truncated inside this sample"]
+    assert [line[:len(e)] for line, e in zip(one.problems, expected, strict=True)] == expected, one.problems
+
+    def here(*a):
+        raise AssertionError("a shard was scanned in the calling process")
+
+    with monkeypatch.context() as m:
+        m.setattr(sh, "_scan_tar", here)  # the processes import their own, unpatched
+        many = sh._scan(shards, classes_file, processes=3)
+    assert (many.shards, many.keys, many.names, many.classes_json) == (one.shards, one.keys, one.names,
+                                                                      one.classes_json)
+    assert many.problems == one.problems
+    for name, array in one.arrays.items():
+        assert many.arrays[name].dtype == array.dtype and np.array_equal(many.arrays[name], array), name
+    # through the index, as a first start chooses: the same index and the same warnings, in the same order
+    monkeypatch.setenv("FASTDINO_INDEX_CACHE", "off")
+    monkeypatch.setattr(sh, "PARALLEL_SCAN_BYTES", 0)
+    seen = {}
+    for processes in ("1", "2"):
+        monkeypatch.setenv(sh.INDEX_PROCESSES_ENV, processes)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, "fastdino.data"):
+            index = sh.index_images(out)
+        assert f"indexing {len(shards)} shards ({processes} processes)" in caplog.text
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        seen[processes] = (list(index.paths), index.labels, index.classes, [index.read(j) for j in range(len(index))],
+                           warnings)
+    assert seen["1"] == seen["2"] and seen["1"][4] == one.problems
+
+
+def test_a_compressed_shard_is_refused_in_one_line_by_any_number_of_processes(tmp_path, monkeypatch):
+    out = _shards(_image_tree(tmp_path / "images"), tmp_path / "shards")
+    tars = sorted(out.glob("*.tar"))
+    tars[1].write_bytes(gzip.compress(tars[1].read_bytes()))  # gzip-compressed under a .tar name
+    shards, _, classes_file = sh.resolve_shards(out)
+    messages = []
+    for processes in (1, 2):
+        with pytest.raises(DataError) as err:
+            sh._scan(shards, classes_file, processes)
+        messages.append(str(err.value))
+    assert messages[0] == messages[1] and "\n" not in messages[0]
+    assert messages[0].startswith(f"shard {tars[1]} is gzip-compressed")
+
+
+def test_the_scan_processes_follow_the_cpus_the_ranks_and_the_variable(monkeypatch):
+    monkeypatch.delenv(sh.INDEX_PROCESSES_ENV, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 32)
+    for cpus, ranks, expected in ((32, None, 8), (3, None, 3), (32, "8", 4), (32, "64", 1), (4, "8", 4)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)))
+        if ranks:  # ranks bound to CPUs of their own (4 of 32) each keep theirs
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks)
+        assert sh.index_processes() == expected, (cpus, ranks)
+    monkeypatch.setenv(sh.INDEX_PROCESSES_ENV, "12")
+    assert sh.index_processes() == 12
+    shards = [f"s{i}.tar" for i in range(5)]
+    assert sh._scan_processes(shards, sh.PARALLEL_SCAN_BYTES, 12) == 5  # at most one a shard
+    assert sh._scan_processes(shards, sh.PARALLEL_SCAN_BYTES - 1, 12) == 1  # a small set: not worth starting them
+    assert sh._scan_processes(shards[:1], 10 * sh.PARALLEL_SCAN_BYTES, 12) == 1
+    for bad in ("0", "-2", "two", "1.5"):
+        monkeypatch.setenv(sh.INDEX_PROCESSES_ENV, bad)
+        with pytest.raises(UserError, match=f"{sh.INDEX_PROCESSES_ENV}='{re.escape(bad)}' is not a positive number"):
+            sh.index_images("/nonexistent/shard-{0..1}.tar")  # refused before the shards are looked at
+
+
 def test_refusals_are_one_line_before_any_work(tmp_path, capsys):
     src = _image_tree(tmp_path / "images")
     out = _shards(src, tmp_path / "shards")
@@ -364,7 +460,7 @@ def test_the_header_reader_lists_what_tarfile_lists(tmp_path, fmt):
                 info.size = 3 * i
                 tar.addfile(info, io.BytesIO(bytes(range(3 * i))))
     size = os.path.getsize(path)
-    ours = list(sh._tar_members(path.read_bytes(), size))
+    ours = list(tarscan._tar_members(path.read_bytes(), size))
     with tarfile.open(path) as tar:
         theirs = [(m.name, m.offset_data, m.size) for m in tar if m.isreg()]
     assert ours == theirs and len(ours) == len(names) - 1

@@ -19,18 +19,18 @@ refused in one line), streaming from object storage (use a mounted bucket), a sh
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import logging
-import mmap
+import multiprocessing
 import os
 import re
 import tarfile
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,34 +47,32 @@ from fastdino.data.files import (
     index_cache_dir,
     index_image_folder,
 )
+from fastdino.data.tarscan import (
+    CLASSES_FILE,
+    CompressedShard,
+    _scan_tar,
+    _scan_tar_in_worker,
+    _start_worker,
+    decode_key,
+    encode_key,
+)
+from fastdino.errors import UserError
 
 log = logging.getLogger("fastdino.data")
 
 SHARD_SUFFIX = ".tar"
 COMPRESSED_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst")
-CLASSES_FILE = "classes.json"
 MAX_OPEN_SHARDS = 64  # open shard files per process (LRU): ImageNet-scale sets have ~1,000 shards, ulimit -n is 1,024
+INDEX_PROCESSES_ENV = "FASTDINO_INDEX_PROCESSES"
+"""Environment variable: the most processes a first start's scan of a shard set uses (docs/data.md, "Tar shards");
+1 scans in the calling process. Unset: the CPUs this process may run on (shared among the node's ranks when
+they may all run on every CPU), at most `MAX_INDEX_PROCESSES`."""
+MAX_INDEX_PROCESSES = 8  # ImageNet's 1,024 shards: ~14 s on one core (perf/RESULTS.md), ~2 s spread over 8
+PARALLEL_SCAN_BYTES = 2**28  # a smaller set is scanned in the calling process: 256 MiB of 1-KiB members (tar's
+# smallest) take ~1.5 s on one core, of JPEGs ~0.03 s; starting the processes costs 0.1-1.6 s (perf/RESULTS.md)
 _CACHE_MAGIC = b"fastdino shard index v1\n"
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _ARRAYS = (("shard", np.int32), ("offset", np.int64), ("size", np.int64), ("cls", np.int64), ("name", np.int32))
-
-
-# -- keys ----------------------------------------------------------------------------------------------------
-
-def encode_key(relative_path: str) -> str:
-    """A WebDataset key for an image's path relative to its data set: '%' and '.' escaped (%25, %2E), so the
-    key holds no dot (WebDataset cuts the key at the first dot of a member's name) and decodes back."""
-    return relative_path.replace(os.sep, "/").replace("%", "%25").replace(".", "%2E")
-
-
-def decode_key(key: str) -> str:
-    """The relative path `encode_key` made `key` from (a key it did not make comes back as it is)."""
-    return key.replace("%2E", ".").replace("%25", "%")
-
-
-def _order(key: str) -> tuple[str, ...]:
-    """Sort key: the folder index's order of the path the key names (class folder name, then the path within)."""
-    return tuple(decode_key(key).split("/", 1))
 
 
 # -- which shards ----------------------------------------------------------------------------------------------
@@ -174,149 +172,6 @@ class _ShardScan:
     problems: list[str] = field(default_factory=list)  # one line per sample left out, naming shard:key
 
 
-def _split_member(name: str) -> tuple[str, str] | None:
-    """(key, extension) by WebDataset's rule, None for a member name without an extension."""
-    folder, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    if not dot or not stem:
-        return None
-    return (f"{folder}/{stem}" if folder else stem), ext.lower()
-
-
-def _class_of(ext: str, data: bytes, classes_json: list[str] | None) -> tuple[int, str | None]:
-    """(.cls integer or -1, class name or None) of a label member; raises ValueError for a bad one."""
-    text = data.decode("utf-8").strip()
-    if ext == "cls":
-        value = int(text)
-        if classes_json is None:
-            return value, None
-        if not 0 <= value < len(classes_json):
-            raise ValueError(f".cls {value} is outside {CLASSES_FILE}'s {len(classes_json)} classes")
-        return -1, classes_json[value]
-    if ext == "json":
-        value = json.loads(text)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return _class_of("cls", str(value).encode(), classes_json)
-        if not isinstance(value, str):
-            raise ValueError(".json is neither a class name (string) nor a label (integer)")
-        text = value
-    if not text:
-        raise ValueError(f".{ext} is empty")
-    return -1, text
-
-
-class _TarDamage(Exception):
-    """A shard's tar structure ends or breaks: `member` names the member cut short, if one was."""
-
-    def __init__(self, message: str, member: str | None = None) -> None:
-        super().__init__(message)
-        self.member = member
-
-
-def _tar_number(field: bytes) -> int:
-    if field[0] & 0x80:  # GNU base-256, for members of 8 GiB and more
-        return int.from_bytes(field[1:], "big")
-    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
-
-
-def _tar_text(field: bytes) -> str:
-    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-
-
-def _tar_members(mm: mmap.mmap | bytes, file_size: int) -> Iterator[tuple[str, int, int]]:
-    """(name, data offset, size) of each regular file of a tar, header by header (ustar, GNU long names, PAX
-    path and size records), without reading the data: 10-20x faster than `tarfile` on a million tiny members.
-    Raises _TarDamage at a bad header checksum or where the file ends inside a header or member."""
-    pos, long_name, pax = 0, None, {}
-    while pos + 512 <= file_size:
-        block = mm[pos:pos + 512]
-        if not any(block):  # the end-of-archive blocks
-            return
-        try:  # the checksum only where the ustar magic is missing (old v7 tars, or not a header at all)
-            if block[257:262] != b"ustar" and sum(block) - sum(block[148:156]) + 256 != _tar_number(block[148:156]):
-                raise ValueError("bad checksum")
-            size = _tar_number(block[124:136])
-        except ValueError as err:
-            raise _TarDamage(f"bad header at byte {pos}: {err}") from None
-        kind, data = block[156:157], pos + 512
-        if kind == b"L":  # GNU: the next member's long name
-            long_name = _tar_text(mm[data:data + size])
-        elif kind == b"x":  # PAX: records "LEN key=value\n" for the next member
-            records, at = bytes(mm[data:data + size]), 0
-            while at < len(records) and (space := records.find(b" ", at)) > 0:
-                length = int(records[at:space])
-                key, _, value = records[space + 1:at + length - 1].partition(b"=")
-                pax[key] = value
-                at += length
-        elif kind != b"g":
-            if b"size" in pax:
-                size = int(pax[b"size"])
-            if b"path" in pax:
-                name = pax[b"path"].decode("utf-8", "surrogateescape")
-            elif long_name is not None:
-                name = long_name
-            else:
-                name = _tar_text(block[0:100])
-                if block[257:263] == b"ustar\0" and block[345]:
-                    name = _tar_text(block[345:500]) + "/" + name
-            if kind in (b"0", b"\0", b"7"):
-                if data + size > file_size:
-                    raise _TarDamage(f"the file ends {file_size - data} bytes into this {size}-byte member", name)
-                yield name, data, size
-            long_name, pax = None, {}
-        pos = data + -(-size // 512) * 512
-    if pos < file_size:
-        raise _TarDamage(f"the file ends inside a header at byte {pos}")
-
-
-def _scan_tar(path: str, classes_json: list[str] | None, problems: list[str]) -> list[tuple]:
-    """(key, offset, size, cls, class name) per sample of one shard, in its order; what is left out goes to
-    `problems` as one line each (a member without an image, a bad label, a truncated end, an unreadable shard)."""
-    samples: dict[str, dict] = {}
-    try:
-        with open(path, "rb") as f:
-            if f.read(2) == b"\x1f\x8b":
-                raise DataError(f"shard {path} is gzip-compressed: fastdino reads shards by seeking to members, which "
-                                "a compressed tar does not allow; decompress it and index the .tar")
-            file_size = os.fstat(f.fileno()).st_size
-            with contextlib.ExitStack() as stack:
-                mm = stack.enter_context(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)) if file_size else b""
-                for name, offset, size in _tar_members(mm, file_size):
-                    if (parts := _split_member(name)) is None:
-                        continue
-                    key, ext = parts
-                    sample = samples.setdefault(key, {})
-                    if "." + ext in IMAGE_EXTENSIONS and "image" not in sample:
-                        sample["image"] = (offset, size)
-                    elif ext in ("cls", "txt", "json") and ext not in sample:
-                        sample[ext] = bytes(mm[offset:offset + size])
-    except _TarDamage as err:
-        cut = None if err.member is None else _split_member(err.member)
-        if cut is not None:
-            samples.pop(cut[0], None)
-            problems.append(f"{path}:{cut[0]}: the shard is truncated inside this sample ({err}): left out")
-        else:
-            problems.append(f"shard {path} is damaged after {len(samples)} samples ({err}): the rest is left out")
-    except OSError as err:
-        problems.append(f"shard {path} cannot be read ({err.strerror or err}): its images are left out")
-        return []
-    out = []
-    for key, sample in samples.items():
-        if "image" not in sample:
-            problems.append(f"{path}:{key} has no image member (suffixes {', '.join(sorted(sample))}): left out")
-            continue
-        cls, name = -1, None
-        ext = next((e for e in ("cls", "txt", "json") if e in sample), None)
-        if ext is not None:
-            try:
-                cls, name = _class_of(ext, sample[ext], classes_json)
-            except (ValueError, UnicodeError) as err:
-                problems.append(f"{path}:{key}: unreadable class member .{ext} ({err}): left out")
-                continue
-        out.append((key, *sample["image"], cls, name))
-    return out
-
-
 def _read_classes_json(file: str) -> list[str] | None:
     if not os.path.isfile(file):
         return None
@@ -329,17 +184,66 @@ def _read_classes_json(file: str) -> list[str] | None:
     return classes
 
 
-def _scan(shards: list[str], classes_file: str) -> _ShardScan:
+def index_processes() -> int:
+    """How many processes a first start's scan may use: `INDEX_PROCESSES_ENV`, else the CPUs this process may run
+    on (`os.sched_getaffinity`), divided by the ranks a launcher started on this node (LOCAL_WORLD_SIZE: every
+    rank indexes) unless it bound each to CPUs of its own, capped at `MAX_INDEX_PROCESSES`. Raises UserError
+    naming the variable for a value that is not a positive integer."""
+    value = os.environ.get(INDEX_PROCESSES_ENV, "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise UserError(f"{INDEX_PROCESSES_ENV}={value!r} is not a positive number of processes (1: scan shards "
+                            "in the calling process; unset: as many as the CPUs allow, at most "
+                            f"{MAX_INDEX_PROCESSES})")
+        return int(value)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    ranks = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    if cores == os.cpu_count() and ranks.isdigit() and int(ranks) > 1:
+        cores //= int(ranks)
+    return max(1, min(cores, MAX_INDEX_PROCESSES))
+
+
+def _scan_processes(shards: list[str], total_bytes: int, limit: int) -> int:
+    """Processes for scanning `shards`: 1 (this one) for one shard, a set under `PARALLEL_SCAN_BYTES`, or inside a
+    daemonic process (a DataLoader worker, which may not start processes); else `limit`, at most one a shard."""
+    if len(shards) < 2 or total_bytes < PARALLEL_SCAN_BYTES or multiprocessing.current_process().daemon:
+        return 1
+    return min(limit, len(shards))
+
+
+def _scan_tars(shards: list[str], classes_json: list[str] | None,
+               processes: int) -> Iterator[tuple[list[tuple], list[str]]]:
+    """`tarscan._scan_tar` of each shard, in the shards' order: in this process, or spread over `processes`
+    processes one shard a task (results come back in order while later shards are scanned). The processes are
+    started by a fork server (spawn where there is none), never forked from this process, which may hold CUDA
+    or DataLoader state. Raises DataError for a compressed shard, with the message a scan in this process gives."""
+    try:
+        if processes <= 1:
+            for sid, shard in enumerate(shards):
+                yield _scan_tar(sid, shard, classes_json, IMAGE_EXTENSIONS)
+            return
+        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context(method), initializer=_start_worker,
+                                 initargs=(classes_json, IMAGE_EXTENSIONS)) as pool:
+            yield from pool.map(_scan_tar_in_worker, range(len(shards)), shards)
+    except CompressedShard as err:
+        raise DataError(str(err)) from None
+
+
+def _scan(shards: list[str], classes_file: str, processes: int = 1) -> _ShardScan:
+    """Every sample of `shards` in index order: each shard's own scan (`_scan_tars`, over `processes` processes),
+    merged in the shards' order, so the result and its `problems`, in order, do not depend on `processes`."""
     classes_json = _read_classes_json(classes_file)
     problems: list[str] = []
     rows, first_shard = [], {}
-    for sid, shard in enumerate(shards):
-        for key, offset, size, cls, name in _scan_tar(shard, classes_json, problems):
-            if key in first_shard:
-                problems.append(f"{shard}:{key} repeats a key of {shards[first_shard[key]]}: left out")
+    for sid, (found, lines) in enumerate(_scan_tars(shards, classes_json, processes)):
+        problems += lines
+        for row in found:
+            if (key := row[1]) in first_shard:
+                problems.append(f"{shards[sid]}:{key} repeats a key of {shards[first_shard[key]]}: left out")
                 continue
             first_shard[key] = sid
-            rows.append((_order(key), key, sid, offset, size, cls, name))
+            rows.append(row)
     rows.sort(key=lambda row: row[0])
     names = sorted({row[6] for row in rows if row[6] is not None})
     name_id = {name: i for i, name in enumerate(names)}
@@ -427,7 +331,7 @@ def _read_cache(file: Path, spec: str, shards: list[str], stamps: dict[str, list
         return None
 
 
-def _scan_cached(spec: str, shards: list[str], watched: list[str], classes_file: str) -> _ShardScan:
+def _scan_cached(spec: str, shards: list[str], watched: list[str], classes_file: str, limit: int) -> _ShardScan:
     stamps = {path: _stamp(path) for path in [*shards, *watched, classes_file]}
     cache_dir = index_cache_dir()
     file = None if cache_dir is None else _cache_file(cache_dir, spec, shards)
@@ -435,7 +339,9 @@ def _scan_cached(spec: str, shards: list[str], watched: list[str], classes_file:
         log.info("%s: index read from the cache %s", spec, file)
         return scan
     started = time.time_ns()
-    scan = _scan(shards, classes_file)
+    processes = _scan_processes(shards, sum(stamps[s][0] for s in shards if stamps[s] is not None), limit)
+    log.info("%s: indexing %d shards (%d processes)", spec, len(shards), processes)
+    scan = _scan(shards, classes_file, processes)
     if {path: _stamp(path) for path in stamps} != stamps:
         return scan  # changed while scanned: not cached
     if file is not None and all(s is None or s[1] < started - _RACY_NS for s in stamps.values()):
@@ -564,8 +470,9 @@ def index_shards(spec: str | Path, classes: Sequence[str] | None = None) -> Imag
     shard for a missing or compressed shard, an empty set, classes outside `classes`, or a set labelled in part.
     """
     spec = str(spec)
+    limit = index_processes()  # a bad value is refused at every start, not only at a first one
     shards, watched, classes_file = resolve_shards(spec)
-    scan = _scan_cached(spec, shards, watched, classes_file)
+    scan = _scan_cached(spec, shards, watched, classes_file, limit)
     for line in scan.problems:
         log.warning("%s", line)
     if not scan.keys:
