@@ -29,7 +29,9 @@ which goes first; each row shows the best of its repeats and the shards / folder
 the one step that differs, in one process: every image's bytes (`ImageIndex.read`) and their decode.
 --backends '' skips the backends. --index-members M
 writes M tiny samples (a 1-byte image and a .cls each, 2M tar members) in 16 shards and times `index_shards`
-with an empty index cache (scan + write) and again (cached start: read, checksum, stat every shard).
+with an empty index cache (scan over as many processes as `index_processes()` allows, + write), again (cached
+start: read, checksum, stat every shard), and with an empty cache in one process (FASTDINO_INDEX_PROCESSES=1);
+then the start and end of those processes alone (each scanning an empty shard).
 """
 
 from __future__ import annotations
@@ -53,7 +55,14 @@ from fastdino.data.batch import CpuBatches, build_loader  # noqa: E402
 from fastdino.data.files import ImageFileDataset, collate_views, decode_rgb, index_image_folder  # noqa: E402
 from fastdino.data.loader import dali_available  # noqa: E402
 from fastdino.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, multicrop_transform  # noqa: E402
-from fastdino.data.shards import index_shards, write_shards  # noqa: E402
+from fastdino.data.shards import (  # noqa: E402
+    INDEX_PROCESSES_ENV,
+    _scan_elsewhere,
+    _scan_processes,
+    index_processes,
+    index_shards,
+    write_shards,
+)
 
 
 def _write_jpegs(root: Path, indices: list[int], width: int, height: int, quality: int) -> None:
@@ -235,6 +244,9 @@ def _header(template: bytearray, name: str, size: int) -> bytes:
 
 
 def index_timings(folder: Path, n_samples: int) -> None:
+    """`index_shards` of n_samples tiny samples: the first start with an empty index cache (its scan spread over
+    processes as the CPUs allow), the cached start, and the first start in one process (FASTDINO_INDEX_PROCESSES=1);
+    then what starting and ending those processes costs alone."""
     start = time.perf_counter()
     tiny = make_tiny_shards(folder, n_samples)
     print(f"{n_samples} samples (2 tar members each) in 16 shards under {tiny} "
@@ -242,14 +254,36 @@ def index_timings(folder: Path, n_samples: int) -> None:
     past = time.time() - 60  # shards changed within 2 s of indexing are never cached
     for p in [tiny, *tiny.glob("*.tar")]:
         os.utime(p, (past, past))
-    with tempfile.TemporaryDirectory() as cache:
-        os.environ["FASTDINO_INDEX_CACHE"] = cache
-        for what in ("first start (scan + write cache)", "cached start (read + check)"):
+    shards = sorted(str(p) for p in tiny.glob("*.tar"))
+    processes = _scan_processes(shards, sum(os.path.getsize(p) for p in shards), index_processes())
+    runs = ((f"first start (scan in {processes} process{'es' * (processes > 1)} + write cache)", None),
+            ("cached start (read + check)", None), ("first start (scan in 1 process + write cache)", "1"))
+    with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as serial_cache:
+        for what, env in runs:
+            os.environ["FASTDINO_INDEX_CACHE"] = serial_cache if env else cache  # a first start: an empty cache
+            if env is not None:
+                os.environ[INDEX_PROCESSES_ENV] = env
             start = time.perf_counter()
             n = len(index_shards(tiny))
             print(f"| {what} | {n} samples | {time.perf_counter() - start:.2f} s |", flush=True)
+        os.environ.pop(INDEX_PROCESSES_ENV, None)
         size = sum(p.stat().st_size for p in Path(cache).iterdir())
         print(f"cache file: {size / 1e6:.1f} MB")
+    many = min(index_processes(), 16)
+    print(f"| start of {many} scan processes, each scanning an empty shard, and their end | "
+          f"{scan_processes_start(many):.2f} s |")
+
+
+def scan_processes_start(processes: int) -> float:
+    """Seconds `shards._scan_elsewhere` takes over `processes` empty shards: the processes' start (a fresh
+    interpreter importing fastdino.data.tarscan), one request each, and their end."""
+    with tempfile.TemporaryDirectory() as tmp:
+        empty = [os.path.join(tmp, f"{i}.tar") for i in range(processes)]
+        for path in empty:
+            Path(path).write_bytes(b"\0" * 1024)
+        start = time.perf_counter()
+        assert all(found == ([], []) for found in _scan_elsewhere(empty, None, processes))
+        return time.perf_counter() - start
 
 
 def read_timings(sources: dict[str, ImageFileDataset], repeats: int) -> None:

@@ -321,7 +321,7 @@ def test_a_scan_spread_over_processes_gives_what_one_process_gives(tmp_path, mon
         raise AssertionError("a shard was scanned in the calling process")
 
     with monkeypatch.context() as m:
-        m.setattr(sh, "_scan_tar", here)  # the processes import their own, unpatched
+        m.setattr(sh, "_scan_tar", here)  # the scan processes are fresh interpreters: theirs is unpatched
         many = sh._scan(shards, classes_file, processes=3)
     assert (many.shards, many.keys, many.names, many.classes_json) == (one.shards, one.keys, one.names,
                                                                       one.classes_json)
@@ -356,6 +356,11 @@ def test_a_compressed_shard_is_refused_in_one_line_by_any_number_of_processes(tm
         messages.append(str(err.value))
     assert messages[0] == messages[1] and "\n" not in messages[0]
     assert messages[0].startswith(f"shard {tars[1]} is gzip-compressed")
+    # a scan process that ends without answering (a bug, or killed) is not mistaken for a shard without samples
+    monkeypatch.setattr(sh, "_SERVE", "import sys; sys.exit(3)")
+    with pytest.raises(RuntimeError, match=r"process failed while (starting|scanning \S+shard-000000.tar) \((EOFError|"
+                                           r"BrokenPipeError), exit code 3\): its error is printed above"):
+        sh._scan(shards, classes_file, 2)
 
 
 def test_the_scan_processes_follow_the_cpus_the_ranks_and_the_variable(monkeypatch):

@@ -19,18 +19,20 @@ refused in one line), streaming from object storage (use a mounted bucket), a sh
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import logging
-import multiprocessing
 import os
+import pickle
 import re
+import subprocess
+import sys
 import tarfile
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,8 +53,6 @@ from fastdino.data.tarscan import (
     CLASSES_FILE,
     CompressedShard,
     _scan_tar,
-    _scan_tar_in_worker,
-    _start_worker,
     decode_key,
     encode_key,
 )
@@ -204,30 +204,78 @@ def index_processes() -> int:
 
 
 def _scan_processes(shards: list[str], total_bytes: int, limit: int) -> int:
-    """Processes for scanning `shards`: 1 (this one) for one shard, a set under `PARALLEL_SCAN_BYTES`, or inside a
-    daemonic process (a DataLoader worker, which may not start processes); else `limit`, at most one a shard."""
-    if len(shards) < 2 or total_bytes < PARALLEL_SCAN_BYTES or multiprocessing.current_process().daemon:
+    """Processes for scanning `shards`: 1 (this one) for one shard or a set under `PARALLEL_SCAN_BYTES`, else
+    `limit`, at most one a shard."""
+    if len(shards) < 2 or total_bytes < PARALLEL_SCAN_BYTES:
         return 1
     return min(limit, len(shards))
 
 
 def _scan_tars(shards: list[str], classes_json: list[str] | None,
                processes: int) -> Iterator[tuple[list[tuple], list[str]]]:
-    """`tarscan._scan_tar` of each shard, in the shards' order: in this process, or spread over `processes`
-    processes one shard a task (results come back in order while later shards are scanned). The processes are
-    started by a fork server (spawn where there is none), never forked from this process, which may hold CUDA
-    or DataLoader state. Raises DataError for a compressed shard, with the message a scan in this process gives."""
+    """`tarscan._scan_tar` of each shard, in the shards' order: in this process, or in `processes` others
+    (`_scan_elsewhere`). Raises DataError for a compressed shard, with the message of a scan in this process."""
+    if processes > 1:
+        yield from _scan_elsewhere(shards, classes_json, processes)
+        return
+    for sid, shard in enumerate(shards):
+        try:
+            yield _scan_tar(sid, shard, classes_json, IMAGE_EXTENSIONS)
+        except CompressedShard as err:
+            raise DataError(str(err)) from None
+
+
+_SERVE = ("import sys; sys.path[:] = [sys.argv[1], *filter(None, sys.path)]; "  # this fastdino, no cwd
+          "from fastdino.data.tarscan import _serve; _serve()")
+
+
+def _scan_elsewhere(shards: list[str], classes_json: list[str] | None,
+                    processes: int) -> Iterator[tuple[list[tuple], list[str]]]:
+    """`_scan_tar` of shard i in process i % `processes`, two shards asked ahead, the results yielded in the shards'
+    order (the caller merges one while the processes scan the next). The processes are fresh interpreters
+    (`tarscan._serve`), as multiprocessing's spawn starts, but importing tarscan alone: not torch, nor CUDA state
+    nor the caller's main script (which spawn and forkserver run again, a hazard for a script without a main
+    guard). Raises DataError for a compressed shard, RuntimeError when a process ends before it answers."""
+    root = str(Path(__file__).resolve().parents[2])  # where this fastdino is imported from
+    procs: list[subprocess.Popen] = []
+
+    def ask(sid: int) -> None:
+        if sid < len(shards):
+            pickle.dump((sid, shards[sid]), procs[sid % processes].stdin, pickle.HIGHEST_PROTOCOL)
+            procs[sid % processes].stdin.flush()
+
     try:
-        if processes <= 1:
+        for _ in range(processes):
+            procs.append(subprocess.Popen([sys.executable, "-c", _SERVE, root], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE))
+        proc, doing = procs[0], "starting"
+        try:
+            for proc in procs:
+                pickle.dump((classes_json, IMAGE_EXTENSIONS), proc.stdin, pickle.HIGHEST_PROTOCOL)
+            for ahead in range(2 * processes):
+                proc = procs[ahead % processes]
+                ask(ahead)
             for sid, shard in enumerate(shards):
-                yield _scan_tar(sid, shard, classes_json, IMAGE_EXTENSIONS)
-            return
-        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context(method), initializer=_start_worker,
-                                 initargs=(classes_json, IMAGE_EXTENSIONS)) as pool:
-            yield from pool.map(_scan_tar_in_worker, range(len(shards)), shards)
-    except CompressedShard as err:
-        raise DataError(str(err)) from None
+                proc, doing = procs[sid % processes], f"scanning {shard}"
+                kind, value = pickle.load(proc.stdout)
+                if kind == "compressed":
+                    raise DataError(value)
+                ask(sid + 2 * processes)
+                yield value
+        except (EOFError, OSError, pickle.UnpicklingError) as err:
+            try:
+                code = proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                code = "none yet"
+            raise RuntimeError(f"a shard-scanning process failed while {doing} ({type(err).__name__}, exit code "
+                               f"{code}): its error is printed above") from None
+    finally:
+        for proc in procs:
+            proc.kill()  # a process still running has nothing left to do, or its answer is no longer wanted
+            proc.wait()
+            with contextlib.suppress(OSError):  # unsent requests to a process that ended
+                proc.stdin.close()
+            proc.stdout.close()
 
 
 def _scan(shards: list[str], classes_file: str, processes: int = 1) -> _ShardScan:

@@ -1,8 +1,8 @@
 """A tar shard's samples from its headers alone, for `fastdino.data.shards`'s first-start scan.
 
-Standard library only, and kept apart from shards.py (which imports torch through files.py) so that the
-processes a large shard set's scan is spread over start in ~0.1 s: importing torch takes ~1.5 s a process
-(perf/RESULTS.md, "Tar shards"). `_scan_tar` is what each process runs, one shard a task.
+Standard library only, and kept apart from shards.py (which imports torch through files.py): the processes a
+large shard set's first scan is spread over (`_serve`) are fresh interpreters that import this module alone, so
+they start in ~0.1 s where importing torch takes ~1.5 s (perf/RESULTS.md, "Tar shards").
 """
 
 from __future__ import annotations
@@ -11,7 +11,11 @@ import contextlib
 import json
 import mmap
 import os
+import pickle
+import signal
+import sys
 from collections.abc import Collection, Iterator
+from typing import BinaryIO
 
 CLASSES_FILE = "classes.json"
 
@@ -187,15 +191,24 @@ def _scan_tar(sid: int, path: str, classes_json: list[str] | None,
     return out, problems
 
 
-_shared: tuple[list[str] | None, Collection[str]] = (None, ())  # a scan process's classes_json, image suffixes
+# -- a scan process ------------------------------------------------------------------------------------------
 
-
-def _start_worker(classes_json: list[str] | None, image_extensions: Collection[str]) -> None:
-    """A scan process's initializer: what every shard's `_scan_tar` shares, sent once a process, not once a shard
-    (classes.json may name 22,000 classes, a set may have thousands of shards)."""
-    global _shared
-    _shared = (classes_json, image_extensions)
-
-
-def _scan_tar_in_worker(sid: int, path: str) -> tuple[list[tuple], list[str]]:
-    return _scan_tar(sid, path, *_shared)
+def _serve(requests: BinaryIO | None = None, replies: BinaryIO | None = None) -> None:
+    """A scan process (`fastdino.data.shards._scan_elsewhere` starts it): reads the pickle of (classes_json, image
+    suffixes), then (sid, path) requests until its input ends, and answers each with the pickle of ("ok",
+    `_scan_tar`'s result) or ("compressed", the message). Ctrl-C is left to the process that started it."""
+    requests = requests or sys.stdin.buffer
+    replies = replies or sys.stdout.buffer
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    classes_json, image_extensions = pickle.load(requests)
+    while True:
+        try:
+            sid, path = pickle.load(requests)
+        except EOFError:
+            return
+        try:
+            reply = ("ok", _scan_tar(sid, path, classes_json, image_extensions))
+        except CompressedShard as err:
+            reply = ("compressed", str(err))
+        pickle.dump(reply, replies, pickle.HIGHEST_PROTOCOL)
+        replies.flush()
