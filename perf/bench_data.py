@@ -30,7 +30,8 @@ the one step that differs, in one process: every image's bytes (`ImageIndex.read
 --backends '' skips the backends. --index-members M
 writes M tiny samples (a 1-byte image and a .cls each, 2M tar members) in 16 shards and times `index_shards`
 with an empty index cache (scan over as many processes as `index_processes()` allows, + write), again (cached
-start: read, checksum, stat every shard), and with an empty cache in one process (FASTDINO_INDEX_PROCESSES=1);
+start: read, checksum, stat every shard), and with an empty cache in one process (FASTDINO_INDEX_PROCESSES=1),
+each with the CPU time of the calling process (with several processes: the merge, sort and cache, not the scan);
 then the start and end of those processes alone (each scanning an empty shard).
 """
 
@@ -263,9 +264,10 @@ def index_timings(folder: Path, n_samples: int) -> None:
             os.environ["FASTDINO_INDEX_CACHE"] = serial_cache if env else cache  # a first start: an empty cache
             if env is not None:
                 os.environ[INDEX_PROCESSES_ENV] = env
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             n = len(index_shards(tiny))
-            print(f"| {what} | {n} samples | {time.perf_counter() - start:.2f} s |", flush=True)
+            print(f"| {what} | {n} samples | {time.perf_counter() - start:.2f} s | this process's CPU "
+                  f"{time.process_time() - cpu:.2f} s |", flush=True)
         os.environ.pop(INDEX_PROCESSES_ENV, None)
         size = sum(p.stat().st_size for p in Path(cache).iterdir())
         print(f"cache file: {size / 1e6:.1f} MB")

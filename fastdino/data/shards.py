@@ -7,7 +7,8 @@ name): its image (a suffix `IMAGE_EXTENSIONS` holds) and, optionally, its class:
 into the set's `classes.json` when there is one, else the label itself), `.txt` or `.json` (a class name).
 
 The shards are scanned once into (shard, byte offset, size, class) per sample and cached as the folder index
-is (`files.index_cache_dir()`), keyed by the shards' sizes and mtimes: a changed shard rebuilds it. Samples
+is (`files.index_cache_dir()`), keyed by the shards' sizes and mtimes: a changed shard rebuilds it. A large
+set's scan is spread over processes, one shard a task (`index_processes`, `tarscan._serve`). Samples
 are ordered by key, as the folder index orders the files `fastdino shards` (`write_shards`) made the keys
 from, whatever order the shards hold them in; so a folder and its shards give the same index order, labels,
 `image_ids` (the run's fingerprint) and bytes, and everything built on them (per-image seeds, sharding by
@@ -67,9 +68,10 @@ INDEX_PROCESSES_ENV = "FASTDINO_INDEX_PROCESSES"
 """Environment variable: the most processes a first start's scan of a shard set uses (docs/data.md, "Tar shards");
 1 scans in the calling process. Unset: the CPUs this process may run on (shared among the node's ranks when
 they may all run on every CPU), at most `MAX_INDEX_PROCESSES`."""
-MAX_INDEX_PROCESSES = 8  # ImageNet's 1,024 shards: ~14 s on one core (perf/RESULTS.md), ~2 s spread over 8
-PARALLEL_SCAN_BYTES = 2**28  # a smaller set is scanned in the calling process: 256 MiB of 1-KiB members (tar's
-# smallest) take ~1.5 s on one core, of JPEGs ~0.03 s; starting the processes costs 0.1-1.6 s (perf/RESULTS.md)
+MAX_INDEX_PROCESSES = 8  # the calling process merges, sorts and caches what they find, which more processes do
+# not shorten (perf/RESULTS.md: 2.8 s of CPU for a million samples that take 12-14 s in one process)
+PARALLEL_SCAN_BYTES = 2**26  # a smaller set is scanned in the calling process: 64 MiB of 1-KiB members (tar's
+# smallest) take ~0.4 s on one core, of JPEGs a few ms; the processes start in ~0.1 s (perf/RESULTS.md)
 _CACHE_MAGIC = b"fastdino shard index v1\n"
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _ARRAYS = (("shard", np.int32), ("offset", np.int64), ("size", np.int64), ("cls", np.int64), ("name", np.int32))
