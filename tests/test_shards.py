@@ -311,10 +311,12 @@ def _damaged_set(tmp_path: Path) -> Path:
 def test_a_scan_spread_over_processes_gives_what_one_process_gives(tmp_path, monkeypatch, caplog):
     out = _damaged_set(tmp_path)
     shards, _, classes_file = sh.resolve_shards(out)
-    one = sh._scan(shards, classes_file, processes=1)
+    listed = [*shards, str(tmp_path / "gone.tar")]  # and one that vanished since the list was made
+    one = sh._scan(listed, classes_file, processes=1)
     expected = [f"{shards[0]}:a/only-a-label has no image member", f"{shards[1]}:b/bad-label: unreadable class",
                 f"shard {shards[3]} is damaged after", f"{shards[3]}:b/twice repeats a key of {shards[2]}",
-                f"{shards[4]}:b/zz-cut: the shard is truncated inside this sample"]
+                f"{shards[4]}:b/zz-cut: the shard is truncated inside this sample",
+                f"shard {listed[-1]} cannot be read"]
     assert [line[:len(e)] for line, e in zip(one.problems, expected, strict=True)] == expected, one.problems
 
     def here(*a):
@@ -322,7 +324,7 @@ def test_a_scan_spread_over_processes_gives_what_one_process_gives(tmp_path, mon
 
     with monkeypatch.context() as m:
         m.setattr(sh, "_scan_tar", here)  # the scan processes are fresh interpreters: theirs is unpatched
-        many = sh._scan(shards, classes_file, processes=3)
+        many = sh._scan(listed, classes_file, processes=3)
     assert (many.shards, many.keys, many.names, many.classes_json) == (one.shards, one.keys, one.names,
                                                                       one.classes_json)
     assert many.problems == one.problems
@@ -341,7 +343,8 @@ def test_a_scan_spread_over_processes_gives_what_one_process_gives(tmp_path, mon
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         seen[processes] = (list(index.paths), index.labels, index.classes, [index.read(j) for j in range(len(index))],
                            warnings)
-    assert seen["1"] == seen["2"] and seen["1"][4] == one.problems
+    assert seen["1"] == seen["2"] and seen["1"][4] == one.problems[:-1]
+    assert len(seen["1"][0]) == len(NAMES) + 1  # and b/twice, from the first shard that holds it
 
 
 def test_a_compressed_shard_is_refused_in_one_line_by_any_number_of_processes(tmp_path, monkeypatch):
