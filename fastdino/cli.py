@@ -395,9 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "official-backbone, or its alias hub: the teacher's ViT state dict, as the released "
                         "*_pretrain.pth files torch.hub loads; timm: a folder for timm.create_model('local-dir:DIR', "
                         "pretrained=True); hf: a folder for transformers' ViTModel / AutoImageProcessor")
-    p.add_argument("--out", default="", help="output file (official formats) or a new or empty folder "
-                                             f"({', '.join(FOLDER_FORMATS)}); default <checkpoint stem>_<format>"
-                                             "[.pth] beside the checkpoint")
+    p.add_argument("--out", default="", help="output file (official formats) or a new or empty folder, not "
+                                             f"named like a file ({', '.join(FOLDER_FORMATS)}); default <checkpoint "
+                                             "stem>_<format>[.pth] beside the checkpoint")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("linear", help="linear-probe top-1/top-5 of a checkpoint's frozen teacher backbone")
