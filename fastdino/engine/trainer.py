@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from fastdino.config import Config, config_to_dict, parse_stop_signals, schedule_warnings
+from fastdino.config import Config, config_to_dict, parse_stop_signals, schedule_errors, schedule_warnings
 from fastdino.data.batch import steps_per_epoch
 from fastdino.data.files import DataError, ImageFileDataset, ImageIndex, UnreadableImages
 from fastdino.data.loader import build_batch_source, resolve_backend
@@ -208,6 +208,8 @@ def check_writable(folder: Path) -> None:
 
 class Trainer:
     def __init__(self, cfg: Config):
+        if errors := schedule_errors(cfg):  # load_config refuses them too; a Config built in Python may hold them
+            raise errors[0]
         self.cfg = cfg
         self.device = resolve_device(cfg.train.device)
         self.dist: DistInfo = init_distributed(self.device, cfg.train.dist_timeout)
