@@ -199,9 +199,9 @@ def test_two_processes_on_shards_resume_bitwise_after_a_kill(tmp_path):
             assert torch.equal(b["optimizer"]["state"][i][name], value), f"optimizer {i}.{name}"
 
 
-def _add_sample(shard: Path, key: str, data: bytes, label: bytes | None = b"0") -> None:
+def _add_sample(shard: Path, key: str, data: bytes, label: bytes | None = b"0", suffix: str = "jpg") -> None:
     with tarfile.open(shard, "a") as tar:
-        for name, blob in ((f"{key}.jpg", data), (f"{key}.cls", label)):
+        for name, blob in ((f"{key}.{suffix}", data), (f"{key}.cls", label)):
             if blob is not None:
                 info = tarfile.TarInfo(name)
                 info.size = len(blob)
@@ -241,6 +241,7 @@ def test_damaged_shards_are_named_by_shard_and_key_and_nothing_else_is_lost(tmp_
     tars = sorted(out.glob("*.tar"))
     n = len(NAMES)
     _add_sample(tars[0], "a/only-a-label", None)  # a member without an image
+    _add_sample(tars[0], "b/a-clip", b"\0" * 9, None, suffix="mp4")  # no member fastdino knows
     jpeg = io.BytesIO()
     _photo(7, 200, 200).save(jpeg, format="JPEG")
     _add_sample(tars[1], "b/zz-cut", jpeg.getvalue())
@@ -251,7 +252,9 @@ def test_damaged_shards_are_named_by_shard_and_key_and_nothing_else_is_lost(tmp_
     with caplog.at_level(logging.WARNING, "fastdino.data"):
         index = sh.index_images(out)
     lines = [r.getMessage() for r in caplog.records]
-    assert f"{tars[0]}:a/only-a-label has no image member (suffixes cls): left out" in lines
+    why = "an image's suffix must be one Pillow reads: .jpg, .png, ...): left out"
+    assert f"{tars[0]}:a/only-a-label has no image member (it holds .cls; {why}" in lines
+    assert f"{tars[0]}:b/a-clip has no image member (it holds .mp4; {why}" in lines  # never an empty list
     assert any(line.startswith(f"{tars[1]}:b/zz-cut") and "truncated" in line for line in lines), lines
     assert len(index) == n  # every other image kept
     # a shard that vanished after indexing, one cut short: their lost members are reported by shard:key, the

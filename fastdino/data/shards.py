@@ -55,6 +55,7 @@ COMPRESSED_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz"
 CLASSES_FILE = "classes.json"
 MAX_OPEN_SHARDS = 64  # open shard files per process (LRU): ImageNet-scale sets have ~1,000 shards, ulimit -n is 1,024
 _CACHE_MAGIC = b"fastdino shard index v1\n"
+_LABEL_SUFFIXES = ("cls", "txt", "json")  # a sample's class members, in the order one is chosen
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _ARRAYS = (("shard", np.int32), ("offset", np.int64), ("size", np.int64), ("cls", np.int64), ("name", np.int32))
 
@@ -288,8 +289,10 @@ def _scan_tar(path: str, classes_json: list[str] | None, problems: list[str]) ->
                     sample = samples.setdefault(key, {})
                     if "." + ext in IMAGE_EXTENSIONS and "image" not in sample:
                         sample["image"] = (offset, size)
-                    elif ext in ("cls", "txt", "json") and ext not in sample:
+                    elif ext in _LABEL_SUFFIXES and ext not in sample:
                         sample[ext] = bytes(mm[offset:offset + size])
+                    elif "." + ext not in IMAGE_EXTENSIONS and ext not in _LABEL_SUFFIXES:
+                        sample.setdefault("other", []).append(ext)  # named if the sample has no image
     except _TarDamage as err:
         cut = None if err.member is None else _split_member(err.member)
         if cut is not None:
@@ -303,10 +306,12 @@ def _scan_tar(path: str, classes_json: list[str] | None, problems: list[str]) ->
     out = []
     for key, sample in samples.items():
         if "image" not in sample:
-            problems.append(f"{path}:{key} has no image member (suffixes {', '.join(sorted(sample))}): left out")
+            held = sorted({*(e for e in _LABEL_SUFFIXES if e in sample), *sample.get("other", ())})
+            problems.append(f"{path}:{key} has no image member (it holds .{', .'.join(held)}; an image's suffix must "
+                            "be one Pillow reads: .jpg, .png, ...): left out")
             continue
         cls, name = -1, None
-        ext = next((e for e in ("cls", "txt", "json") if e in sample), None)
+        ext = next((e for e in _LABEL_SUFFIXES if e in sample), None)
         if ext is not None:
             try:
                 cls, name = _class_of(ext, sample[ext], classes_json)
