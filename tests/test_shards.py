@@ -399,3 +399,52 @@ def test_a_run_on_the_folder_resumes_on_its_shards_bitwise_with_knn_on_val_shard
     for key in ("student", "teacher", "center"):
         for name, value in a[key].items():
             assert torch.equal(b[key][name], value), f"{key}.{name}"
+
+
+@pytest.mark.parametrize("layout", ["folder", "shards"])
+def test_bad_images_are_warned_once_per_run_through_knn_passes_and_not_again_after_a_resume(tmp_path, caplog, layout):
+    """A corrupt image in train/ and one in val/, plus what indexing reports (a stray image beside the class folders;
+    a sample without an image in each shard set): each is warned about once in a run of 3 epochs with a k-NN pass
+    after each, not once per pass; the run's checkpoint lists both images, so its resumption warns about neither."""
+    from fastdino.data.demo import make_demo_dataset
+
+    data = make_demo_dataset(tmp_path / "data", n_train_per_class=4, n_val_per_class=1, size=32)  # 24 + 6 images
+    victims = [sorted((data / split).rglob("*.jpg"))[0] for split in ("train", "val")]
+    for victim in victims:
+        victim.write_bytes(b"\xff\xd8 not a jpeg")
+    if layout == "folder":
+        path = data
+        shutil.copy(victims[0].with_name("0001.jpg"), data / "train" / "stray.jpg")
+        bad = [str(v) for v in victims]
+        indexing = [f"{data / 'train'}: ignoring 1 image(s) beside the class sub-folders"]
+    else:
+        path = _shards(data, tmp_path / "shards", shard_size=20_000)
+        for split in ("train", "val"):
+            _add_sample(sorted((path / split).glob("*.tar"))[0], "a/label-only", None)
+        bad = [next(p for p in sh.index_images(path / split).paths if p.endswith(sh.encode_key(str(v.relative_to(
+            data / split))))) for split, v in zip(("train", "val"), victims, strict=True)]
+        indexing = [f"{path / split}/shard-000000.tar:a/label-only has no image member" for split in ("train", "val")]
+    tiny = ["model.arch=vit_tiny", "model.depth=1", "model.patch_size=8", "model.img_size=16", "dino.out_dim=32",
+            "dino.hidden_dim=16", "dino.bottleneck_dim=8", "data.global_size=16", "data.local_size=8",
+            "data.local_crops_number=1", "data.num_workers=0", "dino.head_bn=false", "health.enabled=false",
+            "train.device=cpu", "data.batch_size=8", "train.epochs=3", "train.knn_every=1", f"data.path={path}"]
+
+    def warnings(start: str) -> int:
+        return sum(r.getMessage().startswith(start) for r in caplog.records if r.levelname == "WARNING")
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert main(["train", "configs/demo.yaml", *tiny, f"train.output_dir={tmp_path / 'run'}"]) == 0
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len([x for x in lines if "knn_top1" in x]) == 4  # at 0 and after each epoch
+    assert [warnings(f"unreadable image {name} (skipped)") for name in bad] == [1, 1]
+    assert [warnings(line) for line in indexing] == [1] * len(indexing)
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["skipped_images"] == sorted(bad)
+
+    with caplog.at_level(logging.WARNING):
+        assert main(["train", "configs/demo.yaml", *tiny, f"train.output_dir={tmp_path / 'resumed'}",
+                     "train.max_steps=4"]) == 0
+        caplog.clear()
+        assert main(["train", "configs/demo.yaml", *tiny, f"train.output_dir={tmp_path / 'resumed'}"]) == 0
+    assert [warnings(f"unreadable image {name}") for name in bad] == [0, 0]  # known from the checkpoint
+    assert [warnings(line) for line in indexing] == [1] * len(indexing)  # indexed once by this run

@@ -64,6 +64,15 @@ class DataError(UserError, ValueError):
     """The data on disk cannot be used (missing folder, no images, too many unreadable files)."""
 
 
+class UnknownClassesError(DataError):
+    """Images in classes the given class list (the training set's) lacks; `unknown` lists them, so a caller
+    that knows where the given classes came from can say which set is at fault (`shards.index_in_classes_of`)."""
+
+    def __init__(self, message: str, unknown: list[str]) -> None:
+        super().__init__(message)
+        self.unknown = unknown
+
+
 class MemberSource(Protocol):
     """Reads indexed images that are not files of their own: tar-shard members (`fastdino.data.shards`)."""
 
@@ -393,7 +402,8 @@ def index_image_folder(root: str | Path, classes: Sequence[str] | None = None) -
         classes = sorted(per_class)
     unknown = sorted(set(per_class) - set(classes))
     if unknown:
-        raise DataError(f"image folder {root} has classes {unknown} that are not in the given classes")
+        raise UnknownClassesError(f"image folder {root} has classes {unknown} that are not in the given classes",
+                                  unknown)
     label_of = {name: label for label, name in enumerate(classes)}
     paths, labels = [], []
     for name in sorted(per_class, key=label_of.__getitem__):

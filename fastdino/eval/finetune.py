@@ -25,7 +25,7 @@ from torchvision.transforms import v2
 from fastdino.data.batch import build_loader, steps_per_epoch
 from fastdino.data.files import DataError, ImageFileDataset, ImageIndex, UnreadableImages, collate_views
 from fastdino.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from fastdino.data.shards import index_images
+from fastdino.data.shards import index_images, index_in_classes_of
 from fastdino.models.backbones import feature_dim
 from fastdino.schedules import cosine_schedule
 
@@ -126,7 +126,7 @@ def finetune(
         raise DataError(f"fine-tuning needs class sub-folders in {train_dir} (found {len(train_index.classes)} class)")
     if per_class:
         train_index = per_class_subset(train_index, per_class, seed)
-    val_index = index_images(val_dir, classes=train_index.classes)
+    val_index = index_in_classes_of(val_dir, train_dir, train_index)
     torch.manual_seed(seed)
     model = Classifier(copy.deepcopy(backbone), feature_dim(backbone), len(train_index.classes)).to(device)
     model.requires_grad_(True)  # a teacher backbone comes frozen

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fastdino.data.files import DECODE_ERRORS, DataError, ImageIndex, decode_rgb, item_seed
 from fastdino.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from fastdino.data.shards import index_images
+from fastdino.data.shards import index_images, index_in_classes_of
 from fastdino.errors import UserError
 from fastdino.models.backbones import feature_dim as backbone_dim
 from fastdino.models.vit import VisionTransformer
@@ -324,7 +324,7 @@ def linear_probe(
     backbone = backbone.eval().requires_grad_(False)
     feat_mode = backbone_feature_mode(features, backbone)
     train_index = index_images(train_dir)
-    val_index = index_images(val_dir, classes=train_index.classes)
+    val_index = index_in_classes_of(val_dir, train_dir, train_index)
     num_classes = len(train_index.classes)
     dim = feature_dim(backbone, feat_mode)
     view = eval_transform(image_size)
