@@ -448,3 +448,52 @@ def test_bad_images_are_warned_once_per_run_through_knn_passes_and_not_again_aft
         assert main(["train", "configs/demo.yaml", *tiny, f"train.output_dir={tmp_path / 'resumed'}"]) == 0
     assert [warnings(f"unreadable image {name}") for name in bad] == [0, 0]  # known from the checkpoint
     assert [warnings(line) for line in indexing] == [1] * len(indexing)  # indexed once by this run
+
+
+def test_train_and_val_sets_that_disagree_on_classes_are_refused_naming_the_set_at_fault(tmp_path):
+    """k-NN, linear probes and fine-tuning index val/ in train/'s classes (`shards.index_in_classes_of`): when train/
+    shards lost their classes.json their classes are the bare .cls integers, and the line names that file, not
+    val/; a validation class that training lacks names val/; val/ .cls integers beyond train/'s classes name val/'s
+    missing classes.json."""
+    from fastdino.config import EvalConfig
+    from fastdino.eval.finetune import finetune
+    from fastdino.eval.knn import knn_evaluate
+    from fastdino.eval.linear import linear_probe
+
+    src = tmp_path / "images"
+    _image_tree(src / "train")
+    _image_tree(src / "val", names=["b/v.jpg", "a/w.png"])
+    out = _shards(src, tmp_path / "out")
+    train, val = out / "train", out / "val"
+    (train / "classes.json").unlink()
+    cpu = torch.device("cpu")
+    evaluations = [
+        lambda t, v: knn_evaluate(torch.nn.Identity(), t, v, 16, EvalConfig(), cpu),
+        lambda t, v: linear_probe(torch.nn.Identity(), t, v, image_size=16),
+        lambda t, v: finetune(torch.nn.Identity(), t, v, 16, cpu, num_workers=0),
+    ]
+    for evaluate in evaluations:
+        for v in (val, src / "val"):  # val/ as shards or as a folder
+            with pytest.raises(DataError) as refused:
+                evaluate(train, v)
+            assert str(refused.value).startswith(f"{train / 'classes.json'} is missing, so the training shards {train} "
+                                                 "name their classes by their bare .cls integers ['0', '1', '2']")
+            assert "\n" not in str(refused.value)
+
+    zebra = tmp_path / "zebra"
+    shutil.copytree(src / "val", zebra)
+    shutil.copytree(zebra / "b", zebra / "zebra")
+    labelled = _shards(src, tmp_path / "labelled") / "train"
+    with pytest.raises(DataError, match=rf"^{zebra} has classes \['zebra'\] that the training shards {labelled} "
+                                        rf"\({labelled / 'classes.json'}\) lack \(they have \['a', 'a b', 'b'\]\)"):
+        sh.index_in_classes_of(zebra, labelled, sh.index_images(labelled))
+    with pytest.raises(DataError, match=rf"^{zebra} has classes \['zebra'\] that the training images {src / 'train'} "
+                                        "lack"):
+        sh.index_in_classes_of(zebra, src / "train", index_image_folder(src / "train"))
+    beyond = tmp_path / "beyond"
+    beyond.mkdir()
+    shutil.copy(next(val.glob("*.tar")), beyond)
+    _add_sample(next(beyond.glob("*.tar")), "c/new", b"\xff\xd8", b"3")  # a fourth class, unnamed
+    with pytest.raises(DataError, match=rf"{beyond}/shard-000000\.tar:c/new has \.cls 3, beyond the 3 classes it is "
+                                        rf"indexed in \({beyond / 'classes.json'} is missing"):
+        sh.index_in_classes_of(beyond, labelled, sh.index_images(labelled))
