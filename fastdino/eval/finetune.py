@@ -143,11 +143,13 @@ def finetune(
     total, step = epochs * per_epoch, 0
     result = FinetuneResult(top1=0.0, classes=list(train_index.classes))
     unreadable = UnreadableImages()  # warns once per file
+    train_unreadable = UnreadableImages()  # substituted in training (as pre-training does), warned once per file
     model.train()
     for epoch in range(epochs):
         loader = build_loader(train_set, batch_size, num_workers, seed=seed, epoch=epoch, drop_last=False)
         losses = []
-        for views, labels, _ in loader:
+        for views, labels, bad in loader:
+            train_unreadable.add(bad)
             for group in optimizer.param_groups:
                 group["lr"] = cosine_schedule(step, total, lr, 1e-6, warmup_steps=per_epoch)
             logits = model(views[0].to(device, non_blocking=True))  # (B, n_classes)
