@@ -118,7 +118,7 @@ BACKENDS = ["cpu", "torch_gpu", pytest.param("dali", marks=pytest.mark.skipif(no
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_folder_and_its_shards_give_the_same_batches_from_step_0_and_from_a_resume(tmp_path, backend):
+def test_folder_and_its_shards_give_the_same_batches_from_step_0_and_from_a_resume(tmp_path, backend, caplog):
     src = _image_tree(tmp_path / "images", corrupt="b/2.jpg")
     out = _shards(src, tmp_path / "shards")
     runs = []
@@ -143,6 +143,12 @@ def test_folder_and_its_shards_give_the_same_batches_from_step_0_and_from_a_resu
     assert bad_folder == [str(src / "b" / "2.jpg")]
     (bad,) = bad_shards  # the corrupt member, named shard:key
     assert bad.startswith(str(out / "shard-")) and bad.endswith(".tar:" + sh.encode_key("b/2.jpg"))
+    for batches in (folder + folder_resumed, shards + shards_resumed):  # one name however often met: warned once
+        record = UnreadableImages()
+        with caplog.at_level(logging.WARNING, "fastdino.data"):
+            record.add((name, "") for _, _, names in batches for name in names)
+        assert len(record) == 1
+    assert sum(r.getMessage().startswith("unreadable image") for r in caplog.records) == 2
 
 
 def _descendants(pid: int) -> list[int]:
