@@ -103,8 +103,10 @@ def test_keys_escape_dots_and_decode_back():
 
 
 def _batches(source, epoch, start_step=0):
-    return [([v.clone() for v in views], labels.clone(), sorted(p for p, _ in bad))
-            for views, labels, bad in source.epoch(epoch, start_step)]
+    batches = [([v.clone() for v in views], labels.clone(), bad)
+               for views, labels, bad in source.epoch(epoch, start_step)]
+    assert not [why for *_, bad in batches for _, why in bad if "object at 0x" in why]  # named by the image, not memory
+    return [(views, labels, sorted(p for p, _ in bad)) for views, labels, bad in batches]
 
 
 def _equal(a, b):
@@ -444,6 +446,7 @@ def test_bad_images_are_warned_once_per_run_through_knn_passes_and_not_again_aft
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len([x for x in lines if "knn_top1" in x]) == 4  # at 0 and after each epoch
     assert [warnings(f"unreadable image {name} (skipped)") for name in bad] == [1, 1]
+    assert not [r for r in caplog.records if "object at 0x" in r.getMessage()]  # reasons name the image, not memory
     assert [warnings(line) for line in indexing] == [1] * len(indexing)
     assert load_checkpoint(tmp_path / "run" / "last.pt")["skipped_images"] == sorted(bad)
 

@@ -73,6 +73,18 @@ class UnknownClassesError(DataError):
         self.unknown = unknown
 
 
+class NamedBytes(io.BytesIO):
+    """An image's bytes in memory that Pillow's errors name as the image (`shard:key`, or the file), not as
+    `<_io.BytesIO object at 0x...>`: a warning's reason then reads the same in every process and backend."""
+
+    def __init__(self, data: bytes, name: str) -> None:
+        super().__init__(data)
+        self.image_name = name
+
+    def __repr__(self) -> str:
+        return repr(self.image_name)
+
+
 class MemberSource(Protocol):
     """Reads indexed images that are not files of their own: tar-shard members (`fastdino.data.shards`)."""
 
@@ -117,9 +129,9 @@ class ImageIndex:
         with open(self.paths[j], "rb") as f:
             return f.read()
 
-    def open(self, j: int) -> str | io.BytesIO:
+    def open(self, j: int) -> str | NamedBytes:
         """What `decode_rgb` takes for image j: its path, or its shard member's bytes in memory."""
-        return self.paths[j] if self.members is None else io.BytesIO(self.members.read(j))
+        return self.paths[j] if self.members is None else NamedBytes(self.members.read(j), self.paths[j])
 
     def subset(self, keep: Sequence[int]) -> ImageIndex:
         """The images `keep` (positions in this index), in that order, with the same classes."""
