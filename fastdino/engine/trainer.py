@@ -267,7 +267,7 @@ class Trainer:
         self.ema = TeacherEMA(self.method.student, self.method.teacher, impl=cfg.ema.impl)
         self.nonfinite = NonFiniteWatch(self.device, self.precision)
         self.step = 0
-        self.unreadable = UnreadableImages()  # distinct bad files of the run, kept in the checkpoint
+        self.unreadable = UnreadableImages()  # distinct bad files of the run (its k-NN passes' too), checkpointed
         self.saved_step: int | None = None
         """The iteration output_dir/last.pt holds, None while this run has none there."""
         if ckpt is not None:
