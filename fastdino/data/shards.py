@@ -43,6 +43,7 @@ from fastdino.data.files import (
     INDEX_CACHE_ENV,
     DataError,
     ImageIndex,
+    UnknownClassesError,
     _extensions_key,
     index_cache_dir,
     index_image_folder,
@@ -55,6 +56,7 @@ COMPRESSED_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz"
 CLASSES_FILE = "classes.json"
 MAX_OPEN_SHARDS = 64  # open shard files per process (LRU): ImageNet-scale sets have ~1,000 shards, ulimit -n is 1,024
 _CACHE_MAGIC = b"fastdino shard index v1\n"
+_LABEL_SUFFIXES = ("cls", "txt", "json")  # a sample's class members, in the order one is chosen
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _ARRAYS = (("shard", np.int32), ("offset", np.int64), ("size", np.int64), ("cls", np.int64), ("name", np.int32))
 
@@ -288,8 +290,10 @@ def _scan_tar(path: str, classes_json: list[str] | None, problems: list[str]) ->
                     sample = samples.setdefault(key, {})
                     if "." + ext in IMAGE_EXTENSIONS and "image" not in sample:
                         sample["image"] = (offset, size)
-                    elif ext in ("cls", "txt", "json") and ext not in sample:
+                    elif ext in _LABEL_SUFFIXES and ext not in sample:
                         sample[ext] = bytes(mm[offset:offset + size])
+                    elif "." + ext not in IMAGE_EXTENSIONS and ext not in _LABEL_SUFFIXES:
+                        sample.setdefault("other", []).append(ext)  # named if the sample has no image
     except _TarDamage as err:
         cut = None if err.member is None else _split_member(err.member)
         if cut is not None:
@@ -303,10 +307,12 @@ def _scan_tar(path: str, classes_json: list[str] | None, problems: list[str]) ->
     out = []
     for key, sample in samples.items():
         if "image" not in sample:
-            problems.append(f"{path}:{key} has no image member (suffixes {', '.join(sorted(sample))}): left out")
+            held = sorted({*(e for e in _LABEL_SUFFIXES if e in sample), *sample.get("other", ())})
+            problems.append(f"{path}:{key} has no image member (it holds .{', .'.join(held)}; an image's suffix must "
+                            "be one Pillow reads: .jpg, .png, ...): left out")
             continue
         cls, name = -1, None
-        ext = next((e for e in ("cls", "txt", "json") if e in sample), None)
+        ext = next((e for e in _LABEL_SUFFIXES if e in sample), None)
         if ext is not None:
             try:
                 cls, name = _class_of(ext, sample[ext], classes_json)
@@ -522,7 +528,9 @@ class ShardMembers:
 
 # -- the index -----------------------------------------------------------------------------------------------
 
-def _labels(scan: _ShardScan, spec: str, classes: Sequence[str] | None) -> tuple[list[int], list[str]]:
+def _labels(
+    scan: _ShardScan, spec: str, classes: Sequence[str] | None, classes_file: str,
+) -> tuple[list[int], list[str]]:
     cls, name = scan.arrays["cls"], scan.arrays["name"]
     named, numbered = name >= 0, cls >= 0
     if named.all():
@@ -533,14 +541,16 @@ def _labels(scan: _ShardScan, spec: str, classes: Sequence[str] | None) -> tuple
         labels = lut[name]
         if (labels < 0).any():
             unknown = sorted({scan.names[i] for i in np.unique(name[labels < 0]).tolist()})
-            raise DataError(f"shard set {spec} has classes {unknown} that are not in the given classes")
+            raise UnknownClassesError(f"shard set {spec} has classes {unknown} that are not in the given classes",
+                                      unknown)
         return labels.tolist(), classes
     if numbered.all():
         classes = list(classes) if classes is not None else [str(c) for c in range(int(cls.max()) + 1)]
         if int(cls.max()) >= len(classes):
             j = int(np.argmax(cls))
             raise DataError(f"{scan.shards[scan.arrays['shard'][j]]}:{scan.keys[j]} has .cls {int(cls[j])}, beyond the "
-                            f"{len(classes)} classes (add a {CLASSES_FILE} naming them)")
+                            f"{len(classes)} classes it is indexed in ({classes_file} is missing: add it, naming "
+                            "this set's classes in label order)")
         return cls.tolist(), classes
     if not (named | numbered).any():
         classes = [FLAT_CLASS] if classes is None else list(classes)
@@ -571,7 +581,7 @@ def index_shards(spec: str | Path, classes: Sequence[str] | None = None) -> Imag
     if not scan.keys:
         raise DataError(f"shard set {spec} holds no images: each sample needs an image member (.jpg, .png, ...: "
                         "any still-image format Pillow reads)")
-    labels, classes = _labels(scan, spec, classes)
+    labels, classes = _labels(scan, spec, classes, classes_file)
     members = ShardMembers(scan.shards, scan.keys, scan.arrays["shard"], scan.arrays["offset"], scan.arrays["size"])
     return ImageIndex(members.names(), labels, classes, members)
 
@@ -582,6 +592,32 @@ def index_images(path: str | Path, classes: Sequence[str] | None = None) -> Imag
     if is_shard_set(path):
         return index_shards(path, classes)
     return index_image_folder(path, classes)
+
+
+def index_in_classes_of(path: str | Path, train: str | Path, train_index: ImageIndex) -> ImageIndex:
+    """`index_images(path)` in the classes of the training set `train` (indexed as `train_index`): the
+    validation images of k-NN, linear probes and fine-tuning, in one label space with their training images.
+
+    Raises DataError as `index_images` does; for validation classes the training set lacks, the line names the
+    set at fault: `train` when it is a shard set whose classes are only its bare .cls integers (its
+    classes.json is missing), else `path`, with the training set's classes and where they came from."""
+    try:
+        return index_images(path, classes=train_index.classes)
+    except UnknownClassesError as exc:
+        unknown, classes = exc.unknown, train_index.classes
+        shown = f"{classes[:8]}" if len(classes) <= 8 else f"{classes[:8]} (and {len(classes) - 8} more)"
+        if is_shard_set(train):
+            classes_file = resolve_shards(train)[2]
+            if not os.path.isfile(classes_file) and classes == [str(c) for c in range(len(classes))]:
+                raise DataError(f"{classes_file} is missing, so the training shards {train} name their classes by "
+                                f"their bare .cls integers {shown}, among which the classes of {path} "
+                                f"({unknown[:8]}) are not: write the class names in label order there (fastdino "
+                                "shards does)") from None
+            source = f"training shards {train} ({classes_file})"
+        else:
+            source = f"training images {train}"
+        raise DataError(f"{path} has classes {unknown[:8]} that the {source} lack (they have {shown}): validation "
+                        "classes must be training classes") from None
 
 
 # -- writing shards ------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from fastdino.data.batch import steps_per_epoch
 from fastdino.data.files import DataError, ImageFileDataset, ImageIndex, UnreadableImages
 from fastdino.data.loader import build_batch_source, resolve_backend
 from fastdino.data.multicrop import eval_transform
-from fastdino.data.shards import index_images
+from fastdino.data.shards import index_images, index_in_classes_of
 from fastdino.engine.backends import Backend, build_backend
 from fastdino.engine.checkpoint import (
     WRITE_ERRNOS,
@@ -228,12 +228,13 @@ class Trainer:
         self.index: ImageIndex = index_images(self.train_dir)
         n_images = len(self.index.paths)
         self.fingerprint = index_fingerprint(self.index, self.train_dir)
+        self.val_index: ImageIndex | None = None
+        """val/ in train/'s classes when the run has k-NN passes: indexed once, so no pass repeats its warnings."""
         if cfg.train.knn_eval and self.val_dir is not None and len(self.index.classes) > 1:
             try:  # the end-of-run k-NN needs val/ in train/'s classes: find out now, not after training
-                index_images(self.val_dir, classes=self.index.classes)
+                self.val_index = index_in_classes_of(self.val_dir, self.train_dir, self.index)
             except DataError as exc:
-                raise DataError(f"{exc} (train/ has {self.index.classes}); fix val/ or set train.knn_eval=false") \
-                    from None
+                raise DataError(f"{exc}; fix it or set train.knn_eval=false") from None
         self.steps_per_epoch = steps_per_epoch(n_images, cfg.data.batch_size, self.dist.world_size)
         if self.steps_per_epoch == 0:
             raise DataError(
@@ -268,7 +269,7 @@ class Trainer:
         self.ema = TeacherEMA(self.method.student, self.method.teacher, impl=cfg.ema.impl)
         self.nonfinite = NonFiniteWatch(self.device, self.precision)
         self.step = 0
-        self.unreadable = UnreadableImages()  # distinct bad files of the run, kept in the checkpoint
+        self.unreadable = UnreadableImages()  # distinct bad files of the run (its k-NN passes' too), checkpointed
         self.saved_step: int | None = None
         """The iteration output_dir/last.pt holds, None while this run has none there."""
         if ckpt is not None:
@@ -457,12 +458,13 @@ class Trainer:
     def knn(self) -> float | None:
         """k-NN top-1 (%) of the teacher now; None when train.knn_eval is off or there is no labelled val split.
         The pass runs under forked RNG states: whether and when it runs never changes the training."""
-        if not self.cfg.train.knn_eval or self.val_dir is None or len(self.index.classes) < 2:
+        if self.val_index is None:
             return None
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            return knn_evaluate(
+            return knn_evaluate(  # bad files go to the run's record: each is warned about once per run
                 self.method.feature_backbone(), self.train_dir, self.val_dir, self.cfg.data.global_size,
-                self.cfg.eval, self.device, self.cfg.data.num_workers,
+                self.cfg.eval, self.device, self.cfg.data.num_workers, unreadable=self.unreadable,
+                indexes=(self.index, self.val_index),
             ).top1
 
     def _knn_pass(self, result: TrainResult, logger: RunLogger) -> None:
