@@ -292,9 +292,13 @@ def _budget(args: argparse.Namespace) -> int:
         img_per_s, record = last_bench_img_per_s(cfg, Path(args.results) if args.results else None)
         source = (f"last perf/bench_train.py result for this config ({record.get('date', '?')}, "
                   f"{record.get('device', '?')}, engine {record.get('engine', 'ddp')})")
-    rows = budget(cfg.train.epochs, n_images, img_per_s, args.gpus, args.scaling)
+    rows = budget(cfg.train.epochs, n_images, img_per_s, args.gpus, args.scaling, cfg.train.max_steps,
+                  cfg.data.batch_size)
     print(f"{args.config}: {cfg.train.epochs} epochs x {n_images:,} images ({images}) = "
           f"{cfg.train.epochs * n_images:,} images")
+    if cfg.train.max_steps:
+        print(f"train.max_steps={cfg.train.max_steps} stops the run sooner: at most {cfg.train.max_steps} x "
+              f"data.batch_size={cfg.data.batch_size} x GPUs images")
     print(f"one GPU: {img_per_s:.1f} img/s ({source}); scaling {args.scaling} per GPU beyond one")
     print("\n".join(format_table(rows)))
     for error in schedule_errors(cfg):

@@ -35,6 +35,18 @@ def test_scaling_rule():
         budget(10, 1000, 100.0, [1], 1.5)
 
 
+def test_max_steps_caps_each_row(capsys):
+    # 10 epochs x 1000 images, but max_steps=20 of 16 per GPU: 1 GPU sees 320 images, 4 GPUs 1280, 64 GPUs all 10,000
+    one, four, many = budget(10, 1000, 100.0, [1, 4, 64], 1.0, max_steps=20, batch_size=16)
+    assert [row.hours * 3600 for row in (one, four, many)] == pytest.approx([3.2, 3.2, 10_000 / 6400])
+    argv = ["budget", "configs/demo.yaml", "train.max_steps=20", "data.batch_size=16", "--images", "1000",
+            "--img-per-s", "100", "--gpus", "1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "train.max_steps=20 stops the run sooner" in out
+    assert [line.split()[:3] for line in out.splitlines() if line.strip()[:1].isdigit()] == [["1", "100.0", "3"]]
+
+
 def test_cli_prints_rows_and_the_paper_run(tmp_path, capsys):
     data = tmp_path / "images"
     data.mkdir()

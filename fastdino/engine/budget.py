@@ -101,10 +101,13 @@ class BudgetRow:
     gpu_hours: float
 
 
-def budget(epochs: int, n_images: int, img_per_s: float, gpus: list[int], scaling: float) -> list[BudgetRow]:
+def budget(epochs: int, n_images: int, img_per_s: float, gpus: list[int], scaling: float, max_steps: int = 0,
+           batch_size: int = 0) -> list[BudgetRow]:
     """One row per GPU count: total img/s = X * G * (scaling if G > 1 else 1), hours = epochs * N / that / 3600.
 
-    img_per_s: one GPU's rate (img/s); scaling in (0, 1]. Raises ConfigError for values out of range.
+    img_per_s: one GPU's rate (img/s); scaling in (0, 1]. max_steps > 0 (train.max_steps) stops a run after that
+    many iterations of batch_size images per GPU: G GPUs then see at most max_steps * batch_size * G images.
+    Raises ConfigError for values out of range.
     """
     if not img_per_s > 0:
         raise ConfigError(f"--img-per-s {img_per_s} must be positive", "--img-per-s")
@@ -114,7 +117,8 @@ def budget(epochs: int, n_images: int, img_per_s: float, gpus: list[int], scalin
     rows = []
     for g in gpus:
         rate = img_per_s * g * (scaling if g > 1 else 1.0)
-        hours = epochs * n_images / rate / 3600
+        images = epochs * n_images if not max_steps else min(epochs * n_images, max_steps * batch_size * g)
+        hours = images / rate / 3600
         rows.append(BudgetRow(g, rate, hours, hours * g))
     return rows
 
