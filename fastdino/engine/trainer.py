@@ -19,7 +19,7 @@ from fastdino.data.batch import steps_per_epoch
 from fastdino.data.files import DataError, ImageFileDataset, ImageIndex, UnreadableImages
 from fastdino.data.loader import build_batch_source, resolve_backend
 from fastdino.data.multicrop import eval_transform
-from fastdino.data.shards import index_images, index_in_classes_of
+from fastdino.data.shards import index_images, index_in_classes_of, is_shard_set
 from fastdino.engine.backends import Backend, build_backend
 from fastdino.engine.checkpoint import (
     WRITE_ERRNOS,
@@ -183,10 +183,15 @@ def check_kernels(cfg: Config, device: torch.device) -> None:
 
 
 def data_roots(path: str) -> tuple[Path, Path | None]:
-    """Training images: path/train when it exists, else path; k-NN validation: path/val when it exists."""
+    """Training images: path/train when it exists, else path; k-NN validation: path/val when it exists.
+
+    Raises ConfigError naming data.path when it is unset or names nothing (a brace pattern of shards is checked
+    shard by shard when indexed)."""
     if not path:
         raise ConfigError("data.path is not set: add data.path=/folder/of/images (or run `fastdino demo`)",
                           "data.path")
+    if not (os.path.exists(path) or is_shard_set(path)):
+        raise ConfigError(f"data.path {path} does not exist", "data.path")
     root = Path(path)
     train_dir = root / "train" if (root / "train").is_dir() else root
     val_dir = root / "val" if (root / "val").is_dir() else None
