@@ -273,31 +273,36 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def _budget(args: argparse.Namespace) -> int:
-    from fastdino.data.shards import index_images, is_shard_set
-    from fastdino.engine.budget import IMAGENET_1K_TRAIN, budget, format_table, last_bench_img_per_s
-    from fastdino.engine.trainer import data_roots
+    from fastdino.config import schedule_errors
+    from fastdino.engine.budget import IMAGENET_1K_TRAIN, budget, count_images, format_table, last_bench_img_per_s
 
-    cfg = load_config(args.config, args.overrides)
+    # the question is how long train.epochs takes: a warm-up longer than that is reported below, not refused
+    cfg = load_config(args.config, args.overrides, schedules=False)
+    if args.images is not None:
+        n_images, images = args.images, "--images"
+    elif cfg.data.path:
+        n_images, train_dir = count_images(cfg.data.path)
+        images = f"indexed in {train_dir}"
+    else:
+        n_images = IMAGENET_1K_TRAIN
+        images = "ImageNet-1k's training split, the default: data.path is not set; --images N to change"
     if args.img_per_s is not None:
         img_per_s, source = args.img_per_s, "--img-per-s"
     else:
         img_per_s, record = last_bench_img_per_s(cfg, Path(args.results) if args.results else None)
         source = (f"last perf/bench_train.py result for this config ({record.get('date', '?')}, "
                   f"{record.get('device', '?')}, engine {record.get('engine', 'ddp')})")
-    if args.images is not None:
-        n_images, images = args.images, "--images"
-    elif cfg.data.path and (Path(cfg.data.path).is_dir() or is_shard_set(cfg.data.path)):
-        train_dir, _ = data_roots(cfg.data.path)
-        n_images, images = len(index_images(train_dir)), f"indexed in {train_dir}"
-    else:
-        n_images = IMAGENET_1K_TRAIN
-        images = ("ImageNet-1k's training split, the default: data.path is not set, nor a folder or shards; "
-                  "--images N to change")
-    rows = budget(cfg.train.epochs, n_images, img_per_s, args.gpus, args.scaling)
+    rows = budget(cfg.train.epochs, n_images, img_per_s, args.gpus, args.scaling, cfg.train.max_steps,
+                  cfg.data.batch_size)
     print(f"{args.config}: {cfg.train.epochs} epochs x {n_images:,} images ({images}) = "
           f"{cfg.train.epochs * n_images:,} images")
+    if cfg.train.max_steps:
+        print(f"train.max_steps={cfg.train.max_steps} stops the run sooner: at most {cfg.train.max_steps} x "
+              f"data.batch_size={cfg.data.batch_size} x GPUs images")
     print(f"one GPU: {img_per_s:.1f} img/s ({source}); scaling {args.scaling} per GPU beyond one")
     print("\n".join(format_table(rows)))
+    for error in schedule_errors(cfg):
+        print(f"note: `fastdino train` refuses this config as it stands: {error}")
     return 0
 
 
@@ -395,9 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "official-backbone, or its alias hub: the teacher's ViT state dict, as the released "
                         "*_pretrain.pth files torch.hub loads; timm: a folder for timm.create_model('local-dir:DIR', "
                         "pretrained=True); hf: a folder for transformers' ViTModel / AutoImageProcessor")
-    p.add_argument("--out", default="", help="output file (official formats) or a new or empty folder "
-                                             f"({', '.join(FOLDER_FORMATS)}); default <checkpoint stem>_<format>"
-                                             "[.pth] beside the checkpoint")
+    p.add_argument("--out", default="", help="output file (official formats) or a new or empty folder, not "
+                                             f"named like a file ({', '.join(FOLDER_FORMATS)}); default <checkpoint "
+                                             "stem>_<format>[.pth] beside the checkpoint")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("linear", help="linear-probe top-1/top-5 of a checkpoint's frozen teacher backbone")

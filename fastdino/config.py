@@ -480,19 +480,28 @@ class Config:
                 f"train.init_from reads DINO checkpoints (fastdino or official); train.method={self.train.method!r} "
                 "cannot start from one: leave train.init_from empty", ("train.init_from", "train.method")
             )
-        epochs = self.train.epochs
-        if self.dino.warmup_teacher_temp_epochs > epochs:
-            raise ConfigError(
-                f"dino.warmup_teacher_temp_epochs={self.dino.warmup_teacher_temp_epochs} is longer than the run "
-                f"(train.epochs={epochs}): the teacher would never reach dino.teacher_temp; shorten the warm-up",
-                ("dino.warmup_teacher_temp_epochs", "train.epochs"),
-            )
-        if self.optim.warmup_epochs > epochs:
-            raise ConfigError(
-                f"optim.warmup_epochs={self.optim.warmup_epochs} is longer than the run (train.epochs={epochs}): "
-                "the learning rate would never reach optim.lr; shorten the warm-up",
-                ("optim.warmup_epochs", "train.epochs"),
-            )
+
+
+def schedule_errors(cfg: Config) -> list[ConfigError]:
+    """Warm-ups longer than the run (train.epochs), which training refuses: one ConfigError each, naming both keys.
+
+    Not a check of Config itself: load_config raises the first (unless schedules=False) and so does the Trainer,
+    while `fastdino budget`, which asks how long train.epochs would take, only reports them."""
+    out = []
+    epochs = cfg.train.epochs
+    if cfg.dino.warmup_teacher_temp_epochs > epochs:
+        out.append(ConfigError(
+            f"dino.warmup_teacher_temp_epochs={cfg.dino.warmup_teacher_temp_epochs} is longer than the run "
+            f"(train.epochs={epochs}): the teacher would never reach dino.teacher_temp; shorten the warm-up",
+            ("dino.warmup_teacher_temp_epochs", "train.epochs"),
+        ))
+    if cfg.optim.warmup_epochs > epochs:
+        out.append(ConfigError(
+            f"optim.warmup_epochs={cfg.optim.warmup_epochs} is longer than the run (train.epochs={epochs}): "
+            "the learning rate would never reach optim.lr; shorten the warm-up",
+            ("optim.warmup_epochs", "train.epochs"),
+        ))
+    return out
 
 
 def schedule_warnings(cfg: Config, steps_per_epoch: int) -> list[str]:
@@ -657,8 +666,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """YAML file (only what differs from the defaults) plus overrides -> a validated Config."""
+def load_config(path: str | Path | None = None, overrides: list[str] = (), *, schedules: bool = True) -> Config:
+    """YAML file (only what differs from the defaults) plus overrides -> a validated Config; raises ConfigError
+    naming the key and where its value came from (the file or the command line).
+
+    schedules=False leaves out schedule_errors (warm-ups longer than the run), for `fastdino budget`."""
     values: dict = {}
     if path is not None:
         path = Path(path)
@@ -682,7 +694,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         values = {k: v for k, v in values.items() if not (isinstance(k, str) and k.startswith("x-"))}
     from_command_line = parse_overrides(list(overrides))
     try:
-        return _build(Config, _merge(values, from_command_line), "")
+        cfg = _build(Config, _merge(values, from_command_line), "")
+        if schedules and (errors := schedule_errors(cfg)):
+            raise errors[0]
+        return cfg
     except ConfigError as exc:
         # name where the offending value came from: the command line or the file
         keys = exc.key if isinstance(exc.key, tuple) else (exc.key,)

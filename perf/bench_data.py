@@ -25,7 +25,8 @@ outputs onto the training stream. Backends that cannot run here print why instea
 
 --shards N (0: off) also writes the JPEGs as N shards with `fastdino.data.shards.write_shards` (kept beside
 them) and times every fastdino backend on the folder and on the shards in turn, --repeats times alternating
-which goes first; each row shows the best of its repeats and the shards / folder ratio. Before them it times
+which goes first; each row shows the best of its repeats, the ratio of the bests (x folder) and the ratio within
+each repeat, whose two timings ran back to back (sorted, with their median). Before them it times
 the one step that differs, in one process: every image's bytes (`ImageIndex.read`) and their decode.
 --backends '' skips the backends. --index-members M
 writes M tiny samples (a 1-byte image and a .cls each, 2M tar members) in 16 shards and times `index_shards`
@@ -342,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     sources = {"folder": ImageFileDataset(index, multicrop_transform(), seed=0)}
     if args.shards:
         shard_index = index_shards(make_shards(folder, args.shards))
-        assert [shard_index.read(j) for j in range(3)] == [index.read(j) for j in range(3)]
+        if len(shard_index) != len(index) or any(shard_index.read(j) != index.read(j) for j in range(len(index))):
+            raise SystemExit(f"the shards under {folder} no longer hold the folder's images: delete them to rewrite")
         sources[f"{args.shards} shards"] = ImageFileDataset(shard_index, multicrop_transform(), seed=0)
     if len(sources) > 1:
         read_timings(sources, args.repeats)
@@ -351,22 +353,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(index)} JPEGs {args.width}x{args.height} q90, 2x224 + 10x96, batch {args.batch}, "
           f"{args.workers} workers, {args.steps} timed batches, best of {args.repeats}, torch threads "
           f"{torch.get_num_threads()}")
-    print("| backend | source | device | img/s | x official | x folder | GPU ms/img |")
-    print("|---|---|---|---|---|---|---|")
+    print("| backend | source | device | img/s | x official | x folder | x folder per repeat | GPU ms/img |")
+    print("|---|---|---|---|---|---|---|---|")
     official = None
     for name in args.backends.split(","):
         if name == "official":
             batches = build_loader(_OfficialDataset(index.paths), args.batch, args.workers, seed=0, epoch=0,
                                    collate_fn=collate_views)
             official = time_batches(batches, args.steps, args.warmup, args.batch, device)
-            print(f"| official | folder | cpu | {official:.1f} | 1.00 | - | - |", flush=True)
+            print(f"| official | folder | cpu | {official:.1f} | 1.00 | - | - | - |", flush=True)
             continue
         if name == "dali" and not dali_available():
-            print('| dali | - | - | not measured yet (DALI is not installed: pip install -e ".[dali]") | | | |')
+            print('| dali | - | - | not measured yet (DALI is not installed: pip install -e ".[dali]") | | | | |')
             continue
         if name not in ("cpu", "torch_gpu", "dali"):
             parser.error(f"unknown backend {name!r}")
-        rates: dict[str, float] = {}
+        rates: dict[str, list[float]] = {label: [] for label in sources}
         gpu_ms: dict[str, str] = {}
         for r in range(args.repeats):
             for label in (list(sources) if r % 2 == 0 else list(sources)[::-1]):
@@ -383,13 +385,17 @@ def main(argv: list[str] | None = None) -> int:
                     batches, where = source.epoch(0), device.type
                     gpu_ms[label] = (gpu_ms_per_image(source, args.steps, args.batch) if device.type == "cuda"
                                      else "not measured yet (no GPU)")
-                rate = time_batches(batches, args.steps, args.warmup, args.batch, device)
-                rates[label] = max(rates.get(label, 0.0), rate)
-        for label, rate in rates.items():
+                rates[label].append(time_batches(batches, args.steps, args.warmup, args.batch, device))
+        for label, runs in rates.items():
+            rate = max(runs)
             ratio = f"{rate / official:.2f}" if official else "-"
-            vs_folder = f"{rate / rates['folder']:.2f}"
-            print(f"| {name} | {label} | {where} | {rate:.1f} | {ratio} | {vs_folder} | {gpu_ms.get(label, '-')} |",
-                  flush=True)
+            vs_folder = f"{rate / max(rates['folder']):.2f}"
+            # Repeat r's two timings ran back to back, so their ratio is the one least moved by the machine's load.
+            paired = sorted(r / f for r, f in zip(runs, rates["folder"], strict=True))
+            per_repeat = "-" if label == "folder" else (
+                f"median {paired[len(paired) // 2]:.2f} ({', '.join(f'{x:.2f}' for x in paired)})")
+            print(f"| {name} | {label} | {where} | {rate:.1f} | {ratio} | {vs_folder} | {per_repeat} | "
+                  f"{gpu_ms.get(label, '-')} |", flush=True)
     return 0
 
 

@@ -6,7 +6,10 @@ import pytest
 
 from fastdino.cli import main
 from fastdino.config import ConfigError, load_config
+from fastdino.data.demo import make_demo_dataset
+from fastdino.data.shards import write_shards
 from fastdino.engine.budget import IMAGENET_1K_TRAIN, budget, last_bench_img_per_s, step_shape
+from fastdino.engine.trainer import Trainer
 
 
 def test_hours_and_gpu_hours_by_hand():
@@ -30,6 +33,18 @@ def test_scaling_rule():
         2 * perfect[0].gpu_hours)
     with pytest.raises(ConfigError, match="--scaling"):
         budget(10, 1000, 100.0, [1], 1.5)
+
+
+def test_max_steps_caps_each_row(capsys):
+    # 10 epochs x 1000 images, but max_steps=20 of 16 per GPU: 1 GPU sees 320 images, 4 GPUs 1280, 64 GPUs all 10,000
+    one, four, many = budget(10, 1000, 100.0, [1, 4, 64], 1.0, max_steps=20, batch_size=16)
+    assert [row.hours * 3600 for row in (one, four, many)] == pytest.approx([3.2, 3.2, 10_000 / 6400])
+    argv = ["budget", "configs/demo.yaml", "train.max_steps=20", "data.batch_size=16", "--images", "1000",
+            "--img-per-s", "100", "--gpus", "1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "train.max_steps=20 stops the run sooner" in out
+    assert [line.split()[:3] for line in out.splitlines() if line.strip()[:1].isdigit()] == [["1", "100.0", "3"]]
 
 
 def test_cli_prints_rows_and_the_paper_run(tmp_path, capsys):
@@ -84,3 +99,47 @@ def test_profile_takes_overrides_after_its_flags(capsys):
     assert main(["profile", "configs/demo.yaml", "--steps", "1", "train.bogus=1"]) == 2
     err = capsys.readouterr().err
     assert "unknown config key 'train.bogus'" in err and "unrecognized arguments" not in err
+
+
+def test_warm_ups_longer_than_the_run_are_noted_not_refused(capsys):
+    # vit_small16's teacher warm-up is 30 epochs: train refuses train.epochs=5, budget answers and says so
+    argv = ["budget", "configs/vit_small16.yaml", "train.epochs=5", "--images", "3600", "--img-per-s", "10",
+            "--gpus", "1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert rows == [["1", "10.0", "30.0", "min", "30.0", "min"]]  # 5 x 3600 images at 10 img/s = 1800 s
+    notes = [line for line in out.splitlines() if line.startswith("note: `fastdino train` refuses")]
+    assert len(notes) == 2 and "dino.warmup_teacher_temp_epochs=30" in notes[0] and "optim.warmup_epochs=10" in notes[1]
+    with pytest.raises(ConfigError, match="dino.warmup_teacher_temp_epochs=30 is longer than the run"):
+        load_config("configs/vit_small16.yaml", ["train.epochs=5"])  # what `fastdino train` loads
+    cfg = load_config("configs/vit_small16.yaml", ["train.epochs=5"], schedules=False)
+    with pytest.raises(ConfigError, match="dino.warmup_teacher_temp_epochs=30"):
+        Trainer(cfg)  # a Config built without load_config's check is refused by the trainer itself
+    assert main(argv[:2] + ["train.epochs=30"] + argv[3:]) == 0  # what train accepts: no note
+    assert "note:" not in capsys.readouterr().out
+
+
+def test_data_path_is_counted_as_train_reads_it_or_refused(tmp_path, capsys):
+    demo = make_demo_dataset(tmp_path / "demo", n_train_per_class=2, n_val_per_class=1, size=16)
+    n_train = len(list((demo / "train").rglob("*.jpg")))
+    write_shards(demo, tmp_path / "shards", shard_size=2000, progress=False)
+    shards = sorted((tmp_path / "shards" / "train").glob("*.tar"))
+    assert len(shards) > 1
+    (tmp_path / "list.txt").write_text("\n".join(str(s) for s in shards) + "\n")
+    pattern = str(tmp_path / "shards" / "train" / f"shard-{{000000..{len(shards) - 1:06d}}}.tar")
+    base = ["budget", "configs/vit_small16.yaml", "--img-per-s", "100"]
+    for data in (demo, tmp_path / "shards", tmp_path / "list.txt", pattern):
+        assert main(base + [f"data.path={data}"]) == 0, data
+        assert f"100 epochs x {n_train} images (indexed in" in capsys.readouterr().out
+    missing = tmp_path / "imagenett"  # a typo
+    assert main(base + [f"data.path={missing}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"data.path {missing} does not exist" in err and "--images" in err
+    gone = pattern.replace("shard-", "shrd-")
+    assert main(base + [f"data.path={gone}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"data.path {gone}: shard" in err and "does not exist" in err
+    # --images answers for data that is elsewhere: data.path is not read
+    assert main(base + [f"data.path={missing}", "--images", "50"]) == 0
+    assert "100 epochs x 50 images (--images)" in capsys.readouterr().out

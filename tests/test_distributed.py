@@ -184,3 +184,33 @@ def test_two_process_convnet_keeps_per_process_batchnorm_on_the_cpu(tmp_path):
         means = [v for k, v in ckpt[key].items() if k.endswith("running_mean")]
         assert means and all(torch.isfinite(m).all() for m in means)
         assert any(m.abs().sum() > 0 for m in means)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+def test_two_process_checkpoint_keeps_every_process_bad_files(tmp_path):
+    """A bad image only rank 1 meets before the checkpoint is in last.pt (rank 0 writes it), so the resumed run,
+    where rank 0 meets it too, warns about it no more, and skipped_images counts it."""
+    from fastdino.data.batch import ResumableShardedSampler
+    from fastdino.data.files import index_image_folder
+
+    data = make_demo_dataset(tmp_path / "data", n_train_per_class=2, n_val_per_class=1, size=32)  # 3 steps / epoch
+    paths = index_image_folder(data / "train").paths
+
+    def slots(rank: int, epoch: int, steps: int) -> list[int]:
+        return list(ResumableShardedSampler(len(paths), 2, 0, epoch, rank=rank, world_size=2))[: 2 * steps]
+
+    # only rank 1 reads it in the 2 steps before the checkpoint (a bad slot substitutes the next index: not it)
+    bad = next(j for j in slots(1, 0, 2) if j not in slots(0, 0, 3) and j - 1 not in slots(0, 0, 3))
+    Path(paths[bad]).write_bytes(b"not a JPEG")
+    base = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "fastdino.cli", "train", "configs/demo.yaml",
+            *COMMON, f"data.path={data}", "data.batch_size=2", "train.epochs=3",
+            f"train.output_dir={tmp_path / 'run'}"]
+    first = subprocess.run([*base, "train.max_steps=2"], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stderr.count(f"unreadable image {paths[bad]}") == 1  # warned by rank 1
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["skipped_images"] == [paths[bad]]
+    assert any(bad in slots(0, epoch, 3) for epoch in (1, 2))  # rank 0 meets it after the resume
+    resumed = subprocess.run(base, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and f"unreadable image {paths[bad]}" not in resumed.stderr
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["skipped_images"] == [paths[bad]]

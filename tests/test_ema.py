@@ -224,3 +224,35 @@ def test_ema_foreach_reference():
     for a, a2, e in zip(t, t2, expect, strict=True):
         torch.testing.assert_close(a.double(), e, rtol=0, atol=1e-6)
         torch.testing.assert_close(a2.double(), e, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_convnet_parameters_averaged_batchnorm_statistics_kept(impl, channels_last):
+    """ResNet-18 (issue 22): every conv / BN / head parameter is averaged in float64 closed form, channels-last
+    4-D weights included; the teacher's BN running statistics and counters are its own, untouched."""
+    from fastdino.models.backbones import build_backbone
+
+    def net() -> nn.Module:
+        backbone, dim = build_backbone("resnet18")
+        model = nn.Sequential()
+        model.add_module("backbone", backbone)
+        model.add_module("head", DINOHead(dim, 64, hidden_dim=128, bottleneck_dim=32))
+        return model.to(DEVICE, memory_format=torch.channels_last) if channels_last else model.to(DEVICE)
+
+    torch.manual_seed(0)
+    student, teacher = net(), net()
+    with torch.no_grad():
+        for b in teacher.buffers():
+            b.add_(3) if b.is_floating_point() else b.fill_(7)  # the teacher's own statistics
+    if channels_last:
+        assert teacher.get_parameter("backbone.conv1.weight").is_contiguous(memory_format=torch.channels_last)
+    t0, s = _snapshot(teacher), _snapshot(student)
+    buffers = {n: b.clone() for n, b in teacher.named_buffers()}
+    ema = TeacherEMA(student, teacher, impl=impl)
+    for m in (0.9, 0.5):
+        ema.update(m)
+    expect = {n: 0.45 * t0[n] + 0.55 * s[n] for n in t0}
+    expect[GAIN] = s[GAIN]
+    _assert_matches(teacher, expect)
+    assert buffers and all(torch.equal(b, buffers[n]) for n, b in teacher.named_buffers())

@@ -90,10 +90,14 @@ def test_cli_finetunes_a_sit_checkpoint_and_refuses_bad_flags(demo_root, tmp_pat
     assert "nowhere" in capsys.readouterr().err
 
 
-def test_an_unreadable_validation_image_is_skipped_not_scored_under_another_label(demo_root, tmp_path):
+def test_an_unreadable_validation_image_is_skipped_not_scored_under_another_label(demo_root, tmp_path, caplog):
     """As k-NN does: the corrupt file's slot is not filled by the next image under the wrong label; the score equals
-    the one without that file."""
+    the one without that file. Each unreadable file, training or validation, is warned about once over the epochs."""
     scores = []
+    train = tmp_path / "train"
+    shutil.copytree(demo_root / "train", train)
+    train_bad = sorted((train / "grid").iterdir())[0]
+    train_bad.write_bytes(b"not an image either")
     for case in ("corrupt", "removed"):
         val = tmp_path / case
         shutil.copytree(demo_root / "val", val)
@@ -104,7 +108,10 @@ def test_an_unreadable_validation_image_is_skipped_not_scored_under_another_labe
             bad.unlink()
         torch.manual_seed(0)
         backbone = build_backbone("vit_tiny", depth=1, patch_size=8, img_size=16)
-        result = finetune(backbone, demo_root / "train", val, 16, torch.device("cpu"), epochs=1, batch_size=4,
-                          num_workers=0, seed=3)
+        caplog.clear()
+        result = finetune(backbone, train, val, 16, torch.device("cpu"), epochs=2, batch_size=4, num_workers=0,
+                          seed=3)
         scores.append((result.top1, result.skipped_val))
+        warned = [sum(str(path) in r.getMessage() for r in caplog.records) for path in (train_bad, bad)]
+        assert warned == [1, int(case == "corrupt")]
     assert scores[0] == (scores[1][0], 1) and scores[1][1] == 0

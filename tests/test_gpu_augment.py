@@ -603,9 +603,11 @@ def test_bench_data_runs_on_the_cpu(tmp_path):
 
     out = subprocess.run([sys.executable, "perf/bench_data.py", "--folder", str(tmp_path), "--images", "2",
                           "--width", "64", "--height", "48", "--batch", "1", "--workers", "0", "--steps", "1",
-                          "--warmup", "1", "--backends", "cpu,torch_gpu"],
+                          "--warmup", "1", "--backends", "cpu,torch_gpu", "--shards", "2", "--repeats", "2"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "img/s" not in line]
-    assert [row.split("|")[1].strip() for row in rows] == ["cpu", "torch_gpu"]
-    assert "not measured yet (no GPU)" in rows[1]
+    rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith(("| cpu", "| torch_gpu"))]
+    assert [(row[0].strip(), row[1].strip()) for row in rows] == [
+        ("cpu", "folder"), ("cpu", "2 shards"), ("torch_gpu", "folder"), ("torch_gpu", "2 shards")]
+    assert all(row[-1].strip() == "not measured yet (no GPU)" for row in rows[2:])
+    assert rows[1][6].strip().startswith("median ") and rows[1][6].count(",") == 1  # one ratio per repeat

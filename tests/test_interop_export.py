@@ -2,6 +2,7 @@
 is the release layout, SiT runs export their backbone, bad input is one line and exit 2, and the written formats
 start evaluations and runs (knn, finetune, init_from from a lone .safetensors file)."""
 
+import os
 from pathlib import Path
 
 import interop_cases
@@ -120,3 +121,38 @@ def test_exports_start_evaluations_and_runs(tmp_path, capsys):
     init_from_weights(fresh, read_dino_weights(tmp_path / "model.safetensors"), fresh_cfg.dino.norm_last_layer)
     for name, t in method.teacher.backbone.state_dict().items():
         assert torch.equal(fresh.student_module().backbone.state_dict()[name], t), name
+
+
+def test_an_out_named_like_the_other_kind_is_refused_before_any_work(tmp_path, capsys):
+    checkpoint(tmp_path / "last.pt")
+    (tmp_path / "empty.pth").mkdir()  # an existing empty folder is a folder, whatever its name
+    cases = [("timm", "model.pth", "the timm format writes a folder (config.json, model.safetensors)"),
+             ("hf", "x.safetensors", "the hf format writes a folder (config.json, model.safetensors, prepro"),
+             ("hub", "x.safetensors", "writes a torch.save file, not safetensors"),
+             ("official", "x.SafeTensors", "writes a torch.save file, not safetensors")]
+    before = sorted(tmp_path.iterdir())
+    for fmt, name, words in cases:
+        assert main(["export", str(tmp_path / "last.pt"), "--format", fmt, "--out", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"--out {tmp_path / name}" in err and words in err, err
+        assert sorted(tmp_path.iterdir()) == before  # nothing written, no temporary folder left
+    assert main(["export", str(tmp_path / "last.pt"), "--format", "timm", "--out", str(tmp_path / "empty.pth")]) == 0
+    assert sorted(p.name for p in (tmp_path / "empty.pth").iterdir()) == ["config.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_exports_get_the_mode_a_plain_open_gives(tmp_path, mask):
+    checkpoint(tmp_path / "last.pt")
+    old = os.umask(mask)
+    try:  # safetensors' save_file alone gives 0600, mkdtemp's folder 0700
+        written = [export(tmp_path / "last.pt", fmt=fmt, use_library=False) for fmt in ("timm", "hf", "hub")]
+    finally:
+        os.umask(old)
+    timm, hf, hub = written
+    for folder in (timm, hf):
+        assert folder.stat().st_mode & 0o777 == 0o777 & ~mask, folder
+        files = sorted(folder.iterdir())
+        assert "model.safetensors" in [f.name for f in files]
+        for f in files:
+            assert f.stat().st_mode & 0o777 == 0o666 & ~mask, f
+    assert hub.stat().st_mode & 0o777 == 0o666 & ~mask

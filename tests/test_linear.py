@@ -124,12 +124,16 @@ def _checkpoint(path):
                      .state_dict()}, path)
 
 
-def test_linear_probe_both_modes_count_unreadable(demo_root):
+def test_linear_probe_both_modes_count_unreadable(demo_root, caplog):
+    """...and warn about each unreadable file once, not once per epoch (augment mode reads the images each epoch)."""
     backbone = build_backbone("vit_tiny", depth=2, patch_size=8, img_size=32)
-    for mode in ("cached", "augment"):
+    bad = [demo_root / "train" / "dots" / "0000_bad.jpg", demo_root / "val" / "grid" / "0000_bad.jpg"]
+    for mode, workers in (("cached", 0), ("augment", 0), ("augment", 1)):  # warned by the main process
+        caplog.clear()
         r = linear_probe(backbone, demo_root / "train", demo_root / "val", image_size=32, mode=mode,
-                         lrs=[0.1, 1.0], epochs=2, batch_size=8)
+                         lrs=[0.1, 1.0], epochs=2, batch_size=8, num_workers=workers)
         assert (r.n_train, r.n_val, r.skipped_train, r.skipped_val) == (19, 13, 1, 1)
+        assert [sum(str(path) in rec.getMessage() for rec in caplog.records) for path in bad] == [1, 1]
         assert len(r.top1) == 2 and all(0 <= t <= 100 for t in r.top1 + r.top5)
         assert (r.feature_mode, r.feature_dim) == ("cls4", 2 * 192)
 

@@ -107,8 +107,10 @@ def test_keys_escape_dots_and_decode_back():
 
 
 def _batches(source, epoch, start_step=0):
-    return [([v.clone() for v in views], labels.clone(), sorted(p for p, _ in bad))
-            for views, labels, bad in source.epoch(epoch, start_step)]
+    batches = [([v.clone() for v in views], labels.clone(), bad)
+               for views, labels, bad in source.epoch(epoch, start_step)]
+    assert not [why for *_, bad in batches for _, why in bad if "object at 0x" in why]  # named by the image, not memory
+    return [(views, labels, sorted(p for p, _ in bad)) for views, labels, bad in batches]
 
 
 def _equal(a, b):
@@ -122,7 +124,7 @@ BACKENDS = ["cpu", "torch_gpu", pytest.param("dali", marks=pytest.mark.skipif(no
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_folder_and_its_shards_give_the_same_batches_from_step_0_and_from_a_resume(tmp_path, backend):
+def test_folder_and_its_shards_give_the_same_batches_from_step_0_and_from_a_resume(tmp_path, backend, caplog):
     src = _image_tree(tmp_path / "images", corrupt="b/2.jpg")
     out = _shards(src, tmp_path / "shards")
     runs = []
@@ -147,6 +149,12 @@ def test_folder_and_its_shards_give_the_same_batches_from_step_0_and_from_a_resu
     assert bad_folder == [str(src / "b" / "2.jpg")]
     (bad,) = bad_shards  # the corrupt member, named shard:key
     assert bad.startswith(str(out / "shard-")) and bad.endswith(".tar:" + sh.encode_key("b/2.jpg"))
+    for batches in (folder + folder_resumed, shards + shards_resumed):  # one name however often met: warned once
+        record = UnreadableImages()
+        with caplog.at_level(logging.WARNING, "fastdino.data"):
+            record.add((name, "") for _, _, names in batches for name in names)
+        assert len(record) == 1
+    assert sum(r.getMessage().startswith("unreadable image") for r in caplog.records) == 2
 
 
 def _descendants(pid: int) -> list[int]:
@@ -203,9 +211,9 @@ def test_two_processes_on_shards_resume_bitwise_after_a_kill(tmp_path):
             assert torch.equal(b["optimizer"]["state"][i][name], value), f"optimizer {i}.{name}"
 
 
-def _add_sample(shard: Path, key: str, data: bytes, label: bytes | None = b"0") -> None:
+def _add_sample(shard: Path, key: str, data: bytes, label: bytes | None = b"0", suffix: str = "jpg") -> None:
     with tarfile.open(shard, "a") as tar:
-        for name, blob in ((f"{key}.jpg", data), (f"{key}.cls", label)):
+        for name, blob in ((f"{key}.{suffix}", data), (f"{key}.cls", label)):
             if blob is not None:
                 info = tarfile.TarInfo(name)
                 info.size = len(blob)
@@ -245,6 +253,7 @@ def test_damaged_shards_are_named_by_shard_and_key_and_nothing_else_is_lost(tmp_
     tars = sorted(out.glob("*.tar"))
     n = len(NAMES)
     _add_sample(tars[0], "a/only-a-label", None)  # a member without an image
+    _add_sample(tars[0], "b/a-clip", b"\0" * 9, None, suffix="mp4")  # no member fastdino knows
     jpeg = io.BytesIO()
     _photo(7, 200, 200).save(jpeg, format="JPEG")
     _add_sample(tars[1], "b/zz-cut", jpeg.getvalue())
@@ -255,7 +264,9 @@ def test_damaged_shards_are_named_by_shard_and_key_and_nothing_else_is_lost(tmp_
     with caplog.at_level(logging.WARNING, "fastdino.data"):
         index = sh.index_images(out)
     lines = [r.getMessage() for r in caplog.records]
-    assert f"{tars[0]}:a/only-a-label has no image member (suffixes cls): left out" in lines
+    why = "an image's suffix must be one Pillow reads: .jpg, .png, ...): left out"
+    assert f"{tars[0]}:a/only-a-label has no image member (it holds .cls; {why}" in lines
+    assert f"{tars[0]}:b/a-clip has no image member (it holds .mp4; {why}" in lines  # never an empty list
     assert any(line.startswith(f"{tars[1]}:b/zz-cut") and "truncated" in line for line in lines), lines
     assert len(index) == n  # every other image kept
     # a shard that vanished after indexing, one cut short: their lost members are reported by shard:key, the
@@ -500,3 +511,102 @@ def test_a_run_on_the_folder_resumes_on_its_shards_bitwise_with_knn_on_val_shard
     for key in ("student", "teacher", "center"):
         for name, value in a[key].items():
             assert torch.equal(b[key][name], value), f"{key}.{name}"
+
+
+@pytest.mark.parametrize("layout", ["folder", "shards"])
+def test_bad_images_are_warned_once_per_run_through_knn_passes_and_not_again_after_a_resume(tmp_path, caplog, layout):
+    """A corrupt image in train/ and one in val/, plus what indexing reports (a stray image beside the class folders;
+    a sample without an image in each shard set): each is warned about once in a run of 3 epochs with a k-NN pass
+    after each, not once per pass; the run's checkpoint lists both images, so its resumption warns about neither."""
+    from fastdino.data.demo import make_demo_dataset
+
+    data = make_demo_dataset(tmp_path / "data", n_train_per_class=4, n_val_per_class=1, size=32)  # 24 + 6 images
+    victims = [sorted((data / split).rglob("*.jpg"))[0] for split in ("train", "val")]
+    for victim in victims:
+        victim.write_bytes(b"\xff\xd8 not a jpeg")
+    if layout == "folder":
+        path = data
+        shutil.copy(victims[0].with_name("0001.jpg"), data / "train" / "stray.jpg")
+        bad = [str(v) for v in victims]
+        indexing = [f"{data / 'train'}: ignoring 1 image(s) beside the class sub-folders"]
+    else:
+        path = _shards(data, tmp_path / "shards", shard_size=20_000)
+        for split in ("train", "val"):
+            _add_sample(sorted((path / split).glob("*.tar"))[0], "a/label-only", None)
+        bad = [next(p for p in sh.index_images(path / split).paths if p.endswith(sh.encode_key(str(v.relative_to(
+            data / split))))) for split, v in zip(("train", "val"), victims, strict=True)]
+        indexing = [f"{path / split}/shard-000000.tar:a/label-only has no image member" for split in ("train", "val")]
+    tiny = ["model.arch=vit_tiny", "model.depth=1", "model.patch_size=8", "model.img_size=16", "dino.out_dim=32",
+            "dino.hidden_dim=16", "dino.bottleneck_dim=8", "data.global_size=16", "data.local_size=8",
+            "data.local_crops_number=1", "data.num_workers=0", "dino.head_bn=false", "health.enabled=false",
+            "train.device=cpu", "data.batch_size=8", "train.epochs=3", "train.knn_every=1", f"data.path={path}"]
+
+    def warnings(start: str) -> int:
+        return sum(r.getMessage().startswith(start) for r in caplog.records if r.levelname == "WARNING")
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert main(["train", "configs/demo.yaml", *tiny, f"train.output_dir={tmp_path / 'run'}"]) == 0
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len([x for x in lines if "knn_top1" in x]) == 4  # at 0 and after each epoch
+    assert [warnings(f"unreadable image {name} (skipped)") for name in bad] == [1, 1]
+    assert not [r for r in caplog.records if "object at 0x" in r.getMessage()]  # reasons name the image, not memory
+    assert [warnings(line) for line in indexing] == [1] * len(indexing)
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["skipped_images"] == sorted(bad)
+
+    with caplog.at_level(logging.WARNING):
+        assert main(["train", "configs/demo.yaml", *tiny, f"train.output_dir={tmp_path / 'resumed'}",
+                     "train.max_steps=4"]) == 0
+        caplog.clear()
+        assert main(["train", "configs/demo.yaml", *tiny, f"train.output_dir={tmp_path / 'resumed'}"]) == 0
+    assert [warnings(f"unreadable image {name}") for name in bad] == [0, 0]  # known from the checkpoint
+    assert [warnings(line) for line in indexing] == [1] * len(indexing)  # indexed once by this run
+
+
+def test_train_and_val_sets_that_disagree_on_classes_are_refused_naming_the_set_at_fault(tmp_path):
+    """k-NN, linear probes and fine-tuning index val/ in train/'s classes (`shards.index_in_classes_of`): when train/
+    shards lost their classes.json their classes are the bare .cls integers, and the line names that file, not
+    val/; a validation class that training lacks names val/; val/ .cls integers beyond train/'s classes name val/'s
+    missing classes.json."""
+    from fastdino.config import EvalConfig
+    from fastdino.eval.finetune import finetune
+    from fastdino.eval.knn import knn_evaluate
+    from fastdino.eval.linear import linear_probe
+
+    src = tmp_path / "images"
+    _image_tree(src / "train")
+    _image_tree(src / "val", names=["b/v.jpg", "a/w.png"])
+    out = _shards(src, tmp_path / "out")
+    train, val = out / "train", out / "val"
+    (train / "classes.json").unlink()
+    cpu = torch.device("cpu")
+    evaluations = [
+        lambda t, v: knn_evaluate(torch.nn.Identity(), t, v, 16, EvalConfig(), cpu),
+        lambda t, v: linear_probe(torch.nn.Identity(), t, v, image_size=16),
+        lambda t, v: finetune(torch.nn.Identity(), t, v, 16, cpu, num_workers=0),
+    ]
+    for evaluate in evaluations:
+        for v in (val, src / "val"):  # val/ as shards or as a folder
+            with pytest.raises(DataError) as refused:
+                evaluate(train, v)
+            assert str(refused.value).startswith(f"{train / 'classes.json'} is missing, so the training shards {train} "
+                                                 "name their classes by their bare .cls integers ['0', '1', '2']")
+            assert "\n" not in str(refused.value)
+
+    zebra = tmp_path / "zebra"
+    shutil.copytree(src / "val", zebra)
+    shutil.copytree(zebra / "b", zebra / "zebra")
+    labelled = _shards(src, tmp_path / "labelled") / "train"
+    with pytest.raises(DataError, match=rf"^{zebra} has classes \['zebra'\] that the training shards {labelled} "
+                                        rf"\({labelled / 'classes.json'}\) lack \(they have \['a', 'a b', 'b'\]\)"):
+        sh.index_in_classes_of(zebra, labelled, sh.index_images(labelled))
+    with pytest.raises(DataError, match=rf"^{zebra} has classes \['zebra'\] that the training images {src / 'train'} "
+                                        "lack"):
+        sh.index_in_classes_of(zebra, src / "train", index_image_folder(src / "train"))
+    beyond = tmp_path / "beyond"
+    beyond.mkdir()
+    shutil.copy(next(val.glob("*.tar")), beyond)
+    _add_sample(next(beyond.glob("*.tar")), "c/new", b"\xff\xd8", b"3")  # a fourth class, unnamed
+    with pytest.raises(DataError, match=rf"{beyond}/shard-000000\.tar:c/new has \.cls 3, beyond the 3 classes it is "
+                                        rf"indexed in \({beyond / 'classes.json'} is missing"):
+        sh.index_in_classes_of(beyond, labelled, sh.index_images(labelled))

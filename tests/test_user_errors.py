@@ -57,6 +57,13 @@ def test_cli_refuses_bad_settings_in_one_line_before_work(demo_root, tmp_path, c
     assert not out.exists()  # nothing was written
 
 
+def test_missing_data_path_is_named_by_its_key(tmp_path, capsys):
+    out = tmp_path / "run"
+    _one_line_refusal(capsys, ["train", "configs/demo.yaml", *TINY, f"data.path={tmp_path / 'imagse'}",
+                               f"train.output_dir={out}"], f"data.path {tmp_path / 'imagse'} does not exist")
+    assert not out.exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 @pytest.mark.parametrize("setting", ["train.precision=fp16", "train.device=cuda"])
 def test_gpu_only_settings_are_refused_on_a_cpu_machine(demo_root, tmp_path, capsys, setting):

@@ -64,6 +64,27 @@ class DataError(UserError, ValueError):
     """The data on disk cannot be used (missing folder, no images, too many unreadable files)."""
 
 
+class UnknownClassesError(DataError):
+    """Images in classes the given class list (the training set's) lacks; `unknown` lists them, so a caller
+    that knows where the given classes came from can say which set is at fault (`shards.index_in_classes_of`)."""
+
+    def __init__(self, message: str, unknown: list[str]) -> None:
+        super().__init__(message)
+        self.unknown = unknown
+
+
+class NamedBytes(io.BytesIO):
+    """An image's bytes in memory that Pillow's errors name as the image (`shard:key`, or the file), not as
+    `<_io.BytesIO object at 0x...>`: a warning's reason then reads the same in every process and backend."""
+
+    def __init__(self, data: bytes, name: str) -> None:
+        super().__init__(data)
+        self.image_name = name
+
+    def __repr__(self) -> str:
+        return repr(self.image_name)
+
+
 class MemberSource(Protocol):
     """Reads indexed images that are not files of their own: tar-shard members (`fastdino.data.shards`)."""
 
@@ -108,9 +129,9 @@ class ImageIndex:
         with open(self.paths[j], "rb") as f:
             return f.read()
 
-    def open(self, j: int) -> str | io.BytesIO:
+    def open(self, j: int) -> str | NamedBytes:
         """What `decode_rgb` takes for image j: its path, or its shard member's bytes in memory."""
-        return self.paths[j] if self.members is None else io.BytesIO(self.members.read(j))
+        return self.paths[j] if self.members is None else NamedBytes(self.members.read(j), self.paths[j])
 
     def subset(self, keep: Sequence[int]) -> ImageIndex:
         """The images `keep` (positions in this index), in that order, with the same classes."""
@@ -393,7 +414,8 @@ def index_image_folder(root: str | Path, classes: Sequence[str] | None = None) -
         classes = sorted(per_class)
     unknown = sorted(set(per_class) - set(classes))
     if unknown:
-        raise DataError(f"image folder {root} has classes {unknown} that are not in the given classes")
+        raise UnknownClassesError(f"image folder {root} has classes {unknown} that are not in the given classes",
+                                  unknown)
     label_of = {name: label for label, name in enumerate(classes)}
     paths, labels = [], []
     for name in sorted(per_class, key=label_of.__getitem__):

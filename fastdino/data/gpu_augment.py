@@ -40,7 +40,6 @@ ops) differ.
 from __future__ import annotations
 
 import functools
-import io
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -58,6 +57,7 @@ from fastdino.data.files import (
     MAX_SUBSTITUTIONS,
     DataError,
     ImageFileDataset,
+    NamedBytes,
     decode_rgb,
     item_seed,
 )
@@ -448,8 +448,8 @@ class EncodedImages(Dataset):
     def _read(self, j: int) -> tuple[torch.Tensor | None, torch.Tensor | None, int, int, int]:
         """(jpeg, pixels, orientation, height, width) of image j, upright; raises a decode error if unreadable.
         The bytes come from its file or its shard member (`ImageIndex.read`)."""
-        data = self.base.index.read(j)
-        with Image.open(io.BytesIO(data)) as img:
+        data, name = self.base.index.read(j), self.base.index.paths[j]
+        with Image.open(NamedBytes(data, name)) as img:
             # baseline check that the file is whole: a JPEG without its end marker goes to Pillow, which refuses it
             if img.format == "JPEG" and img.mode == "RGB" and data.endswith(b"\xff\xd9"):
                 orientation = img.getexif().get(0x0112, 1)
@@ -457,7 +457,7 @@ class EncodedImages(Dataset):
                 if orientation in (5, 6, 7, 8):
                     width, height = height, width
                 return torch.frombuffer(bytearray(data), dtype=torch.uint8), None, orientation, height, width
-        pixels = _to_chw(decode_rgb(io.BytesIO(data)))
+        pixels = _to_chw(decode_rgb(NamedBytes(data, name)))
         return None, pixels, 1, pixels.shape[1], pixels.shape[2]
 
     def __getitem__(self, i: int) -> EncodedItem:

@@ -46,6 +46,7 @@ from fastdino.data.files import (
     INDEX_CACHE_ENV,
     DataError,
     ImageIndex,
+    UnknownClassesError,
     _extensions_key,
     index_cache_dir,
     index_image_folder,
@@ -478,7 +479,9 @@ class ShardMembers:
 
 # -- the index -----------------------------------------------------------------------------------------------
 
-def _labels(scan: _ShardScan, spec: str, classes: Sequence[str] | None) -> tuple[list[int], list[str]]:
+def _labels(
+    scan: _ShardScan, spec: str, classes: Sequence[str] | None, classes_file: str,
+) -> tuple[list[int], list[str]]:
     cls, name = scan.arrays["cls"], scan.arrays["name"]
     named, numbered = name >= 0, cls >= 0
     if named.all():
@@ -489,14 +492,16 @@ def _labels(scan: _ShardScan, spec: str, classes: Sequence[str] | None) -> tuple
         labels = lut[name]
         if (labels < 0).any():
             unknown = sorted({scan.names[i] for i in np.unique(name[labels < 0]).tolist()})
-            raise DataError(f"shard set {spec} has classes {unknown} that are not in the given classes")
+            raise UnknownClassesError(f"shard set {spec} has classes {unknown} that are not in the given classes",
+                                      unknown)
         return labels.tolist(), classes
     if numbered.all():
         classes = list(classes) if classes is not None else [str(c) for c in range(int(cls.max()) + 1)]
         if int(cls.max()) >= len(classes):
             j = int(np.argmax(cls))
             raise DataError(f"{scan.shards[scan.arrays['shard'][j]]}:{scan.keys[j]} has .cls {int(cls[j])}, beyond the "
-                            f"{len(classes)} classes (add a {CLASSES_FILE} naming them)")
+                            f"{len(classes)} classes it is indexed in ({classes_file} is missing: add it, naming "
+                            "this set's classes in label order)")
         return cls.tolist(), classes
     if not (named | numbered).any():
         classes = [FLAT_CLASS] if classes is None else list(classes)
@@ -528,7 +533,7 @@ def index_shards(spec: str | Path, classes: Sequence[str] | None = None) -> Imag
     if not scan.keys:
         raise DataError(f"shard set {spec} holds no images: each sample needs an image member (.jpg, .png, ...: "
                         "any still-image format Pillow reads)")
-    labels, classes = _labels(scan, spec, classes)
+    labels, classes = _labels(scan, spec, classes, classes_file)
     members = ShardMembers(scan.shards, scan.keys, scan.arrays["shard"], scan.arrays["offset"], scan.arrays["size"])
     return ImageIndex(members.names(), labels, classes, members)
 
@@ -539,6 +544,32 @@ def index_images(path: str | Path, classes: Sequence[str] | None = None) -> Imag
     if is_shard_set(path):
         return index_shards(path, classes)
     return index_image_folder(path, classes)
+
+
+def index_in_classes_of(path: str | Path, train: str | Path, train_index: ImageIndex) -> ImageIndex:
+    """`index_images(path)` in the classes of the training set `train` (indexed as `train_index`): the
+    validation images of k-NN, linear probes and fine-tuning, in one label space with their training images.
+
+    Raises DataError as `index_images` does; for validation classes the training set lacks, the line names the
+    set at fault: `train` when it is a shard set whose classes are only its bare .cls integers (its
+    classes.json is missing), else `path`, with the training set's classes and where they came from."""
+    try:
+        return index_images(path, classes=train_index.classes)
+    except UnknownClassesError as exc:
+        unknown, classes = exc.unknown, train_index.classes
+        shown = f"{classes[:8]}" if len(classes) <= 8 else f"{classes[:8]} (and {len(classes) - 8} more)"
+        if is_shard_set(train):
+            classes_file = resolve_shards(train)[2]
+            if not os.path.isfile(classes_file) and classes == [str(c) for c in range(len(classes))]:
+                raise DataError(f"{classes_file} is missing, so the training shards {train} name their classes by "
+                                f"their bare .cls integers {shown}, among which the classes of {path} "
+                                f"({unknown[:8]}) are not: write the class names in label order there (fastdino "
+                                "shards does)") from None
+            source = f"training shards {train} ({classes_file})"
+        else:
+            source = f"training images {train}"
+        raise DataError(f"{path} has classes {unknown[:8]} that the {source} lack (they have {shown}): validation "
+                        "classes must be training classes") from None
 
 
 # -- writing shards ------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from collections.abc import Collection, Iterator
 from typing import BinaryIO
 
 CLASSES_FILE = "classes.json"
+_LABEL_SUFFIXES = ("cls", "txt", "json")  # a sample's class members, in the order one is chosen
 
 
 class CompressedShard(Exception):
@@ -162,8 +163,10 @@ def _scan_tar(sid: int, path: str, classes_json: list[str] | None,
                     sample = samples.setdefault(key, {})
                     if "." + ext in image_extensions and "image" not in sample:
                         sample["image"] = (offset, size)
-                    elif ext in ("cls", "txt", "json") and ext not in sample:
+                    elif ext in _LABEL_SUFFIXES and ext not in sample:
                         sample[ext] = bytes(mm[offset:offset + size])
+                    elif "." + ext not in image_extensions and ext not in _LABEL_SUFFIXES:
+                        sample.setdefault("other", []).append(ext)  # named if the sample has no image
     except _TarDamage as err:
         cut = None if err.member is None else _split_member(err.member)
         if cut is not None:
@@ -177,10 +180,12 @@ def _scan_tar(sid: int, path: str, classes_json: list[str] | None,
     out = []
     for key, sample in samples.items():
         if "image" not in sample:
-            problems.append(f"{path}:{key} has no image member (suffixes {', '.join(sorted(sample))}): left out")
+            held = sorted({*(e for e in _LABEL_SUFFIXES if e in sample), *sample.get("other", ())})
+            problems.append(f"{path}:{key} has no image member (it holds .{', .'.join(held)}; an image's suffix must "
+                            "be one Pillow reads: .jpg, .png, ...): left out")
             continue
         cls, name = -1, None
-        ext = next((e for e in ("cls", "txt", "json") if e in sample), None)
+        ext = next((e for e in _LABEL_SUFFIXES if e in sample), None)
         if ext is not None:
             try:
                 cls, name = _class_of(ext, sample[ext], classes_json)

@@ -3,6 +3,8 @@
 A run sees `train.epochs` x (images in data.path) images. With G GPUs each running at X img/s alone and a
 scaling efficiency s (the share of the solo rate each GPU keeps when G > 1: all-reduce, stragglers), the
 run takes epochs * N / (X * G * s) seconds, and G times that in GPU-hours; one GPU has no scaling loss.
+The question is only how long that takes: warm-ups longer than train.epochs (config.schedule_errors), which
+training refuses, are reported beside the answer, not refused.
 The paper's reference (Caron et al. 2021, its table of training time and memory): DINO ViT-S/16, 300 epochs
 on ImageNet-1k, 72.6 h on two 8-GPU V100 nodes.
 
@@ -14,10 +16,14 @@ crops, per-GPU batch, head, precision) equals the config's is used.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from fastdino.config import Config
+from fastdino.data.files import DataError
+from fastdino.data.shards import index_images, is_shard_set
+from fastdino.engine.trainer import data_roots
 from fastdino.errors import ConfigError
 
 IMAGENET_1K_TRAIN = 1_281_167
@@ -68,6 +74,23 @@ def last_bench_img_per_s(cfg: Config, results: Path | None = None) -> tuple[floa
     return float(found["img_per_s"]), found
 
 
+def count_images(data_path: str) -> tuple[int, Path]:
+    """(images, where they were indexed) of data.path as training indexes it: its train/ when present; a folder or
+    a shard set (fastdino.data.shards.is_shard_set: a folder of .tar files, a shard list, a brace pattern).
+
+    Raises ConfigError naming data.path when it does not exist (the images of data that is elsewhere are given
+    with --images), DataError naming data.path for what indexing refuses (no image, a missing shard, ...).
+    """
+    if not (os.path.exists(data_path) or is_shard_set(data_path)):
+        raise ConfigError(f"data.path {data_path} does not exist: budget counts its images; fix the path, or pass "
+                          "--images N for data that is not on this machine", "data.path")
+    train_dir, _ = data_roots(data_path)
+    try:
+        return len(index_images(train_dir)), train_dir
+    except DataError as exc:
+        raise DataError(f"data.path {data_path}: {exc}") from None
+
+
 @dataclass(frozen=True)
 class BudgetRow:
     gpus: int
@@ -78,10 +101,13 @@ class BudgetRow:
     gpu_hours: float
 
 
-def budget(epochs: int, n_images: int, img_per_s: float, gpus: list[int], scaling: float) -> list[BudgetRow]:
+def budget(epochs: int, n_images: int, img_per_s: float, gpus: list[int], scaling: float, max_steps: int = 0,
+           batch_size: int = 0) -> list[BudgetRow]:
     """One row per GPU count: total img/s = X * G * (scaling if G > 1 else 1), hours = epochs * N / that / 3600.
 
-    img_per_s: one GPU's rate (img/s); scaling in (0, 1]. Raises ConfigError for values out of range.
+    img_per_s: one GPU's rate (img/s); scaling in (0, 1]. max_steps > 0 (train.max_steps) stops a run after that
+    many iterations of batch_size images per GPU: G GPUs then see at most max_steps * batch_size * G images.
+    Raises ConfigError for values out of range.
     """
     if not img_per_s > 0:
         raise ConfigError(f"--img-per-s {img_per_s} must be positive", "--img-per-s")
@@ -91,7 +117,8 @@ def budget(epochs: int, n_images: int, img_per_s: float, gpus: list[int], scalin
     rows = []
     for g in gpus:
         rate = img_per_s * g * (scaling if g > 1 else 1.0)
-        hours = epochs * n_images / rate / 3600
+        images = epochs * n_images if not max_steps else min(epochs * n_images, max_steps * batch_size * g)
+        hours = images / rate / 3600
         rows.append(BudgetRow(g, rate, hours, hours * g))
     return rows
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from fastdino.errors import CheckpointError
+from fastdino.file_modes import plain_mode
 
 
 class CheckpointWriteError(RuntimeError):
@@ -40,7 +41,7 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
                 raise os_error_of(exc) or exc from None
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600: give it the mode a plain open() would
+        plain_mode(tmp)  # mkstemp makes it 0600: give it the mode a plain open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -66,12 +67,6 @@ def os_error_of(exc: BaseException) -> OSError | KeyboardInterrupt | None:
 def temporary_files(path: Path) -> list[Path]:
     """The temporary files `save_checkpoint` leaves when its process is killed mid-write (`.last.pt.*.tmp`)."""
     return sorted(path.parent.glob(f".{path.name}.*.tmp"))
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def load_checkpoint(path: str | Path) -> dict:

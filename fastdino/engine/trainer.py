@@ -14,12 +14,12 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from fastdino.config import Config, config_to_dict, parse_stop_signals, schedule_warnings
+from fastdino.config import Config, config_to_dict, parse_stop_signals, schedule_errors, schedule_warnings
 from fastdino.data.batch import steps_per_epoch
 from fastdino.data.files import DataError, ImageFileDataset, ImageIndex, UnreadableImages
 from fastdino.data.loader import build_batch_source, resolve_backend
 from fastdino.data.multicrop import eval_transform
-from fastdino.data.shards import index_images
+from fastdino.data.shards import index_images, index_in_classes_of, is_shard_set
 from fastdino.engine.backends import Backend, build_backend
 from fastdino.engine.checkpoint import (
     WRITE_ERRNOS,
@@ -183,10 +183,15 @@ def check_kernels(cfg: Config, device: torch.device) -> None:
 
 
 def data_roots(path: str) -> tuple[Path, Path | None]:
-    """Training images: path/train when it exists, else path; k-NN validation: path/val when it exists."""
+    """Training images: path/train when it exists, else path; k-NN validation: path/val when it exists.
+
+    Raises ConfigError naming data.path when it is unset or names nothing (a brace pattern of shards is checked
+    shard by shard when indexed)."""
     if not path:
         raise ConfigError("data.path is not set: add data.path=/folder/of/images (or run `fastdino demo`)",
                           "data.path")
+    if not (os.path.exists(path) or is_shard_set(path)):
+        raise ConfigError(f"data.path {path} does not exist", "data.path")
     root = Path(path)
     train_dir = root / "train" if (root / "train").is_dir() else root
     val_dir = root / "val" if (root / "val").is_dir() else None
@@ -208,6 +213,8 @@ def check_writable(folder: Path) -> None:
 
 class Trainer:
     def __init__(self, cfg: Config):
+        if errors := schedule_errors(cfg):  # load_config refuses them too; a Config built in Python may hold them
+            raise errors[0]
         self.cfg = cfg
         self.device = resolve_device(cfg.train.device)
         self.dist: DistInfo = init_distributed(self.device, cfg.train.dist_timeout)
@@ -226,12 +233,13 @@ class Trainer:
         self.index: ImageIndex = index_images(self.train_dir)
         n_images = len(self.index.paths)
         self.fingerprint = index_fingerprint(self.index, self.train_dir)
+        self.val_index: ImageIndex | None = None
+        """val/ in train/'s classes when the run has k-NN passes: indexed once, so no pass repeats its warnings."""
         if cfg.train.knn_eval and self.val_dir is not None and len(self.index.classes) > 1:
             try:  # the end-of-run k-NN needs val/ in train/'s classes: find out now, not after training
-                index_images(self.val_dir, classes=self.index.classes)
+                self.val_index = index_in_classes_of(self.val_dir, self.train_dir, self.index)
             except DataError as exc:
-                raise DataError(f"{exc} (train/ has {self.index.classes}); fix val/ or set train.knn_eval=false") \
-                    from None
+                raise DataError(f"{exc}; fix it or set train.knn_eval=false") from None
         self.steps_per_epoch = steps_per_epoch(n_images, cfg.data.batch_size, self.dist.world_size)
         if self.steps_per_epoch == 0:
             raise DataError(
@@ -266,7 +274,7 @@ class Trainer:
         self.ema = TeacherEMA(self.method.student, self.method.teacher, impl=cfg.ema.impl)
         self.nonfinite = NonFiniteWatch(self.device, self.precision)
         self.step = 0
-        self.unreadable = UnreadableImages()  # distinct bad files of the run, kept in the checkpoint
+        self.unreadable = UnreadableImages()  # distinct bad files of the run (its k-NN passes' too), checkpointed
         self.saved_step: int | None = None
         """The iteration output_dir/last.pt holds, None while this run has none there."""
         if ckpt is not None:
@@ -332,6 +340,13 @@ class Trainer:
         on the next fault) naming the file, the error and what the previous last.pt holds."""
         path = self.output_dir / "last.pt"
         what = self.backend.checkpoint_dir or path
+        if self.dist.world_size > 1 and dist.is_initialized():
+            # Each process meets its own share of the images: the checkpoint keeps every process's bad files, so a
+            # resumed run warns about none of them again and skipped_images counts them all. Every process saves
+            # at the same iteration (after NonFiniteWatch's all-reduce), so this gather lines up.
+            gathered: list[list[str] | None] = [None] * self.dist.world_size
+            dist.all_gather_object(gathered, self.unreadable.state())
+            self.unreadable.paths.update(p for paths in gathered for p in paths or ())
         try:
             state = self.state_dict()  # a DeepSpeed backend writes its own files here, on every rank
             what = path
@@ -455,12 +470,13 @@ class Trainer:
     def knn(self) -> float | None:
         """k-NN top-1 (%) of the teacher now; None when train.knn_eval is off or there is no labelled val split.
         The pass runs under forked RNG states: whether and when it runs never changes the training."""
-        if not self.cfg.train.knn_eval or self.val_dir is None or len(self.index.classes) < 2:
+        if self.val_index is None:
             return None
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            return knn_evaluate(
+            return knn_evaluate(  # bad files go to the run's record: each is warned about once per run
                 self.method.feature_backbone(), self.train_dir, self.val_dir, self.cfg.data.global_size,
-                self.cfg.eval, self.device, self.cfg.data.num_workers,
+                self.cfg.eval, self.device, self.cfg.data.num_workers, unreadable=self.unreadable,
+                indexes=(self.index, self.val_index),
             ).top1
 
     def _knn_pass(self, result: TrainResult, logger: RunLogger) -> None:

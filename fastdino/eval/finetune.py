@@ -25,7 +25,7 @@ from torchvision.transforms import v2
 from fastdino.data.batch import build_loader, steps_per_epoch
 from fastdino.data.files import DataError, ImageFileDataset, ImageIndex, UnreadableImages, collate_views
 from fastdino.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from fastdino.data.shards import index_images
+from fastdino.data.shards import index_images, index_in_classes_of
 from fastdino.models.backbones import feature_dim
 from fastdino.schedules import cosine_schedule
 
@@ -126,7 +126,7 @@ def finetune(
         raise DataError(f"fine-tuning needs class sub-folders in {train_dir} (found {len(train_index.classes)} class)")
     if per_class:
         train_index = per_class_subset(train_index, per_class, seed)
-    val_index = index_images(val_dir, classes=train_index.classes)
+    val_index = index_in_classes_of(val_dir, train_dir, train_index)
     torch.manual_seed(seed)
     model = Classifier(copy.deepcopy(backbone), feature_dim(backbone), len(train_index.classes)).to(device)
     model.requires_grad_(True)  # a teacher backbone comes frozen
@@ -143,11 +143,13 @@ def finetune(
     total, step = epochs * per_epoch, 0
     result = FinetuneResult(top1=0.0, classes=list(train_index.classes))
     unreadable = UnreadableImages()  # warns once per file
+    train_unreadable = UnreadableImages()  # substituted in training (as pre-training does), warned once per file
     model.train()
     for epoch in range(epochs):
         loader = build_loader(train_set, batch_size, num_workers, seed=seed, epoch=epoch, drop_last=False)
         losses = []
-        for views, labels, _ in loader:
+        for views, labels, bad in loader:
+            train_unreadable.add(bad)
             for group in optimizer.param_groups:
                 group["lr"] = cosine_schedule(step, total, lr, 1e-6, warmup_steps=per_epoch)
             logits = model(views[0].to(device, non_blocking=True))  # (B, n_classes)

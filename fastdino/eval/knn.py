@@ -16,9 +16,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fastdino.config import EvalConfig
-from fastdino.data.files import DataError, ImageFileDataset, UnreadableImages, collate_views
+from fastdino.data.files import DataError, ImageFileDataset, ImageIndex, UnreadableImages, collate_views
 from fastdino.data.multicrop import eval_transform
-from fastdino.data.shards import index_images
+from fastdino.data.shards import index_images, index_in_classes_of
 
 
 @dataclass
@@ -30,21 +30,25 @@ class KnnResult:
     n_val: int
     """Query images scored."""
     skipped_images: int
-    """Distinct unreadable files skipped, in both folders."""
+    """Distinct unreadable files skipped, in both sets."""
 
 
 @torch.no_grad()
 def extract_features(
     model: nn.Module, loader, device: torch.device, unreadable: UnreadableImages | None = None,
+    skipped: set[str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, D) L2-normalised float32 features and (N,) labels, on the CPU, for the images the loader's
-    `collate_views` batches hold; their unreadable files go to `unreadable` (which warns once per file)."""
+    `collate_views` batches hold; their unreadable files go to `unreadable` (which warns once per file) and
+    their paths to `skipped`."""
     was_training = model.training
     model.eval()
     feats, labels = [], [torch.zeros(0, dtype=torch.int64)]
     for views, target, bad in loader:
         if unreadable is not None:
             unreadable.add(bad)
+        if skipped is not None:
+            skipped.update(path for path, _ in bad)
         if target.numel() == 0:  # every image of the batch was skipped
             continue
         out = model(views[0].to(device, non_blocking=True)).float()
@@ -81,31 +85,37 @@ def knn_top1(
 
 def knn_evaluate(
     backbone: nn.Module, train_dir: str | Path, val_dir: str | Path, image_size: int, cfg: EvalConfig,
-    device: torch.device, num_workers: int = 0,
+    device: torch.device, num_workers: int = 0, *, unreadable: UnreadableImages | None = None,
+    indexes: tuple[ImageIndex, ImageIndex] | None = None,
 ) -> KnnResult:
     """k-NN of `backbone` with train_dir as the memory bank and val_dir as the queries.
 
-    Unreadable images in either folder are skipped (not substituted), warned about once each and counted
-    in `KnnResult.skipped_images`. Either may be a folder or a tar-shard set (`data.shards.index_images`).
-    Raises DataError naming the folder when it has no readable image, or the memory bank when it is not
-    labelled (one class: no class folders, or shards without class members).
+    Unreadable images in either set are skipped (not substituted) and counted in `KnnResult.skipped_images`;
+    each is warned about once by `unreadable`, the record they go to: a new one when None (once per
+    evaluation), the run's during training (once per run, however many passes). Either set may be a folder or
+    a tar-shard set (`data.shards.index_images`); `indexes` are the two already indexed (val in train's
+    classes), so that a pass during training neither indexes again nor repeats what indexing warned about.
+    Raises DataError naming the set when it has no readable image, when the memory bank is not labelled (one
+    class: no class folders, or shards without class members), or when val has classes train lacks.
     """
-    train_index = index_images(train_dir)
-    if len(train_index.classes) < 2:
-        raise DataError(f"{train_dir} is not labelled (k-NN needs at least 2 classes: class sub-folders, or .cls, "
-                        ".txt or .json members in shards)")
-    val_index = index_images(val_dir, classes=train_index.classes)
+    if indexes is None:
+        train_index = index_images(train_dir)
+        if len(train_index.classes) < 2:
+            raise DataError(f"{train_dir} is not labelled (k-NN needs at least 2 classes: class sub-folders, or "
+                            ".cls, .txt or .json members in shards)")
+        indexes = train_index, index_in_classes_of(val_dir, train_dir, train_index)
     transform = eval_transform(image_size)
-    unreadable = UnreadableImages()
+    unreadable = UnreadableImages() if unreadable is None else unreadable
+    skipped: set[str] = set()
     features = []
-    for index, folder in ((train_index, train_dir), (val_index, val_dir)):
+    for index, folder in zip(indexes, (train_dir, val_dir), strict=True):
         loader = DataLoader(
             ImageFileDataset(index, transform, on_unreadable="skip"), batch_size=cfg.batch_size,
             num_workers=num_workers, collate_fn=collate_views, pin_memory=device.type == "cuda",
         )
-        features.append(extract_features(backbone, loader, device, unreadable))
+        features.append(extract_features(backbone, loader, device, unreadable, skipped))
         if features[-1][1].numel() == 0:
-            raise DataError(f"image folder {folder} has no readable image to evaluate on: check its files")
+            raise DataError(f"{folder} has no readable image to evaluate on: check its files")
     (train_f, train_l), (val_f, val_l) = features
     top1 = knn_top1(train_f, train_l, val_f, val_l, cfg.knn_k, cfg.knn_temperature)
-    return KnnResult(top1, len(train_l), len(val_l), len(unreadable))
+    return KnnResult(top1, len(train_l), len(val_l), len(skipped))

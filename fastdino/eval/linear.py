@@ -27,7 +27,6 @@ shuffled order over all files, minus the unreadable ones, in both modes.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fastdino.data.files import DECODE_ERRORS, DataError, ImageIndex, decode_rgb, item_seed
+from fastdino.data.files import DECODE_ERRORS, DataError, ImageIndex, UnreadableImages, decode_rgb, item_seed
 from fastdino.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from fastdino.data.shards import index_images
+from fastdino.data.shards import index_images, index_in_classes_of
 from fastdino.errors import UserError
 from fastdino.models.backbones import feature_dim as backbone_dim
 from fastdino.models.vit import VisionTransformer
@@ -49,8 +48,6 @@ from fastdino.schedules import cosine_schedule
 FEATURE_MODES = ("auto", "cls4", "cls_avgpool", "pooled")
 PROBE_MODES = ("cached", "augment")
 DEFAULT_LRS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
-
-log = logging.getLogger("fastdino.eval")
 
 Batches = Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 """epoch -> that epoch's (features (b, F) float32, labels (b,) int64) batches."""
@@ -107,7 +104,9 @@ def probe_features(backbone: nn.Module, x: torch.Tensor, mode: str) -> torch.Ten
 
 
 class ProbeImages(Dataset):
-    """Items `(image (3, S, S) float32 or None, label, index)`; None marks an unreadable file.
+    """Items `(image (3, S, S) float32 or None, label, index, reason)`; None marks an unreadable file, `reason`
+    (else "") says why. It does not log: the main process warns once per file (`UnreadableImages`), however
+    many epochs and worker processes read it.
 
     Augmentations run under `item_seed(seed, epoch, index)`, so the views do not depend on the workers.
     Unlike data/files.py's `ImageFileDataset` (views lists, bad-path reports for the trainer), items carry
@@ -120,27 +119,31 @@ class ProbeImages(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, int, str]:
         i = int(i)
-        path = self.index.paths[i]
         try:
             img = decode_rgb(self.index.open(i))  # upright (EXIF), 16-bit scaled: as training and k-NN see it
         except DECODE_ERRORS as err:
-            log.warning("skipping unreadable image %s: %s", path, err)
-            return None, self.index.labels[i], i
+            return None, self.index.labels[i], i, f"{type(err).__name__}: {err}"
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(item_seed(self.seed, self.epoch, i))
-            return self.transform(img), self.index.labels[i], i
+            return self.transform(img), self.index.labels[i], i, ""
 
 
-def collate_readable(batch: Sequence[tuple[torch.Tensor | None, int, int]]):
+def collate_readable(batch: Sequence[tuple[torch.Tensor | None, int, int, str]]):
     """Stack the readable items: images (b, 3, S, S) or None when there are none, their labels (b,) int64 and
-    dataset indices (b,) int64, and the list of the unreadable items' indices."""
+    dataset indices (b,) int64, and the unreadable items' `(index, reason)` pairs."""
     good = [item for item in batch if item[0] is not None]
     images = torch.stack([item[0] for item in good]) if good else None
     labels = torch.tensor([item[1] for item in good], dtype=torch.int64)
     indices = torch.tensor([item[2] for item in good], dtype=torch.int64)
-    return images, labels, indices, [item[2] for item in batch if item[0] is None]
+    return images, labels, indices, [(item[2], item[3]) for item in batch if item[0] is None]
+
+
+def _record(dataset: ProbeImages, bad: list[tuple[int, str]], warned: UnreadableImages) -> list[int]:
+    """The indices of `bad`, whose files go to `warned` (each warned about when first met)."""
+    warned.add((dataset.index.paths[i], reason) for i, reason in bad)
+    return [i for i, _ in bad]
 
 
 def train_transform(size: int):
@@ -177,18 +180,21 @@ class _EpochBatches:
 def image_batches(
     backbone: VisionTransformer, dataset: ProbeImages, mode: str, batch_size: int, seed: int,
     device: torch.device, num_workers: int = 0, unreadable: set[int] | None = None,
+    warned: UnreadableImages | None = None,
 ) -> Batches:
     """Uncached feed: each epoch reads `dataset` in `epoch_order` (its transform sets the augmentation) and
-    runs the backbone; indices of unreadable files are added to `unreadable`."""
+    runs the backbone; indices of unreadable files are added to `unreadable`, the files to `warned` (a new
+    record when None: each file is warned about once, not once per epoch)."""
     sampler = _EpochBatches(len(dataset), batch_size, seed)
     unreadable = set() if unreadable is None else unreadable
+    warned = UnreadableImages() if warned is None else warned
 
     def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         dataset.epoch = sampler.epoch = epoch
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_readable,
                             pin_memory=device.type == "cuda")
         for images, labels, _, bad in loader:
-            unreadable.update(bad)
+            unreadable.update(_record(dataset, bad, warned))
             if images is not None:
                 yield probe_features(backbone, images.to(device, non_blocking=True), mode), labels.to(device)
 
@@ -198,16 +204,19 @@ def image_batches(
 @torch.no_grad()
 def extract_features(
     backbone: VisionTransformer, dataset: ProbeImages, mode: str, batch_size: int, device: torch.device,
-    num_workers: int = 0,
+    num_workers: int = 0, warned: UnreadableImages | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One pass in file order: features (N, F) float32 (zeros for unreadable files), labels (N,) int64 and a
-    readable mask (N,) bool, all on `device`."""
+    readable mask (N,) bool, all on `device`; unreadable files go to `warned` (a new record when None), which
+    warns once per file."""
+    warned = UnreadableImages() if warned is None else warned
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_readable,
                         pin_memory=device.type == "cuda")
     feats = torch.zeros(len(dataset), feature_dim(backbone, mode), device=device)
     labels = torch.tensor(dataset.index.labels, dtype=torch.int64, device=device)
     readable = torch.zeros(len(dataset), dtype=torch.bool, device=device)
-    for images, _, indices, _ in loader:
+    for images, _, indices, bad in loader:
+        _record(dataset, bad, warned)
         if images is not None:
             indices = indices.to(device)
             feats[indices] = probe_features(backbone, images.to(device, non_blocking=True), mode)
@@ -324,24 +333,25 @@ def linear_probe(
     backbone = backbone.eval().requires_grad_(False)
     feat_mode = backbone_feature_mode(features, backbone)
     train_index = index_images(train_dir)
-    val_index = index_images(val_dir, classes=train_index.classes)
+    val_index = index_in_classes_of(val_dir, train_dir, train_index)
     num_classes = len(train_index.classes)
     dim = feature_dim(backbone, feat_mode)
     view = eval_transform(image_size)
+    warned = UnreadableImages()  # each unreadable file is warned about once, however many epochs read it
 
     val_f, val_l, val_ok = extract_features(
-        backbone, ProbeImages(val_index, view, seed), feat_mode, batch_size, device, num_workers)
+        backbone, ProbeImages(val_index, view, seed), feat_mode, batch_size, device, num_workers, warned)
     if not val_ok.any():
         raise DataError(f"none of the {len(val_index)} images under {val_dir} is readable")
     unreadable: set[int] = set()
     if mode == "cached":
         train_f, train_l, train_ok = extract_features(
-            backbone, ProbeImages(train_index, view, seed), feat_mode, batch_size, device, num_workers)
+            backbone, ProbeImages(train_index, view, seed), feat_mode, batch_size, device, num_workers, warned)
         unreadable.update(torch.nonzero(~train_ok).flatten().tolist())
         batches = cached_batches(train_f, train_l, train_ok, batch_size, seed)
     else:
         batches = image_batches(backbone, ProbeImages(train_index, train_transform(image_size), seed), feat_mode,
-                                batch_size, seed, device, num_workers, unreadable=unreadable)
+                                batch_size, seed, device, num_workers, unreadable=unreadable, warned=warned)
     probes = train_linear_probes(batches, dim, num_classes, lrs, epochs, batch_size, seed, device)
     if len(unreadable) == len(train_index):
         raise DataError(f"none of the {len(train_index)} images under {train_dir} is readable")

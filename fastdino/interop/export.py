@@ -9,7 +9,8 @@ The check: the written files are loaded back as the target loads them (timm or t
 else a tensor restatement of that library's ViT, interop/restated.py; the official layouts always by the
 restatement) and must give fastdino's class tokens, on a fixed input at the stored grid, within CHECK_ATOL in
 fp32. Everything is written into a temporary folder beside the output and renamed into place only after the
-check passes: a failed export leaves nothing.
+check passes: a failed export leaves nothing. What is published gets the mode a plain open() / mkdir would give
+(file_modes.plain_mode), not the temporary's 0600 / 0700.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from fastdino.errors import CheckpointError, UserError
+from fastdino.file_modes import plain_mode
 from fastdino.interop.hf import hf_class_token, hf_config, hf_preprocessor_config, to_hf
 from fastdino.interop.official import (
     DinoWeights,
@@ -40,6 +42,11 @@ from fastdino.models.vit import build_backbone
 
 EXPORT_FORMATS = ("official", "official-backbone", "hub", "timm", "hf")
 FOLDER_FORMATS = ("timm", "hf")
+FOLDER_FILES = {"timm": ("config.json", "model.safetensors"),
+                "hf": ("config.json", "model.safetensors", "preprocessor_config.json")}
+"""What each folder format writes."""
+FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".pkl", ".tar", ".json")
+"""Names that say "a file": refused as --out of a folder format (`--out model.pth` would be a folder)."""
 CHECK_ATOL = 1e-5
 """Largest |class token - fastdino's| the check accepts (fp32): all formats hold the same fp32 tensors, so only
 the order of float operations differs."""
@@ -63,6 +70,13 @@ def _check_out(src: Path, out: Path, fmt: str) -> None:
         raise UserError(f"export would overwrite its source {src}; pass another --out")
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: its folder {out.parent} does not exist")
+    suffix = out.suffix.lower()
+    if fmt in FOLDER_FORMATS and suffix in FILE_SUFFIXES and not out.is_dir():
+        raise UserError(f"--out {out} names a {suffix} file: the {fmt} format writes a folder "
+                        f"({', '.join(FOLDER_FILES[fmt])}); name a folder, e.g. --out {out.with_suffix('')}")
+    if fmt not in FOLDER_FORMATS and suffix == ".safetensors":
+        raise UserError(f"--out {out}: the {fmt} format writes a torch.save file, not safetensors (readers go by the "
+                        "name): name it .pth, or use --format timm or hf for safetensors weights")
     if fmt in FOLDER_FORMATS:
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise UserError(f"--out {out} exists and is not an empty folder: the {fmt} format writes a folder; "
@@ -157,7 +171,8 @@ def export(src: str | Path, out: str | Path | None = None, fmt: str = "official"
     restatement even when timm / transformers are installed (tests). Returns the path written.
 
     Raises UserError before any work for an unknown format or an unusable `out` (the file formats: not a
-    folder; the folder formats: a new or empty folder; its parent must exist), CheckpointError for a source
+    folder, nor a .safetensors name; the folder formats: a new or empty folder, not named like a file
+    (FILE_SUFFIXES); its parent must exist), CheckpointError for a source
     that cannot be read or has no DINO head for `official`, and ExportCheckError when the check fails.
     """
     if fmt not in EXPORT_FORMATS:
@@ -190,6 +205,7 @@ def export(src: str | Path, out: str | Path | None = None, fmt: str = "official"
             raise ExportCheckError(f"export of {src} to {fmt} refused: loaded back, it gives class tokens that "
                                    f"differ from fastdino's by {err:.3g} (> {CHECK_ATOL:g}) on a fixed input; "
                                    "nothing written")
+        plain_mode(written)  # the temporary folder's files may be 0600 (safetensors' save_file): as open() gives
         for path in [written, *written.rglob("*")] if written.is_dir() else [written]:
             if path.is_file():
                 _fsynced(path)
