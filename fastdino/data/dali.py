@@ -174,6 +174,21 @@ def _stop() -> tuple[list[np.ndarray], list[np.ndarray]]:
     raise StopIteration
 
 
+class _Feed:
+    """What the pipeline's external source calls: the running epoch's feed, else `_stop`.
+
+    The pipeline holds this, not its DaliBatches, so no reference cycle keeps a dropped DaliBatches and its
+    pipeline alive until the cyclic garbage collector runs. Left to it, a DataLoader worker forked meanwhile
+    inherits the pipeline as garbage, collects it, and DALI's shutdown there waits forever on threads the fork
+    did not copy: perf/bench_data.py, which builds a DaliBatches per timing, hung so."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], tuple[list[np.ndarray], list[np.ndarray]]] = _stop
+
+    def __call__(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        return self.source()
+
+
 @functools.cache
 def gpu_problem(device_index: int) -> str | None:
     """Why DALI cannot run on cuda:`device_index`, or None when a tiny GPU pipeline (one 16 x 16 JPEG through
@@ -222,9 +237,9 @@ class DaliBatches:
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         device_id = (self.device.index or 0) if self.device.type == "cuda" else None
-        self._feed: Callable[[], tuple[list[np.ndarray], list[np.ndarray]]] = _stop
+        self._feed = _Feed()
         self._held: collections.deque = collections.deque()  # (event, DALI outputs) until the copies have run
-        self.pipe = build_pipeline(self.recipe, batch_size, num_threads, device_id, seed, lambda: self._feed())
+        self.pipe = build_pipeline(self.recipe, batch_size, num_threads, device_id, seed, self._feed)
         self.pipe.build()
 
     def _run(self, batches: Iterator[tuple[list[EncodedItem], torch.Tensor, list]]) -> Iterator[Batch]:
@@ -239,9 +254,9 @@ class DaliBatches:
             return [_encoded(it) for it in items], [dali_rows(it.params) for it in items]
 
         if not self.pipe.empty():  # an earlier epoch's generator was never closed: its batches are stale
-            self._feed = _stop
+            self._feed.source = _stop
             self._drain()
-        self._feed = feed
+        self._feed.source = feed
         failed = False
         try:
             while True:
@@ -256,7 +271,7 @@ class DaliBatches:
             failed = True
             raise
         finally:
-            self._feed = _stop
+            self._feed.source = _stop
             try:
                 self._drain()
             except Exception:
