@@ -26,8 +26,10 @@ outputs onto the training stream. Backends that cannot run here print why instea
 --shards N (0: off) also writes the JPEGs as N shards with `fastdino.data.shards.write_shards` (kept beside
 them) and times every fastdino backend on the folder and on the shards in turn, --repeats times alternating
 which goes first; each row shows the best of its repeats, the ratio of the bests (x folder) and the ratio within
-each repeat, whose two timings ran back to back (sorted, with their median). Before them it times
-the one step that differs, in one process: every image's bytes (`ImageIndex.read`) and their decode.
+each repeat, whose two timings ran back to back (sorted, with their median). --control also times the folder
+against itself ("folder again"): the spread of its ratios is the machine's noise, which a shards ratio must be
+read against. Before them it times the one step that differs, in one process: every image's bytes
+(`ImageIndex.read`) and their decode.
 --backends '' skips the backends. --index-members M
 writes M tiny samples (a 1-byte image and a .cls each, 2M tar members) in 16 shards and times `index_shards`
 with an empty index cache (scan over as many processes as `index_processes()` allows, + write), again (cached
@@ -325,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
                              "and exit (the GPU suite shares them between parts)")
     parser.add_argument("--shards", type=int, default=0, help="also time the JPEGs as this many tar shards")
     parser.add_argument("--repeats", type=int, default=1, help="timings per source and backend (best kept)")
+    parser.add_argument("--control", action="store_true",
+                        help="with --shards: also time the folder against itself, the noise of the x folder ratio")
     parser.add_argument("--index-members", type=int, default=0, help="time the shard index of this many samples")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -346,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         if len(shard_index) != len(index) or any(shard_index.read(j) != index.read(j) for j in range(len(index))):
             raise SystemExit(f"the shards under {folder} no longer hold the folder's images: delete them to rewrite")
         sources[f"{args.shards} shards"] = ImageFileDataset(shard_index, multicrop_transform(), seed=0)
+        if args.control:
+            sources["folder again"] = ImageFileDataset(index, multicrop_transform(), seed=0)
     if len(sources) > 1:
         read_timings(sources, args.repeats)
     if not args.backends:
