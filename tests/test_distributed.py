@@ -214,3 +214,21 @@ def test_two_process_checkpoint_keeps_every_process_bad_files(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr and f"unreadable image {paths[bad]}" not in resumed.stderr
     assert load_checkpoint(tmp_path / "run" / "last.pt")["skipped_images"] == [paths[bad]]
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+def test_stop_mode_processes_agree_whether_to_checkpoint(tmp_path):
+    """health.on_collapse=stop with a condition pending on rank 1 only: no process checkpoints (before, rank 0
+    saved, and its all-reduce and gather met rank 1's next DDP all-reduce), and the run ends."""
+    import os
+
+    data = make_demo_dataset(tmp_path / "data", n_train_per_class=2, n_val_per_class=1, size=32)  # 3 steps / epoch
+    done = subprocess.run(
+        ["torchrun", "--standalone", "--nproc_per_node=2", str(Path(__file__).parent / "unhealthy_rank.py"),
+         "train", "configs/demo.yaml", *COMMON, f"data.path={data}", "data.batch_size=2", "train.ckpt_every=1",
+         "health.enabled=true", "health.on_collapse=stop", "train.dist_timeout=60",
+         f"train.output_dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+                                                   "FASTDINO_TEST_UNHEALTHY_RANK": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (tmp_path / "run" / "last.pt").exists()

@@ -9,10 +9,12 @@ import io
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -377,13 +379,39 @@ def test_a_compressed_shard_is_refused_in_one_line_by_any_number_of_processes(tm
         sh._scan(shards, classes_file, 2)
 
 
+def test_scan_processes_survive_their_environment_and_a_caller_that_stops_reading(tmp_path, monkeypatch, caplog):
+    """A site hook that prints (sitecustomize on PYTHONPATH) cannot corrupt the replies; a Python that cannot be
+    started means a scan in this process, with a warning; a process whose caller stops reading ends quietly."""
+    out = _shards(_image_tree(tmp_path / "images"), tmp_path / "shards")
+    shards, _, classes_file = sh.resolve_shards(out)
+    one = sh._scan(shards, classes_file, 1)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text("print('hello from a site hook')\n")
+    monkeypatch.setenv("PYTHONPATH", str(hook))
+    assert sh._scan(shards, classes_file, 2).keys == one.keys
+    monkeypatch.setattr(sh.sys, "executable", str(tmp_path / "no-python"))
+    with caplog.at_level(logging.WARNING, "fastdino.data"):
+        assert sh._scan(shards, classes_file, 2).keys == one.keys
+    assert "could not start shard-scanning processes" in caplog.text and "scanning in this process" in caplog.text
+    monkeypatch.undo()
+    root = str(Path(sh.__file__).resolve().parents[2])
+    proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", sh._SERVE, root], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the caller is gone before the answer
+    pickle.dump((None, sh.IMAGE_EXTENSIONS), proc.stdin)
+    pickle.dump((0, shards[0]), proc.stdin)
+    proc.stdin.close()
+    assert proc.wait(timeout=60) == 0 and proc.stderr.read() == b""
+
+
 def test_the_scan_processes_follow_the_cpus_the_ranks_and_the_variable(monkeypatch):
     monkeypatch.delenv(sh.INDEX_PROCESSES_ENV, raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 32)
-    for cpus, ranks, expected in ((32, None, 8), (3, None, 3), (32, "8", 4), (32, "64", 1), (4, "8", 4)):
+    for cpus, ranks, expected in ((32, None, 8), (3, None, 3), (32, "8", 4), (32, "64", 1), (16, "8", 2)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)))
-        if ranks:  # ranks bound to CPUs of their own (4 of 32) each keep theirs
+        if ranks:  # a job's CPU limit (16 of 32) is shared by its ranks: they divide it
             monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks)
         assert sh.index_processes() == expected, (cpus, ranks)
     monkeypatch.setenv(sh.INDEX_PROCESSES_ENV, "12")

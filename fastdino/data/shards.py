@@ -190,7 +190,8 @@ def _read_classes_json(file: str) -> list[str] | None:
 def index_processes() -> int:
     """How many processes a first start's scan may use: `INDEX_PROCESSES_ENV`, else the CPUs this process may run
     on (`os.sched_getaffinity`), divided by the ranks a launcher started on this node (LOCAL_WORLD_SIZE: every
-    rank indexes) unless it bound each to CPUs of its own, capped at `MAX_INDEX_PROCESSES`. Raises UserError
+    rank indexes; a job's CPU limit is often shared by its ranks, so they divide it even when each sees fewer CPUs
+    than the node has), capped at `MAX_INDEX_PROCESSES`. Raises UserError
     naming the variable for a value that is not a positive integer."""
     value = os.environ.get(INDEX_PROCESSES_ENV, "").strip()
     if value:
@@ -201,7 +202,7 @@ def index_processes() -> int:
         return int(value)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     ranks = os.environ.get("LOCAL_WORLD_SIZE", "1")
-    if cores == os.cpu_count() and ranks.isdigit() and int(ranks) > 1:
+    if ranks.isdigit() and int(ranks) > 1:
         cores //= int(ranks)
     return max(1, min(cores, MAX_INDEX_PROCESSES))
 
@@ -218,7 +219,7 @@ def _scan_tars(shards: list[str], classes_json: list[str] | None,
                processes: int) -> Iterator[tuple[list[tuple], list[str]]]:
     """`tarscan._scan_tar` of each shard, in the shards' order: in this process, or in `processes` others
     (`_scan_elsewhere`). Raises DataError for a compressed shard, with the message of a scan in this process."""
-    if processes > 1:
+    if processes > 1 and not getattr(sys, "frozen", False) and sys.executable:  # else no Python to start
         yield from _scan_elsewhere(shards, classes_json, processes)
         return
     for sid, shard in enumerate(shards):
@@ -228,8 +229,10 @@ def _scan_tars(shards: list[str], classes_json: list[str] | None,
             raise DataError(str(err)) from None
 
 
-_SERVE = ("import sys; sys.path[:] = [sys.argv[1], *filter(None, sys.path)]; "  # this fastdino, no cwd
-          "from fastdino.data.tarscan import _serve; _serve()")
+# Run as `python -I -S -c _SERVE ROOT`: isolated (no PYTHON* variables, no cwd, no user site) and without site, so
+# nothing a site hook prints corrupts the replies on stdout and nothing shadows the standard library; tarscan needs
+# the standard library only, and ROOT (where this fastdino is) goes last.
+_SERVE = "import sys; sys.path.append(sys.argv[1]); from fastdino.data.tarscan import _serve; _serve()"
 
 
 def _scan_elsewhere(shards: list[str], classes_json: list[str] | None,
@@ -248,9 +251,14 @@ def _scan_elsewhere(shards: list[str], classes_json: list[str] | None,
             procs[sid % processes].stdin.flush()
 
     try:
-        for _ in range(processes):
-            procs.append(subprocess.Popen([sys.executable, "-c", _SERVE, root], stdin=subprocess.PIPE,
-                                          stdout=subprocess.PIPE))
+        try:
+            for _ in range(processes):
+                procs.append(subprocess.Popen([sys.executable, "-I", "-S", "-c", _SERVE, root], stdin=subprocess.PIPE,
+                                              stdout=subprocess.PIPE, env={**os.environ, INDEX_PROCESSES_ENV: "1"}))
+        except OSError as err:  # sys.executable cannot be started here: the scan is only slower in this process
+            log.warning("could not start shard-scanning processes (%s): scanning in this process", err)
+            yield from _scan_tars(shards, classes_json, 1)
+            return
         proc, doing = procs[0], "starting"
         try:
             for proc in procs:

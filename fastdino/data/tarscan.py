@@ -215,5 +215,10 @@ def _serve(requests: BinaryIO | None = None, replies: BinaryIO | None = None) ->
             reply = ("ok", _scan_tar(sid, path, classes_json, image_extensions))
         except CompressedShard as err:
             reply = ("compressed", str(err))
-        pickle.dump(reply, replies, pickle.HIGHEST_PROTOCOL)
-        replies.flush()
+        try:
+            pickle.dump(reply, replies, pickle.HIGHEST_PROTOCOL)
+            replies.flush()
+        except BrokenPipeError:  # the caller stopped reading (it ended, or no longer wants this answer): end quietly
+            if replies is sys.stdout.buffer:  # nothing left for the interpreter's exit to flush into the closed pipe
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return

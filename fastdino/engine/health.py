@@ -232,8 +232,13 @@ def summary_line(health: dict | None) -> str:
 
 def agree(flag: bool, device: torch.device) -> bool:
     """True on every process when it is true on any (one host sync; called on log steps only in stop mode)."""
+    return agree_each([flag], device)[0]
+
+
+def agree_each(flags: list[bool], device: torch.device) -> list[bool]:
+    """`agree` for several flags in one all-reduce (MAX): each true on every process when true on any."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    t = torch.tensor(float(flag), device=device)
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]

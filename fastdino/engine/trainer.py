@@ -34,7 +34,7 @@ from fastdino.engine.checkpoint import (
 from fastdino.engine.compile import compile_networks, mark_step_begin
 from fastdino.engine.distributed import DistInfo, PeerWatch, init_distributed, sync_batchnorm
 from fastdino.engine.ema import TeacherEMA
-from fastdino.engine.health import HealthMonitor, TrainingHealthError, agree
+from fastdino.engine.health import HealthMonitor, TrainingHealthError, agree, agree_each
 from fastdino.engine.logging import RunLogger, write_run_report
 from fastdino.engine.preempt import Stopped, StopSignals, signal_name
 from fastdino.engine.resume import check_architecture, check_resume, index_fingerprint, resume_path
@@ -580,6 +580,7 @@ class Trainer:
                            self.device)
         watch = cfg.health.enabled
         monitor = HealthMonitor(cfg.health, verbose=self.dist.is_main) if watch else None
+        healthy = True  # in stop mode: no condition pending on any process at the last log step
         loop_start, knn_seconds = time.perf_counter(), 0.0
         peers = PeerWatch(self.dist, stops).start()  # heartbeats: which process is gone when a collective fails
         try:
@@ -607,10 +608,17 @@ class Trainer:
                         result.last_loss = result.history[-1]["loss"]
                         if monitor is not None:
                             monitor.observe(self.step - 1, result.history[-1])
-                            if cfg.health.on_collapse == "stop" and agree(monitor.should_stop, self.device):
-                                self._stop_unhealthy(monitor)
-                    # stop mode never checkpoints a state a health condition holds on (last.pt stays good)
-                    keep = monitor is None or cfg.health.on_collapse == "warn" or monitor.healthy
+                            if cfg.health.on_collapse == "stop":
+                                # each process watches its own batches: agree, or one would checkpoint (a
+                                # collective under DeepSpeed and the gather in save) while another steps on
+                                stop_now, unhealthy = agree_each([monitor.should_stop, not monitor.healthy],
+                                                                 self.device)
+                                if stop_now:
+                                    self._stop_unhealthy(monitor)
+                                healthy = not unhealthy
+                    # stop mode never checkpoints a state a health condition holds on, on any process (last.pt
+                    # stays good); `healthy` changes on log steps only, where the processes agreed on it
+                    keep = monitor is None or cfg.health.on_collapse == "warn" or healthy
                     if keep and (self.step % cfg.train.ckpt_every == 0 or self.step == self.stop_step or last_of_epoch):
                         signum = self.nonfinite.check(self.output_dir, self.saved_step, stops.received) or signum
                         self.save()
