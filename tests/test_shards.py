@@ -352,7 +352,7 @@ def test_a_scan_spread_over_processes_gives_what_one_process_gives(tmp_path, mon
         caplog.clear()
         with caplog.at_level(logging.INFO, "fastdino.data"):
             index = sh.index_images(out)
-        assert f"indexing {len(shards)} shards ({processes} processes)" in caplog.text
+        assert f"indexing {len(shards)} shards ({processes} process{'es' if processes == '2' else ''})" in caplog.text
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         seen[processes] = (list(index.paths), index.labels, index.classes, [index.read(j) for j in range(len(index))],
                            warnings)
@@ -434,6 +434,18 @@ def test_refusals_are_one_line_before_any_work(tmp_path, capsys):
         assert main(["shards", str(src), str(target)]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and str(target) in err
+    # refusals found by indexing leave no output folder behind: an empty folder, shards given as images, a
+    # val/ class that train/ lacks (named with the set at fault)
+    (tmp_path / "empty").mkdir()
+    tree = tmp_path / "tree"
+    _image_tree(tree / "train")
+    _image_tree(tree / "val", names=["zebra/0.jpg"])
+    for source, words in ((tmp_path / "empty", ["holds no images"]), (out, ["holds tar shards already"]),
+                          (tree, [f"{tree / 'val'} has classes ['zebra'] that {tree / 'train'} lacks"])):
+        assert main(["shards", str(source), str(tmp_path / "new")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and all(w in err for w in words), err
+        assert not (tmp_path / "new").exists()
     # an output path through a file
     (tmp_path / "afile").write_text("")
     assert main(["shards", str(src), str(tmp_path / "afile" / "sub")]) == 2

@@ -399,7 +399,7 @@ def _scan_cached(spec: str, shards: list[str], watched: list[str], classes_file:
         return scan
     started = time.time_ns()
     processes = _scan_processes(shards, sum(stamps[s][0] for s in shards if stamps[s] is not None), limit)
-    log.info("%s: indexing %d shards (%d processes)", spec, len(shards), processes)
+    log.info("%s: indexing %d shards (%d process%s)", spec, len(shards), processes, "" if processes == 1 else "es")
     scan = _scan(shards, classes_file, processes)
     if {path: _stamp(path) for path in stamps} != stamps:
         return scan  # changed while scanned: not cached
@@ -642,15 +642,23 @@ def write_shards(image_folder: str | Path, out_dir: str | Path, shard_size: int 
         raise DataError(f"{out} exists and is not an empty folder: shards are written to a new or empty folder only")
     if Path(os.path.realpath(out)).is_relative_to(os.path.realpath(src)):
         raise DataError(f"{out} is inside the image folder {src}: write the shards elsewhere")
+    splits = [("", src)]
+    if (src / "train").is_dir():
+        splits = [("train", src / "train")] + ([("val", src / "val")] if (src / "val").is_dir() else [])
+    if is_shard_set(splits[0][1]):
+        raise DataError(f"{splits[0][1]} holds tar shards already: train on it as it is (data.path={src})")
+    # indexed (names only, no image read) before out_dir is made: a refusal leaves nothing behind
+    indexes = [index_image_folder(splits[0][1])]
+    for _, folder in splits[1:]:
+        try:
+            indexes.append(index_image_folder(folder, classes=indexes[0].classes))
+        except UnknownClassesError as err:
+            raise DataError(f"{folder} has classes {err.unknown} that {splits[0][1]} lacks: k-NN scores validation "
+                            "images by the training classes; add them to train/ or remove them from val/") from None
     try:  # before any image is read: a path through a file, or a read-only place, fails here
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DataError(f"cannot create the shard folder {out}: {exc.strerror or exc}") from None
-    splits = [("", src)]
-    if (src / "train").is_dir():
-        splits = [("train", src / "train")] + ([("val", src / "val")] if (src / "val").is_dir() else [])
-    indexes = [index_image_folder(splits[0][1])]
-    indexes += [index_image_folder(folder, classes=indexes[0].classes) for _, folder in splits[1:]]
     labelled = indexes[0].classes != [FLAT_CLASS]
     written = []
     with tqdm(total=sum(len(i) for i in indexes), unit="img", disable=not progress, desc="shards") as bar:
