@@ -274,7 +274,14 @@ def _profile(args: argparse.Namespace) -> int:
 
 def _budget(args: argparse.Namespace) -> int:
     from fastdino.config import schedule_errors
-    from fastdino.engine.budget import IMAGENET_1K_TRAIN, budget, count_images, format_table, last_bench_img_per_s
+    from fastdino.engine.budget import (
+        IMAGENET_1K_TRAIN,
+        budget,
+        count_images,
+        format_table,
+        last_bench_img_per_s,
+        run_steps,
+    )
 
     # the question is how long train.epochs takes: a warm-up longer than that is reported below, not refused
     cfg = load_config(args.config, args.overrides, schedules=False)
@@ -296,11 +303,21 @@ def _budget(args: argparse.Namespace) -> int:
                   cfg.data.batch_size)
     print(f"{args.config}: {cfg.train.epochs} epochs x {n_images:,} images ({images}) = "
           f"{cfg.train.epochs * n_images:,} images")
-    if cfg.train.max_steps:
-        print(f"train.max_steps={cfg.train.max_steps} stops the run sooner: at most {cfg.train.max_steps} x "
-              f"data.batch_size={cfg.data.batch_size} x GPUs images")
     print(f"one GPU: {img_per_s:.1f} img/s ({source}); scaling {args.scaling} per GPU beyond one")
     print("\n".join(format_table(rows)))
+    batch, epochs = cfg.data.batch_size, cfg.train.epochs
+    for g in args.gpus:  # the rows count what training runs: whole global batches, up to train.max_steps
+        steps = run_steps(epochs, n_images, batch, g)
+        if steps == 0:
+            print(f"note: on {g} GPU(s) {n_images:,} images are fewer than one global batch of {batch} x {g}: "
+                  "`fastdino train` refuses it")
+        elif cfg.train.max_steps and cfg.train.max_steps < steps:
+            print(f"note: on {g} GPU(s) train.max_steps={cfg.train.max_steps} stops the run after "
+                  f"{cfg.train.max_steps} of its {steps} iterations")
+        elif steps * batch * g < 0.99 * epochs * n_images:
+            print(f"note: on {g} GPU(s) an epoch is {steps // epochs} whole global batches of {batch} x {g} = "
+                  f"{steps // epochs * batch * g:,} images: the other {n_images - steps // epochs * batch * g:,} of "
+                  "each epoch's shuffle are left out")
     for error in schedule_errors(cfg):
         print(f"note: `fastdino train` refuses this config as it stands: {error}")
     return 0

@@ -36,15 +36,34 @@ def test_scaling_rule():
 
 
 def test_max_steps_caps_each_row(capsys):
-    # 10 epochs x 1000 images, but max_steps=20 of 16 per GPU: 1 GPU sees 320 images, 4 GPUs 1280, 64 GPUs all 10,000
-    one, four, many = budget(10, 1000, 100.0, [1, 4, 64], 1.0, max_steps=20, batch_size=16)
-    assert [row.hours * 3600 for row in (one, four, many)] == pytest.approx([3.2, 3.2, 10_000 / 6400])
+    # 10 epochs x 1000 images, max_steps=20 of 16 per GPU: 1 GPU sees 320 images, 4 GPUs 1280; 32 GPUs run out
+    # first: one whole global batch of 512 an epoch, 10 steps, 5120 images
+    one, four, many = budget(10, 1000, 100.0, [1, 4, 32], 1.0, max_steps=20, batch_size=16)
+    assert [row.hours * 3600 for row in (one, four, many)] == pytest.approx([3.2, 3.2, 5120 / 3200])
     argv = ["budget", "configs/demo.yaml", "train.max_steps=20", "data.batch_size=16", "--images", "1000",
             "--img-per-s", "100", "--gpus", "1"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "train.max_steps=20 stops the run sooner" in out
+    assert "note: on 1 GPU(s) train.max_steps=20 stops the run after 20 of its" in out
     assert [line.split()[:3] for line in out.splitlines() if line.strip()[:1].isdigit()] == [["1", "100.0", "3"]]
+    assert main([*argv[:2], "train.max_steps=100000", *argv[3:]]) == 0  # longer than the run: no note
+    assert "max_steps" not in capsys.readouterr().out
+
+
+def test_rows_count_whole_global_batches_and_say_when_there_is_none(capsys):
+    """Training drops each epoch's last partial global batch: 18 images at batch 5 are 3 steps of 5 an epoch on 1
+    GPU (15 images) and 1 of 10 on 2 GPUs; on 4 GPUs (20 a step) there is no step at all."""
+    rows = budget(2, 18, 1.0, [1, 2, 4], 1.0, batch_size=5)
+    assert [row.hours * 3600 for row in rows] == pytest.approx([30.0, 10.0, 0.0])
+    assert main(["budget", "configs/demo.yaml", "data.batch_size=5", "train.epochs=2", "--images", "18",
+                 "--img-per-s", "1", "--gpus", "1,2,4"]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == ["note: on 1 GPU(s) an epoch is 3 whole global batches of 5 x 1 = 15 images: the other 3 of "
+                     "each epoch's shuffle are left out",
+                     "note: on 2 GPU(s) an epoch is 1 whole global batches of 5 x 2 = 10 images: the other 8 of "
+                     "each epoch's shuffle are left out",
+                     "note: on 4 GPU(s) 18 images are fewer than one global batch of 5 x 4: `fastdino train` "
+                     "refuses it"]
 
 
 def test_cli_prints_rows_and_the_paper_run(tmp_path, capsys):
@@ -54,18 +73,20 @@ def test_cli_prints_rows_and_the_paper_run(tmp_path, capsys):
         (data / f"{i}.png").write_bytes(b"")
     assert main(["budget", "configs/vit_small16.yaml", f"data.path={data}", "train.epochs=40", "--img-per-s", "2"]) == 0
     assert "40 epochs x 3 images (indexed in" in capsys.readouterr().out
-    assert main(["budget", "configs/vit_small16.yaml", "train.epochs=40", "--images", "9000", "--img-per-s", "100",
+    assert main(["budget", "configs/vit_small16.yaml", "train.epochs=40", "--images", "9216", "--img-per-s", "100",
                  "--gpus", "1,3", "--scaling", "0.5"]) == 0
     out = capsys.readouterr().out
-    # 360,000 images at 100 img/s = 3600 s = 1 h; 3 GPUs at 0.5 each: 150 img/s -> 0.667 h = 40 min, 2.0 GPU-hours
+    # 9216 images are whole global batches of 64 and of 3 x 64: 368,640 images at 100 img/s = 3686 s = 1.0 h;
+    # 3 GPUs at 0.5 each: 150 img/s -> 2458 s = 41.0 min, 2.0 GPU-hours
     lines = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
-    assert lines == [["1", "100.0", "1.0", "h", "1.0", "h"], ["3", "150.0", "40.0", "min", "2.0", "h"]]
+    assert lines == [["1", "100.0", "1.0", "h", "1.0", "h"], ["3", "150.0", "41.0", "min", "2.0", "h"]]
     assert "72.6 h wall clock, 1161.6 GPU-hours" in out  # the paper: 16 V100s x 72.6 h
     # a short run in minutes and seconds (166 s once printed as 0.0 h); overrides after the flags
     assert main(["budget", "configs/vit_small16.yaml", "--img-per-s", "100", "--images", "166", "--gpus", "1,8",
-                 "train.epochs=100"]) == 0
+                 "train.epochs=100", "data.batch_size=1"]) == 0
     lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()]
-    assert lines == [["1", "100.0", "2.8", "min", "2.8", "min"], ["8", "720.0", "23", "s", "3.1", "min"]]
+    # 1 GPU: 16,600 images at 100 img/s = 166 s; 8 GPUs: 20 steps of 8 an epoch, 16,000 images at 720 img/s = 22 s
+    assert lines == [["1", "100.0", "2.8", "min", "2.8", "min"], ["8", "720.0", "22", "s", "3.0", "min"]]
     assert main(["budget", "configs/vit_small16.yaml", "--img-per-s", "1", "--gpus", "1", "--bogus=1"]) == 2
     assert "unrecognized arguments: --bogus=1" in capsys.readouterr().err
     assert main(["budget", "configs/vit_small16.yaml", "--img-per-s", "1000"]) == 0
@@ -103,12 +124,12 @@ def test_profile_takes_overrides_after_its_flags(capsys):
 
 def test_warm_ups_longer_than_the_run_are_noted_not_refused(capsys):
     # vit_small16's teacher warm-up is 30 epochs: train refuses train.epochs=5, budget answers and says so
-    argv = ["budget", "configs/vit_small16.yaml", "train.epochs=5", "--images", "3600", "--img-per-s", "10",
+    argv = ["budget", "configs/vit_small16.yaml", "train.epochs=5", "--images", "3584", "--img-per-s", "10",
             "--gpus", "1"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
-    assert rows == [["1", "10.0", "30.0", "min", "30.0", "min"]]  # 5 x 3600 images at 10 img/s = 1800 s
+    assert rows == [["1", "10.0", "29.9", "min", "29.9", "min"]]  # 5 x 3584 (56 x 64) images at 10 img/s = 1792 s
     notes = [line for line in out.splitlines() if line.startswith("note: `fastdino train` refuses")]
     assert len(notes) == 2 and "dino.warmup_teacher_temp_epochs=30" in notes[0] and "optim.warmup_epochs=10" in notes[1]
     with pytest.raises(ConfigError, match="dino.warmup_teacher_temp_epochs=30 is longer than the run"):

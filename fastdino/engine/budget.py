@@ -1,8 +1,9 @@
 """Run budgets (`fastdino budget`): wall-clock hours and GPU-hours of a training run, from a measured img/s.
 
-A run sees `train.epochs` x (images in data.path) images. With G GPUs each running at X img/s alone and a
-scaling efficiency s (the share of the solo rate each GPU keeps when G > 1: all-reduce, stragglers), the
-run takes epochs * N / (X * G * s) seconds, and G times that in GPU-hours; one GPU has no scaling loss.
+A run on G GPUs sees `train.epochs` x the whole global batches (data.batch_size x G) of the N images in data.path,
+at most train.max_steps of them: I images. With each GPU running at X img/s alone and a scaling efficiency s (the
+share of the solo rate each GPU keeps when G > 1: all-reduce, stragglers), the run takes I / (X * G * s) seconds,
+and G times that in GPU-hours; one GPU has no scaling loss.
 The question is only how long that takes: warm-ups longer than train.epochs (config.schedule_errors), which
 training refuses, are reported beside the answer, not refused.
 The paper's reference (Caron et al. 2021, its table of training time and memory): DINO ViT-S/16, 300 epochs
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastdino.config import Config
+from fastdino.data.batch import steps_per_epoch
 from fastdino.data.files import DataError
 from fastdino.data.shards import index_images, is_shard_set
 from fastdino.engine.trainer import data_roots
@@ -103,11 +105,12 @@ class BudgetRow:
 
 def budget(epochs: int, n_images: int, img_per_s: float, gpus: list[int], scaling: float, max_steps: int = 0,
            batch_size: int = 0) -> list[BudgetRow]:
-    """One row per GPU count: total img/s = X * G * (scaling if G > 1 else 1), hours = epochs * N / that / 3600.
+    """One row per GPU count: total img/s = X * G * (scaling if G > 1 else 1), hours = images / that / 3600.
 
-    img_per_s: one GPU's rate (img/s); scaling in (0, 1]. max_steps > 0 (train.max_steps) stops a run after that
-    many iterations of batch_size images per GPU: G GPUs then see at most max_steps * batch_size * G images.
-    Raises ConfigError for values out of range.
+    images: with batch_size (per GPU) > 0, what training runs: whole global batches of batch_size * G per epoch
+    (drop_last: N // (batch_size * G) steps, 0 when N is less than one global batch), for train.epochs, stopped
+    after max_steps > 0 (train.max_steps) steps; else epochs * N. img_per_s: one GPU's rate (img/s); scaling in
+    (0, 1]. Raises ConfigError for values out of range.
     """
     if not img_per_s > 0:
         raise ConfigError(f"--img-per-s {img_per_s} must be positive", "--img-per-s")
@@ -117,10 +120,17 @@ def budget(epochs: int, n_images: int, img_per_s: float, gpus: list[int], scalin
     rows = []
     for g in gpus:
         rate = img_per_s * g * (scaling if g > 1 else 1.0)
-        images = epochs * n_images if not max_steps else min(epochs * n_images, max_steps * batch_size * g)
-        hours = images / rate / 3600
+        hours = run_steps(epochs, n_images, batch_size, g, max_steps) * batch_size * g / rate / 3600 if batch_size \
+            else epochs * n_images / rate / 3600
         rows.append(BudgetRow(g, rate, hours, hours * g))
     return rows
+
+
+def run_steps(epochs: int, n_images: int, batch_size: int, gpus: int, max_steps: int = 0) -> int:
+    """Iterations a run takes on `gpus` GPUs (data/batch.steps_per_epoch with drop_last, x epochs, capped by
+    max_steps > 0); 0 when n_images is less than one global batch, which training refuses."""
+    steps = epochs * steps_per_epoch(n_images, batch_size, gpus)
+    return min(steps, max_steps) if max_steps else steps
 
 
 def duration(hours: float) -> str:
