@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastdino.cli import main
-from fastdino.config import load_config
+from fastdino.config import ConfigError, load_config
 from fastdino.data.demo import make_demo_dataset
 from fastdino.data.files import DataError
 from fastdino.engine.checkpoint import CheckpointError, load_checkpoint
@@ -102,7 +102,7 @@ def test_corrupt_images_are_skipped_counted_and_training_goes_on(demo_root, tmp_
 
 
 def test_missing_and_empty_data_folders_fail_before_training(tmp_path):
-    with pytest.raises(DataError, match="nowhere"):
+    with pytest.raises(ConfigError, match=r"data.path \S+nowhere does not exist"):
         Trainer(load_config(None, TINY + [f"data.path={tmp_path / 'nowhere'}", f"train.output_dir={tmp_path}/r"]))
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="empty"):
