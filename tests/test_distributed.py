@@ -213,6 +213,7 @@ def test_two_process_checkpoint_keeps_every_process_bad_files(tmp_path):
     resumed = subprocess.run(base, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr and f"unreadable image {paths[bad]}" not in resumed.stderr
+    assert resumed.stderr.count("unreadable image file(s) were skipped") == 1  # the run's summary, from rank 0
     assert load_checkpoint(tmp_path / "run" / "last.pt")["skipped_images"] == [paths[bad]]
 
 
@@ -228,7 +229,7 @@ def test_stop_mode_processes_agree_whether_to_checkpoint(tmp_path):
          "train", "configs/demo.yaml", *COMMON, f"data.path={data}", "data.batch_size=2", "train.ckpt_every=1",
          "health.enabled=true", "health.on_collapse=stop", "train.dist_timeout=60",
          f"train.output_dir={tmp_path / 'run'}"],
-        capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-                                                   "FASTDINO_TEST_UNHEALTHY_RANK": "1"})
+        capture_output=True, text=True, timeout=240,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "FASTDINO_TEST_UNHEALTHY_RANK": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert not (tmp_path / "run" / "last.pt").exists()

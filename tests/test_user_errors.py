@@ -62,6 +62,11 @@ def test_missing_data_path_is_named_by_its_key(tmp_path, capsys):
     _one_line_refusal(capsys, ["train", "configs/demo.yaml", *TINY, f"data.path={tmp_path / 'imagse'}",
                                f"train.output_dir={out}"], f"data.path {tmp_path / 'imagse'} does not exist")
     assert not out.exists()
+    listing = tmp_path / "classes.json"  # a file is read as a shard list: this one is not
+    listing.write_text('["cat", "dog"]\n')
+    _one_line_refusal(capsys, ["train", "configs/demo.yaml", *TINY, f"data.path={listing}", f"train.output_dir={out}"],
+                      f"data.path {listing}:", "is neither a shard list", "'[\"cat\", \"dog\"]'")
+    assert not out.exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")

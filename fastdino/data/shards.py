@@ -143,6 +143,9 @@ def resolve_shards(spec: str | Path) -> tuple[list[str], list[str], str]:
             raise DataError(f"{text} is neither a shard list (text, one path a line) nor a .tar shard") from None
         shards = [line if os.path.isabs(line) else os.path.join(base, line)
                   for line in lines if line and not line.startswith("#")]
+        if (odd := next((s for s in shards if not s.lower().endswith((SHARD_SUFFIX, *COMPRESSED_SUFFIXES))), None)):
+            raise DataError(f"{text} is neither a shard list (one .tar path a line) nor a .tar shard: it lists "
+                            f"{os.path.basename(odd)[:60]!r}")
         watched.append(text)
     else:
         shards = expand_braces(text)

@@ -230,7 +230,10 @@ class Trainer:
         # Refuse bad data, bad checkpoints and changed settings before any model is built or step taken.
         self.train_dir, self.val_dir = data_roots(cfg.data.path)
         check_outside_data(self.output_dir, [d for d in (self.train_dir, self.val_dir, Path(cfg.data.path)) if d])
-        self.index: ImageIndex = index_images(self.train_dir)
+        try:
+            self.index: ImageIndex = index_images(self.train_dir)
+        except DataError as exc:
+            raise DataError(f"data.path {cfg.data.path}: {exc}") from None
         n_images = len(self.index.paths)
         self.fingerprint = index_fingerprint(self.index, self.train_dir)
         self.val_index: ImageIndex | None = None
@@ -661,7 +664,7 @@ class Trainer:
             result.health = monitor.summary()
             if self.dist.is_main:
                 monitor.write(self.output_dir / "health.json")
-        if self.unreadable:
+        if self.unreadable and self.dist.is_main:  # every process's files since the last save's gather
             log.warning("%s", self.unreadable.summary())
         result.steps_done, result.skipped_images = self.step, len(self.unreadable)
         result.wall_time_s = time.perf_counter() - started
