@@ -129,12 +129,15 @@ def test_an_out_named_like_the_other_kind_is_refused_before_any_work(tmp_path, c
     cases = [("timm", "model.pth", "the timm format writes a folder (config.json, model.safetensors)"),
              ("hf", "x.safetensors", "the hf format writes a folder (config.json, model.safetensors, prepro"),
              ("hub", "x.safetensors", "writes a torch.save file, not safetensors"),
-             ("official", "x.SafeTensors", "writes a torch.save file, not safetensors")]
+             ("official", "x.SafeTensors", "writes a torch.save file, not safetensors"),
+             ("official", "x.json", "writes a torch.save file, not json"),
+             ("official-backbone", "newdir/", "names a folder: the official-backbone format writes one file")]
     before = sorted(tmp_path.iterdir())
     for fmt, name, words in cases:
-        assert main(["export", str(tmp_path / "last.pt"), "--format", fmt, "--out", str(tmp_path / name)]) == 2
+        out = str(tmp_path / name) + ("/" if name.endswith("/") else "")
+        assert main(["export", str(tmp_path / "last.pt"), "--format", fmt, "--out", out]) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and f"--out {tmp_path / name}" in err and words in err, err
+        assert err.count("\n") == 1 and f"--out {out}" in err and words in err, err
         assert sorted(tmp_path.iterdir()) == before  # nothing written, no temporary folder left
     assert main(["export", str(tmp_path / "last.pt"), "--format", "timm", "--out", str(tmp_path / "empty.pth")]) == 0
     assert sorted(p.name for p in (tmp_path / "empty.pth").iterdir()) == ["config.json", "model.safetensors"]

@@ -74,9 +74,9 @@ def _check_out(src: Path, out: Path, fmt: str) -> None:
     if fmt in FOLDER_FORMATS and suffix in FILE_SUFFIXES and not out.is_dir():
         raise UserError(f"--out {out} names a {suffix} file: the {fmt} format writes a folder "
                         f"({', '.join(FOLDER_FILES[fmt])}); name a folder, e.g. --out {out.with_suffix('')}")
-    if fmt not in FOLDER_FORMATS and suffix == ".safetensors":
-        raise UserError(f"--out {out}: the {fmt} format writes a torch.save file, not safetensors (readers go by the "
-                        "name): name it .pth, or use --format timm or hf for safetensors weights")
+    if fmt not in FOLDER_FORMATS and suffix in (".safetensors", ".json", ".yaml", ".yml", ".txt"):
+        raise UserError(f"--out {out}: the {fmt} format writes a torch.save file, not {suffix[1:]} (readers go by "
+                        "the name): name it .pth, or use --format timm or hf for safetensors weights")
     if fmt in FOLDER_FORMATS:
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise UserError(f"--out {out} exists and is not an empty folder: the {fmt} format writes a folder; "
@@ -178,6 +178,9 @@ def export(src: str | Path, out: str | Path | None = None, fmt: str = "official"
     if fmt not in EXPORT_FORMATS:
         raise UserError(f"--format {fmt!r} is not one of {', '.join(EXPORT_FORMATS)}")
     src = Path(src)
+    if out and fmt not in FOLDER_FORMATS and str(out).endswith(("/", os.sep)):  # Path() would drop the slash
+        raise UserError(f"--out {out} names a folder: the {fmt} format writes one file; name it, e.g. "
+                        f"--out {Path(out) / default_out(src, fmt).name}")
     out = Path(out) if out else default_out(src, fmt)
     _check_out(src, out, fmt)
     weights = read_dino_weights(src)
