@@ -91,7 +91,7 @@ def test_export_of_a_convnet_to_a_vit_format_is_one_line(trained, tmp_path, caps
     err = capsys.readouterr().err
     assert "--format hf writes ViTs only" in err and "official-backbone" in err and err.count("\n") == 1
     assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf.*"))
-    taken = tmp_path / "config.yaml"  # a file formats' --out that exists is never replaced
+    taken = tmp_path / "teacher.pth"  # a file formats' --out that exists is never replaced
     taken.write_text("kept")
     assert main(["export", str(ckpt), "--format", "official", "--out", str(taken)]) == 2
     err = capsys.readouterr().err
