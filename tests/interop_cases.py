@@ -4,6 +4,7 @@ import torch
 
 from fastdino.config import config_to_dict, load_config
 from fastdino.engine.checkpoint import save_checkpoint
+from fastdino.interop.official import init_from_weights, read_dino_weights
 from fastdino.methods import build_method
 
 HEAD = ["dino.out_dim=64", "dino.hidden_dim=32", "dino.bottleneck_dim=16"]
@@ -29,3 +30,15 @@ def checkpoint(path, overrides):
 
 def images(size: int, n: int = 2) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def assert_loads_back_tensor_for_tensor(cfg, method, exported, kind: str) -> None:
+    """`exported` (a folder of `kind`) read back and loaded by train.init_from gives both networks the teacher
+    backbone's tensors, bit-equal."""
+    weights = read_dino_weights(exported)
+    assert weights.kind == kind and weights.spec.arch == cfg.model.arch and weights.image_size == cfg.model.img_size
+    fresh = build_method(cfg, torch.device("cpu"))
+    init_from_weights(fresh, weights, cfg.dino.norm_last_layer)
+    for net in (fresh.student_module(), fresh.teacher):
+        for name, t in method.teacher.backbone.state_dict().items():
+            assert torch.equal(net.backbone.state_dict()[name], t), name

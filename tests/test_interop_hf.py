@@ -9,15 +9,14 @@ import logging
 import numpy as np
 import pytest
 import torch
-from interop_cases import HEAD, SIZES, checkpoint, images
+from interop_cases import HEAD, SIZES, assert_loads_back_tensor_for_tensor, checkpoint, images
 from PIL import Image
 
 from fastdino.cli import main
 from fastdino.data.multicrop import eval_transform
 from fastdino.errors import CheckpointError
 from fastdino.interop.hf import hf_class_token
-from fastdino.interop.official import init_from_weights, load_teacher_backbone, read_dino_weights
-from fastdino.methods import build_method
+from fastdino.interop.official import load_teacher_backbone
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -58,14 +57,7 @@ def test_auto_image_processor_gives_fastdinos_eval_transform(exported):
 
 
 def test_hf_export_round_trips_through_init_from_tensor_for_tensor(exported):
-    cfg, method, folder = exported
-    weights = read_dino_weights(folder)
-    assert weights.kind == "hf" and weights.spec.arch == cfg.model.arch and weights.image_size == cfg.model.img_size
-    fresh = build_method(cfg, torch.device("cpu"))
-    init_from_weights(fresh, weights, cfg.dino.norm_last_layer)
-    for net in (fresh.student_module(), fresh.teacher):
-        for name, t in method.teacher.backbone.state_dict().items():
-            assert torch.equal(net.backbone.state_dict()[name], t), name
+    assert_loads_back_tensor_for_tensor(*exported, "hf")
 
 
 def test_the_restatement_of_transformers_vit_matches_transformers(exported):

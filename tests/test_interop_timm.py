@@ -7,14 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from interop_cases import HEAD, SIZES, checkpoint, images
+from interop_cases import HEAD, SIZES, assert_loads_back_tensor_for_tensor, checkpoint, images
 from PIL import Image
 
 from fastdino.cli import main
 from fastdino.data.multicrop import eval_transform
-from fastdino.interop.official import init_from_weights, load_teacher_backbone, read_dino_weights
+from fastdino.interop.official import load_teacher_backbone
 from fastdino.interop.timm import timm_class_token
-from fastdino.methods import build_method
 
 timm = pytest.importorskip("timm")
 pytest.importorskip("safetensors")
@@ -58,14 +57,7 @@ def test_timm_preprocessing_is_fastdinos_eval_transform(exported):
 
 
 def test_timm_export_round_trips_through_init_from_tensor_for_tensor(exported):
-    cfg, method, folder = exported
-    weights = read_dino_weights(folder)
-    assert weights.kind == "timm" and weights.spec.arch == cfg.model.arch and weights.image_size == cfg.model.img_size
-    fresh = build_method(cfg, torch.device("cpu"))
-    init_from_weights(fresh, weights, cfg.dino.norm_last_layer)
-    for net in (fresh.student_module(), fresh.teacher):
-        for name, t in method.teacher.backbone.state_dict().items():
-            assert torch.equal(net.backbone.state_dict()[name], t), name
+    assert_loads_back_tensor_for_tensor(*exported, "timm")
 
 
 def test_the_restatement_of_timms_vit_matches_timm(exported):

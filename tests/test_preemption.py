@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from same_run import assert_same_state
 
 import fastdino.engine.preempt as preempt
 import fastdino.engine.trainer as trainer
@@ -62,13 +63,7 @@ def assert_same_run(a: Path, b: Path) -> None:
     """Two last.pt files hold the same state tensor for tensor (weights, teacher, center, AdamW, RNG)."""
     x, y = load_checkpoint(a), load_checkpoint(b)
     assert x["step"] == y["step"]
-    for key in ("student", "teacher", "center"):
-        for name, value in x[key].items():
-            assert torch.equal(y[key][name], value), f"{key}.{name}"
-    if "optimizer" in x:
-        for i, state in x["optimizer"]["state"].items():
-            for name, value in state.items():
-                assert torch.equal(torch.as_tensor(y["optimizer"]["state"][i][name]), torch.as_tensor(value)), name
+    assert_same_state(x, y)
     assert torch.equal(x["rng"]["torch"], y["rng"]["torch"])
 
 
