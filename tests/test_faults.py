@@ -190,6 +190,31 @@ def test_a_single_process_has_no_heartbeat():
     watch.stop()
 
 
+_EXIT_WHILE_BEATING = """
+import datetime, sys, time
+import torch.distributed as dist
+from fastdino.engine.distributed import DistInfo, PeerWatch
+
+watch = PeerWatch(DistInfo(rank=0, world_size=2), period_s=0.0)  # no pause: the thread is nearly always in a call
+watch.store = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=datetime.timedelta(seconds=5))
+watch.start()
+time.sleep(0.2)
+watch.stop()
+"""
+
+
+def test_a_process_exits_cleanly_after_its_heartbeat_stops():
+    """The CI failure of a 2-process run (rank 1 exit -6, "terminate called without an active exception"): the
+    interpreter exited while the heartbeat thread was inside a store call. stop() now waits for the thread; a
+    heartbeat that calls the store without pause, then stop() and exit, ends with 0 every time (it aborted every
+    time before)."""
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", _EXIT_WHILE_BEATING], capture_output=True, text=True,
+                              timeout=60, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "terminate called" not in done.stderr
+
+
 def _hanging_peer_worker(rank: int, port: int, out: str) -> None:
     os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))

@@ -111,15 +111,23 @@ class PeerWatch:
             # a connection of its own (torch >= 2.8): a store call of the main thread holds the shared one's lock
             self.store = store.clone() if hasattr(store, "clone") else store
         self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def start(self) -> PeerWatch:
         if self.store is not None:
-            threading.Thread(target=self._beat, name="fastdino-heartbeat", daemon=True).start()
+            self._thread = threading.Thread(target=self._beat, name="fastdino-heartbeat", daemon=True)
+            self._thread.start()
         return self
 
     def stop(self) -> None:
-        """End the heartbeat."""
+        """End the heartbeat, and wait (at most `window_s`) for its thread to leave the store call it is in.
+
+        A daemon thread still inside a store call when the interpreter exits aborts the process ("terminate called
+        without an active exception", exit -6): CPython ends such threads with pthread_exit when they next take the
+        GIL, and that unwinds through the binding's noexcept GIL guard."""
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self.window_s)
 
     @staticmethod
     def _key(rank: int) -> str:
