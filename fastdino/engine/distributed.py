@@ -42,6 +42,17 @@ def init_distributed(device: torch.device, timeout_s: int = 600) -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank)
 
 
+def close_process_group(agreed: bool = True) -> None:
+    """Close the default process group at a run's end: NCCL warns at exit that "destroy_process_group() was not
+    called" otherwise (torch >= 2.4, docs "Shutdown").
+
+    agreed: every process ends at this same point (a finished run, an agreed stop, a user mistake every process
+    meets). False (a failure one process may meet alone, a lost peer): closed only in a group of one, since
+    destroying a communicator whose peers are gone or still stepping can hang, and the process is ending anyway."""
+    if dist.is_initialized() and (agreed or dist.get_world_size() == 1):
+        dist.destroy_process_group()
+
+
 def wrap_ddp(module: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
     if info.world_size == 1:
         return module

@@ -32,7 +32,7 @@ from fastdino.engine.checkpoint import (
     set_rng_state,
 )
 from fastdino.engine.compile import compile_networks, mark_step_begin
-from fastdino.engine.distributed import DistInfo, PeerWatch, init_distributed, sync_batchnorm
+from fastdino.engine.distributed import DistInfo, PeerWatch, close_process_group, init_distributed, sync_batchnorm
 from fastdino.engine.ema import TeacherEMA
 from fastdino.engine.health import HealthMonitor, TrainingHealthError, agree, agree_each
 from fastdino.engine.logging import RunLogger, write_run_report
@@ -44,7 +44,7 @@ from fastdino.engine.run_folder import (
     lock_run_folder,
     remove_temporary_checkpoints,
 )
-from fastdino.errors import ConfigError
+from fastdino.errors import ConfigError, UserError
 from fastdino.eval.knn import knn_evaluate
 from fastdino.interop.official import init_from_weights, read_dino_weights
 from fastdino.methods import build_method
@@ -675,4 +675,17 @@ class Trainer:
 
 
 def train(cfg: Config) -> TrainResult:
-    return Trainer(cfg).fit()
+    """Build the run and fit it. The process group it opens (torchrun's, or DeepSpeed's group of one) is closed at
+    its end: always when finished, after an agreed stop (a signal, a non-finite loss, a health stop) or a user
+    mistake, and in a group of one after any error (distributed.close_process_group); a group the caller opened
+    stays open."""
+    opened = not dist.is_initialized()
+    try:
+        result = Trainer(cfg).fit()
+    except BaseException as exc:
+        if opened:
+            close_process_group(agreed=isinstance(exc, (UserError, NonFiniteLossError, TrainingHealthError, Stopped)))
+        raise
+    if opened:
+        close_process_group()
+    return result
