@@ -38,16 +38,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from fastdino.data.files import (
     _RACY_NS,
+    DECODE_ERRORS,
     FLAT_CLASS,
     IMAGE_EXTENSIONS,
     INDEX_CACHE_ENV,
     DataError,
     ImageIndex,
+    NamedBytes,
     UnknownClassesError,
     _extensions_key,
+    decode_rgb,
     index_cache_dir,
     index_image_folder,
 )
@@ -606,7 +610,40 @@ class WrittenSplit:
     images: int
     shards: int
     bytes: int
-    unreadable: list[str]
+    unreadable: list[str]  # files that could not be read: left out
+    corrupt: list[str] = field(default_factory=list)  # images that do not decode (`image_problem`): kept
+
+
+JPEG_END = b"\xff\xd9"  # a JPEG's end-of-image marker (EOI)
+JPEG_TAIL = 32  # bytes at a JPEG's end searched for it: an encoder may pad a few after it
+
+
+def image_problem(data: bytes, name: str) -> str | None:
+    """Why training would skip the image bytes `data` (`name` names it in the reason), or None: a cheap check for
+    `write_shards`, which must stay I/O bound (perf/RESULTS.md). Cheap: an empty file; the header Pillow opens
+    (a text file named .jpg, an unknown format); Pillow's `verify()` (a PNG's chunks and checksums); a JPEG's
+    end-of-image marker in its last bytes (a file cut short lacks it). A file that fails one is decoded as
+    training decodes it (`decode_rgb`), so the reason is training's own and a file training reads (a PNG
+    missing its end chunk) is not named. Damage inside the compressed data of a file that ends well is not
+    found: only a full decode of every image would find it, which training does anyway (and skips it)."""
+    if not data:
+        return "an empty file (0 bytes)"
+    try:
+        with Image.open(NamedBytes(data, name)) as img:
+            if img.format not in ("JPEG", "MPO"):
+                img.verify()
+            elif JPEG_END in data[-JPEG_TAIL:]:
+                return None
+            else:
+                raise OSError("no JPEG end marker")
+        return None
+    except DECODE_ERRORS:
+        pass
+    try:
+        decode_rgb(NamedBytes(data, name))
+    except DECODE_ERRORS as err:
+        return f"{type(err).__name__}: {err}"
+    return None
 
 
 def _tar_bytes(size: int) -> int:
@@ -695,6 +732,10 @@ def _write_split(folder: Path, out: Path, index: ImageIndex, labelled: bool, sha
                 log.warning("cannot read %s (%s): left out of the shards", path, err.strerror or err)
                 bar.update(1)
                 continue
+            if (problem := image_problem(data, path)) is not None:
+                result.corrupt.append(path)
+                log.warning("corrupt image %s (%s): kept in the shards, where training skips it as on the folder",
+                            path, problem)
             key = encode_key(os.path.relpath(path, folder))
             need = _tar_bytes(len(data)) + (_tar_bytes(8) if labelled else 0)
             if tar is not None and _closed_size(filled + need) > shard_size:
