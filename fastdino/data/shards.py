@@ -669,7 +669,11 @@ def write_shards(image_folder: str | Path, out_dir: str | Path, shard_size: int 
     `key.cls` (an index into the split's `classes.json`; neither for a folder without class folders). The order
     is one permutation seeded by `seed`, so each shard mixes classes; a shard is closed before it would pass
     `shard_size` bytes (at least one image each). Every image `index_image_folder` indexes is written; a file
-    that cannot be read is left out and named in `WrittenSplit.unreadable`. Raises DataError before writing
+    that cannot be read is left out and named in `WrittenSplit.unreadable`. Each image is checked as it is
+    copied (`image_problem`); one training would skip (empty, not an image, cut short) is warned about in one
+    line naming it and kept, listed in `WrittenSplit.corrupt`: training on the folder keeps it in its index
+    too (and skips it when decoding it), so only with it do the shards hold the folder's index, fingerprint
+    and batches, and a run moves between the two. Raises DataError before writing
     when out_dir exists and is not empty, lies inside image_folder or cannot be created, or when image_folder is
     not a folder.
     """
