@@ -684,7 +684,34 @@ def test_train_and_val_sets_that_disagree_on_classes_are_refused_naming_the_set_
     beyond = tmp_path / "beyond"
     beyond.mkdir()
     shutil.copy(next(val.glob("*.tar")), beyond)
+    assert sh.index_in_classes_of(beyond, train, sh.index_images(train)).labels == [0, 2]  # integers meet integers
     _add_sample(next(beyond.glob("*.tar")), "c/new", b"\xff\xd8", b"3")  # a fourth class, unnamed
     with pytest.raises(DataError, match=rf"{beyond}/shard-000000\.tar:c/new has \.cls 3, beyond the 3 classes it is "
                                         rf"indexed in \({beyond / 'classes.json'} is missing"):
-        sh.index_in_classes_of(beyond, labelled, sh.index_images(labelled))
+        sh.index_in_classes_of(beyond, train, sh.index_images(train))
+
+
+def test_validation_shards_without_classes_json_are_refused_for_named_training_classes(tmp_path):
+    """Validation shards whose labels are bare .cls integers (their classes.json lost, or written by another
+    conversion) would be scored under whatever training class has that position: k-NN, linear probes, fine-tuning
+    and the trainer's k-NN refuse them in one line naming the missing file, before any work; with the file back
+    they are matched by name."""
+    from fastdino.config import EvalConfig
+    from fastdino.eval.knn import knn_evaluate
+
+    src = tmp_path / "images"
+    _image_tree(src / "train")
+    _image_tree(src / "val", names=["b/v.jpg", "a/w.png"])
+    out = _shards(src, tmp_path / "out")
+    train, val = out / "train", out / "val"
+    saved = (val / "classes.json").read_text()
+    (val / "classes.json").unlink()
+    for train_set in (train, src / "train"):  # named classes from shards' classes.json, or from class folders
+        with pytest.raises(DataError) as refused:
+            knn_evaluate(torch.nn.Identity(), train_set, val, 16, EvalConfig(), torch.device("cpu"))
+        line = str(refused.value)
+        assert line.startswith(f"{val / 'classes.json'} is missing, so the .cls integers of {val} name no class and "
+                               "cannot be matched to the training classes ['a', 'a b', 'b'] by name"), line
+        assert "\n" not in line
+    (val / "classes.json").write_text(saved)
+    assert sh.index_in_classes_of(val, train, sh.index_images(train)).labels == [0, 2]

@@ -511,6 +511,12 @@ def _labels(
                                       unknown)
         return labels.tolist(), classes
     if numbered.all():
+        if classes is not None and list(classes) != [str(c) for c in range(len(classes))]:
+            shown = f"{list(classes[:4])}" + (f" (and {len(classes) - 4} more)" if len(classes) > 4 else "")
+            raise DataError(f"{classes_file} is missing, so the .cls integers of {spec} name no class and cannot be "
+                            f"matched to the training classes {shown} by name: put there the classes.json of the "
+                            "conversion that wrote these shards (fastdino shards writes one beside each split), or "
+                            "a copy of the training set's if these integers index its classes")
         classes = list(classes) if classes is not None else [str(c) for c in range(int(cls.max()) + 1)]
         if int(cls.max()) >= len(classes):
             j = int(np.argmax(cls))
@@ -534,10 +540,14 @@ def index_shards(spec: str | Path, classes: Sequence[str] | None = None) -> Imag
 
     Labels follow the set's classes (`classes.json` beside the shards, else the sorted class names, else the
     .cls integers; no class members at all: the one class `FLAT_CLASS`, as a folder without class folders).
-    Pass the training index's `classes` when indexing validation shards (one label space). Samples left out
+    Pass the training index's `classes` when indexing validation shards (one label space): their labels are
+    matched by class name, so shards whose only labels are .cls integers (no `classes.json`) are refused when
+    those classes are names, not the bare integers of training shards like them (which match by integer), as
+    integers from another conversion would silently score images under the wrong class. Samples left out
     at indexing (no image member, a bad class member, a truncated or unreadable shard, a repeated key) are
     warned about in one line each, naming `shard:key`, at every start. Raises DataError naming the spec or the
-    shard for a missing or compressed shard, an empty set, classes outside `classes`, or a set labelled in part.
+    shard for a missing or compressed shard, an empty set, classes outside `classes`, a set labelled in part, or
+    .cls integers without `classes.json` for `classes` that are names.
     """
     spec = str(spec)
     limit = index_processes()  # a bad value is refused at every start, not only at a first one
