@@ -640,15 +640,15 @@ def image_problem(data: bytes, name: str) -> str | None:
         return "an empty file (0 bytes)"
     try:
         with Image.open(NamedBytes(data, name)) as img:
-            if img.format not in ("JPEG", "MPO"):
-                img.verify()
-            elif JPEG_END in data[-JPEG_TAIL:]:
-                return None
+            if img.format in ("JPEG", "MPO"):  # verify() checks nothing in a JPEG
+                whole = JPEG_END in data[-JPEG_TAIL:]
             else:
-                raise OSError("no JPEG end marker")
-        return None
+                img.verify()
+                whole = True
+        if whole:
+            return None
     except DECODE_ERRORS:
-        pass
+        pass  # decoded below for training's own reason: Pillow may read what verify() refuses
     try:
         decode_rgb(NamedBytes(data, name))
     except DECODE_ERRORS as err:
