@@ -372,6 +372,9 @@ def _shards(args: argparse.Namespace) -> int:
               f"({split.bytes / 1e6:.1f} MB) to {split.folder}")
         if split.unreadable:
             print(f"left out {len(split.unreadable)} files that could not be read (named in the log above)")
+        if split.corrupt:
+            print(f"kept {len(split.corrupt)} corrupt images (named in the log above): training skips them, on the "
+                  "shards as on the folder; fix or remove them in the folder and convert again to be rid of them")
     return 0
 
 

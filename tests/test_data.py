@@ -131,6 +131,32 @@ def test_bad_files_are_substituted_and_reported_once_per_path(tmp_path, caplog):
     assert sum(str(truncated) in w for w in warnings) == 1 and sum(str(garbage) in w for w in warnings) == 1
 
 
+def test_processes_exchange_only_unreadable_files_new_since_the_last_merge_and_a_resume_keeps_them_all(caplog):
+    """What Trainer.save gathers: each process's `news()`; after `merge` every record is the union, and the next
+    exchange sends only what was met since; a record rebuilt from a checkpoint sends none of it again."""
+
+    def save(records):  # an all_gather_object of each process's news, then merged on every process
+        sent = [record.news() for record in records]
+        for record in records:
+            record.merge([list(paths) for paths in sent])
+        return sent
+
+    ranks = [UnreadableImages(), UnreadableImages()]
+    ranks[0].add([("a", "bad")])
+    ranks[1].add([("b", "bad"), ("a", "bad")])
+    assert save(ranks) == [["a"], ["a", "b"]] and [r.state() for r in ranks] == [["a", "b"]] * 2
+    ranks[1].add([("a", "again"), ("c", "bad")])  # "a" is known: not news
+    assert save(ranks) == [[], ["c"]] and [r.state() for r in ranks] == [["a", "b", "c"]] * 2
+    assert save(ranks) == [[], []]
+
+    caplog.clear()
+    resumed = [UnreadableImages.from_state(ranks[0].state()) for _ in range(2)]  # every process loads last.pt
+    resumed[0].add([("b", "bad")])  # met again after the resume: neither warned nor sent
+    resumed[1].add([("d", "bad")])
+    assert save(resumed) == [[], ["d"]] and [r.state() for r in resumed] == [["a", "b", "c", "d"]] * 2
+    assert [r.getMessage() for r in caplog.records] == ["unreadable image d (skipped): bad"]
+
+
 def test_only_bad_files_raise(tmp_path):
     for i in range(3):
         (tmp_path / f"{i}.jpg").write_bytes(b"garbage")

@@ -186,7 +186,9 @@ def test_two_process_convnet_keeps_per_process_batchnorm_on_the_cpu(tmp_path):
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
 def test_two_process_checkpoint_keeps_every_process_bad_files(tmp_path):
     """A bad image only rank 1 meets before the checkpoint is in last.pt (rank 0 writes it), so the resumed run,
-    where rank 0 meets it too, warns about it no more, and skipped_images counts it."""
+    where rank 0 meets it too, warns about it no more, and skipped_images counts it. Each save's gather sends only
+    what is new since the last one (the restored list is not sent again): the resumed run's checkpoint still
+    holds the restored file and a second one that only rank 1 meets after the resume."""
     from fastdino.data.batch import ResumableShardedSampler
     from fastdino.data.files import index_image_folder
 
@@ -207,11 +209,19 @@ def test_two_process_checkpoint_keeps_every_process_bad_files(tmp_path):
     assert first.stderr.count(f"unreadable image {paths[bad]}") == 1  # warned by rank 1
     assert load_checkpoint(tmp_path / "run" / "last.pt")["skipped_images"] == [paths[bad]]
     assert any(bad in slots(0, epoch, 3) for epoch in (1, 2))  # rank 0 meets it after the resume
+
+    def after_resume(rank: int) -> list[int]:
+        return slots(rank, 0, 3)[4:] + slots(rank, 1, 3) + slots(rank, 2, 3)
+
+    # spoilt after the first run; rank 0 never reads it after the resume (nor substitutes it for `bad`)
+    second = next(j for j in after_resume(1) if j not in after_resume(0) and j not in (bad, bad + 1))
+    Path(paths[second]).write_bytes(b"not a JPEG either")
     resumed = subprocess.run(base, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr and f"unreadable image {paths[bad]}" not in resumed.stderr
+    assert resumed.stderr.count(f"unreadable image {paths[second]}") == 1  # warned by rank 1
     assert resumed.stderr.count("unreadable image file(s) were skipped") == 1  # the run's summary, from rank 0
-    assert load_checkpoint(tmp_path / "run" / "last.pt")["skipped_images"] == [paths[bad]]
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["skipped_images"] == sorted([paths[bad], paths[second]])
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")

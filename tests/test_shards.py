@@ -160,6 +160,47 @@ def test_folder_and_its_shards_give_the_same_batches_from_step_0_and_from_a_resu
     assert sum(r.getMessage().startswith("unreadable image") for r in caplog.records) == 2
 
 
+def test_fastdino_shards_warns_of_each_corrupt_image_keeps_it_and_gives_the_folders_batches(tmp_path, capsys,
+                                                                                            caplog):
+    """A JPEG cut short, a text file named .jpg, a zero-byte file and a PNG cut short: one warning line each at
+    conversion, naming the file; each is kept (the folder's index keeps it too, and training skips it at decode on
+    both), so the shards still give the folder's index, fingerprint and batches; a sound image is never named,
+    nor one Pillow reads whole (a PNG without its end chunk)."""
+    src = _image_tree(tmp_path / "images")
+    cut = {"a/x.jpg": 0.6, "b/deep/er/1.png": 0.5}
+    for name, keep in cut.items():
+        data = (src / name).read_bytes()
+        (src / name).write_bytes(data[: int(len(data) * keep)])
+    (src / "b/_2.jpg").write_text("not an image, whatever its name")
+    (src / "a b/q.jpg").write_bytes(b"")
+    data = (src / "a/sub-z.png").read_bytes()
+    (src / "a/sub-z.png").write_bytes(data[:-4])  # the end chunk's checksum missing: Pillow decodes it
+    corrupt = ["a/x.jpg", "b/deep/er/1.png", "b/_2.jpg", "a b/q.jpg"]
+    out = tmp_path / "shards"
+    with caplog.at_level(logging.WARNING, "fastdino.data"):
+        assert main(["shards", str(src), str(out), "--shard-size", "20KB"]) == 0
+    printed = capsys.readouterr().out
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert sorted(line.split("corrupt image ")[1].split(" (")[0] for line in warned) == sorted(
+        str(src / name) for name in corrupt), warned
+    assert all("\n" not in line and "kept in the shards" in line for line in warned)
+    reasons = " ".join(warned)
+    assert "Truncated" in reasons and "truncated" in reasons and "cannot identify image" in reasons
+    assert "empty file (0 bytes)" in reasons
+    assert f"wrote {len(NAMES)} images" in printed and "kept 4 corrupt images" in printed
+    folder, shards = index_image_folder(src), sh.index_images(out)
+    _same_index(folder, shards, src, out)
+    assert index_fingerprint(folder, src) == index_fingerprint(shards, out)
+    runs = []
+    for index in (folder, shards):
+        dataset = ImageFileDataset(index, multicrop_transform(32, 16, 2, blur_sigma=(0.1, 0.5)), seed=5)
+        runs.append(_batches(CpuBatches(dataset, batch_size=4, num_workers=0, seed=5), 0))
+    _equal(*runs)
+    bad_folder = {name for _, _, bad in runs[0] for name in bad}
+    bad_shards = {name.rsplit(".tar:", 1)[1] for _, _, bad in runs[1] for name in bad}
+    assert bad_folder == {str(src / n) for n in corrupt} and bad_shards == {sh.encode_key(n) for n in corrupt}
+
+
 def _descendants(pid: int) -> list[int]:
     """Every process below `pid` (Linux /proc), children first."""
     found = []
@@ -643,7 +684,34 @@ def test_train_and_val_sets_that_disagree_on_classes_are_refused_naming_the_set_
     beyond = tmp_path / "beyond"
     beyond.mkdir()
     shutil.copy(next(val.glob("*.tar")), beyond)
+    assert sh.index_in_classes_of(beyond, train, sh.index_images(train)).labels == [0, 2]  # integers meet integers
     _add_sample(next(beyond.glob("*.tar")), "c/new", b"\xff\xd8", b"3")  # a fourth class, unnamed
     with pytest.raises(DataError, match=rf"{beyond}/shard-000000\.tar:c/new has \.cls 3, beyond the 3 classes it is "
                                         rf"indexed in \({beyond / 'classes.json'} is missing"):
-        sh.index_in_classes_of(beyond, labelled, sh.index_images(labelled))
+        sh.index_in_classes_of(beyond, train, sh.index_images(train))
+
+
+def test_validation_shards_without_classes_json_are_refused_for_named_training_classes(tmp_path):
+    """Validation shards whose labels are bare .cls integers (their classes.json lost, or written by another
+    conversion) would be scored under whatever training class has that position: k-NN, linear probes, fine-tuning
+    and the trainer's k-NN refuse them in one line naming the missing file, before any work; with the file back
+    they are matched by name."""
+    from fastdino.config import EvalConfig
+    from fastdino.eval.knn import knn_evaluate
+
+    src = tmp_path / "images"
+    _image_tree(src / "train")
+    _image_tree(src / "val", names=["b/v.jpg", "a/w.png"])
+    out = _shards(src, tmp_path / "out")
+    train, val = out / "train", out / "val"
+    saved = (val / "classes.json").read_text()
+    (val / "classes.json").unlink()
+    for train_set in (train, src / "train"):  # named classes from shards' classes.json, or from class folders
+        with pytest.raises(DataError) as refused:
+            knn_evaluate(torch.nn.Identity(), train_set, val, 16, EvalConfig(), torch.device("cpu"))
+        line = str(refused.value)
+        assert line.startswith(f"{val / 'classes.json'} is missing, so the .cls integers of {val} name no class and "
+                               "cannot be matched to the training classes ['a', 'a b', 'b'] by name"), line
+        assert "\n" not in line
+    (val / "classes.json").write_text(saved)
+    assert sh.index_in_classes_of(val, train, sh.index_images(train)).labels == [0, 2]

@@ -503,11 +503,14 @@ class UnreadableImages:
 
     Dataset items carry `(path, reason)` pairs back to the main process with their batch; `add` them here.
     Worker processes are rebuilt every epoch, so this record, not the dataset, is what remembers a file
-    across epochs; `state()` goes into the checkpoint so it also survives a resume.
+    across epochs; `state()` goes into the checkpoint so it also survives a resume. Several training processes
+    exchange only `news()` at each checkpoint (`merge`): `paths` given here (a checkpoint's, which holds every
+    process's) are known to all of them, and so are those of the last merge.
     """
 
     def __init__(self, paths: Iterable[str] = ()) -> None:
         self.paths: set[str] = set(paths)
+        self._news: set[str] = set()  # added here since the last merge: what the other processes may lack
 
     @classmethod
     def from_state(cls, state: list[str] | int) -> UnreadableImages:
@@ -526,7 +529,20 @@ class UnreadableImages:
         for path, reason in unreadable:
             if path not in self.paths:
                 self.paths.add(path)
+                self._news.add(path)
                 log.warning("unreadable image %s (skipped): %s", path, reason)
+
+    def news(self) -> list[str]:
+        """The paths this process added since its last `merge` (or since it was built from a checkpoint), sorted:
+        what it sends the others, instead of its whole record, so each save's exchange is as small as what is new."""
+        return sorted(self._news)
+
+    def merge(self, gathered: Iterable[Iterable[str] | None]) -> None:
+        """Take every process's `news()` (an `all_gather_object` of it), without warning again: every process
+        then holds the union of all records, and nothing in it is news any more."""
+        for paths in gathered:
+            self.paths.update(paths or ())
+        self._news.clear()
 
     def state(self) -> list[str]:
         """The sorted paths: a list of str, loadable with `torch.load(weights_only=True)`."""

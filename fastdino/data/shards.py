@@ -38,16 +38,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from fastdino.data.files import (
     _RACY_NS,
+    DECODE_ERRORS,
     FLAT_CLASS,
     IMAGE_EXTENSIONS,
     INDEX_CACHE_ENV,
     DataError,
     ImageIndex,
+    NamedBytes,
     UnknownClassesError,
     _extensions_key,
+    decode_rgb,
     index_cache_dir,
     index_image_folder,
 )
@@ -507,6 +511,12 @@ def _labels(
                                       unknown)
         return labels.tolist(), classes
     if numbered.all():
+        if classes is not None and list(classes) != [str(c) for c in range(len(classes))]:
+            shown = f"{list(classes[:4])}" + (f" (and {len(classes) - 4} more)" if len(classes) > 4 else "")
+            raise DataError(f"{classes_file} is missing, so the .cls integers of {spec} name no class and cannot be "
+                            f"matched to the training classes {shown} by name: put there the classes.json of the "
+                            "conversion that wrote these shards (fastdino shards writes one beside each split), or "
+                            "a copy of the training set's if these integers index its classes")
         classes = list(classes) if classes is not None else [str(c) for c in range(int(cls.max()) + 1)]
         if int(cls.max()) >= len(classes):
             j = int(np.argmax(cls))
@@ -530,10 +540,14 @@ def index_shards(spec: str | Path, classes: Sequence[str] | None = None) -> Imag
 
     Labels follow the set's classes (`classes.json` beside the shards, else the sorted class names, else the
     .cls integers; no class members at all: the one class `FLAT_CLASS`, as a folder without class folders).
-    Pass the training index's `classes` when indexing validation shards (one label space). Samples left out
+    Pass the training index's `classes` when indexing validation shards (one label space): their labels are
+    matched by class name, so shards whose only labels are .cls integers (no `classes.json`) are refused when
+    those classes are names, not the bare integers of training shards like them (which match by integer), as
+    integers from another conversion would silently score images under the wrong class. Samples left out
     at indexing (no image member, a bad class member, a truncated or unreadable shard, a repeated key) are
     warned about in one line each, naming `shard:key`, at every start. Raises DataError naming the spec or the
-    shard for a missing or compressed shard, an empty set, classes outside `classes`, or a set labelled in part.
+    shard for a missing or compressed shard, an empty set, classes outside `classes`, a set labelled in part, or
+    .cls integers without `classes.json` for `classes` that are names.
     """
     spec = str(spec)
     limit = index_processes()  # a bad value is refused at every start, not only at a first one
@@ -606,7 +620,40 @@ class WrittenSplit:
     images: int
     shards: int
     bytes: int
-    unreadable: list[str]
+    unreadable: list[str]  # files that could not be read: left out
+    corrupt: list[str] = field(default_factory=list)  # images that do not decode (`image_problem`): kept
+
+
+JPEG_END = b"\xff\xd9"  # a JPEG's end-of-image marker (EOI)
+JPEG_TAIL = 32  # bytes at a JPEG's end searched for it: an encoder may pad a few after it
+
+
+def image_problem(data: bytes, name: str) -> str | None:
+    """Why training would skip the image bytes `data` (`name` names it in the reason), or None: a cheap check for
+    `write_shards`, which must stay I/O bound (perf/RESULTS.md). Cheap: an empty file; the header Pillow opens
+    (a text file named .jpg, an unknown format); Pillow's `verify()` (a PNG's chunks and checksums); a JPEG's
+    end-of-image marker in its last bytes (a file cut short lacks it). A file that fails one is decoded as
+    training decodes it (`decode_rgb`), so the reason is training's own and a file training reads (a PNG
+    missing its end chunk) is not named. Damage inside the compressed data of a file that ends well is not
+    found: only a full decode of every image would find it, which training does anyway (and skips it)."""
+    if not data:
+        return "an empty file (0 bytes)"
+    try:
+        with Image.open(NamedBytes(data, name)) as img:
+            if img.format in ("JPEG", "MPO"):  # verify() checks nothing in a JPEG
+                whole = JPEG_END in data[-JPEG_TAIL:]
+            else:
+                img.verify()
+                whole = True
+        if whole:
+            return None
+    except DECODE_ERRORS:
+        pass  # decoded below for training's own reason: Pillow may read what verify() refuses
+    try:
+        decode_rgb(NamedBytes(data, name))
+    except DECODE_ERRORS as err:
+        return f"{type(err).__name__}: {err}"
+    return None
 
 
 def _tar_bytes(size: int) -> int:
@@ -632,7 +679,11 @@ def write_shards(image_folder: str | Path, out_dir: str | Path, shard_size: int 
     `key.cls` (an index into the split's `classes.json`; neither for a folder without class folders). The order
     is one permutation seeded by `seed`, so each shard mixes classes; a shard is closed before it would pass
     `shard_size` bytes (at least one image each). Every image `index_image_folder` indexes is written; a file
-    that cannot be read is left out and named in `WrittenSplit.unreadable`. Raises DataError before writing
+    that cannot be read is left out and named in `WrittenSplit.unreadable`. Each image is checked as it is
+    copied (`image_problem`); one training would skip (empty, not an image, cut short) is warned about in one
+    line naming it and kept, listed in `WrittenSplit.corrupt`: training on the folder keeps it in its index
+    too (and skips it when decoding it), so only with it do the shards hold the folder's index, fingerprint
+    and batches, and a run moves between the two. Raises DataError before writing
     when out_dir exists and is not empty, lies inside image_folder or cannot be created, or when image_folder is
     not a folder.
     """
@@ -695,6 +746,10 @@ def _write_split(folder: Path, out: Path, index: ImageIndex, labelled: bool, sha
                 log.warning("cannot read %s (%s): left out of the shards", path, err.strerror or err)
                 bar.update(1)
                 continue
+            if (problem := image_problem(data, path)) is not None:
+                result.corrupt.append(path)
+                log.warning("corrupt image %s (%s): kept in the shards, where training skips it as on the folder",
+                            path, problem)
             key = encode_key(os.path.relpath(path, folder))
             need = _tar_bytes(len(data)) + (_tar_bytes(8) if labelled else 0)
             if tar is not None and _closed_size(filled + need) > shard_size:

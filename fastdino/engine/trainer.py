@@ -345,11 +345,13 @@ class Trainer:
         what = self.backend.checkpoint_dir or path
         if self.dist.world_size > 1 and dist.is_initialized():
             # Each process meets its own share of the images: the checkpoint keeps every process's bad files, so a
-            # resumed run warns about none of them again and skipped_images counts them all. Every process saves
-            # at the same iteration (after NonFiniteWatch's all-reduce), so this gather lines up.
+            # resumed run warns about none of them again and skipped_images counts them all. Each sends only what
+            # it met since the last save: the rest every process got then, or from the checkpoint it resumed (all
+            # load the same). Every process saves at the same iteration (after NonFiniteWatch's all-reduce), so
+            # this gather lines up.
             gathered: list[list[str] | None] = [None] * self.dist.world_size
-            dist.all_gather_object(gathered, self.unreadable.state())
-            self.unreadable.paths.update(p for paths in gathered for p in paths or ())
+            dist.all_gather_object(gathered, self.unreadable.news())
+            self.unreadable.merge(gathered)
         try:
             state = self.state_dict()  # a DeepSpeed backend writes its own files here, on every rank
             what = path
