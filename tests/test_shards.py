@@ -408,9 +408,10 @@ def test_the_scan_processes_follow_the_cpus_the_ranks_and_the_variable(monkeypat
     monkeypatch.setattr(os, "cpu_count", lambda: 32)
     for cpus, ranks, expected in ((32, None, 8), (3, None, 3), (32, "8", 4), (32, "64", 1), (16, "8", 2)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)))
-        if ranks:  # a job's CPU limit (16 of 32) is shared by its ranks: they divide it
+        if ranks:  # a job's CPU limit (16 of 32) is shared by its ranks when each scans: they divide it
             monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks)
-        assert sh.index_processes() == expected, (cpus, ranks)
+        assert sh.index_processes(every_rank_scans=True) == expected, (cpus, ranks)
+        assert sh.index_processes() == min(cpus, sh.MAX_INDEX_PROCESSES), cpus  # one scans for all: every CPU
     monkeypatch.setenv(sh.INDEX_PROCESSES_ENV, "12")
     assert sh.index_processes() == 12
     shards = [f"s{i}.tar" for i in range(5)]
