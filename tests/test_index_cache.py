@@ -11,7 +11,7 @@ import signal
 import time
 
 import pytest
-from index_build_child import WAITING, Child, builds, wait_for
+from index_build_child import WAITING, builds, one_builds_one_waits
 
 from fastdino.data import files
 from fastdino.data.files import index_image_folder
@@ -199,10 +199,7 @@ def test_processes_starting_at_once_walk_the_folder_once(tmp_path, cache, monkey
     root = _tree(tmp_path)
     _backdate(root)
     hold = tmp_path / "go"
-    builder = Child(root, tmp_path, "builder", hold)
-    wait_for(lambda: (tmp_path / "go.building").exists() or builder.proc.poll() is not None, "the first build")
-    waiter = Child(root, tmp_path, "waiter")
-    wait_for(lambda: WAITING in waiter.text() or waiter.proc.poll() is not None, "the second process to wait")
+    builder, waiter = one_builds_one_waits(root, tmp_path, hold)
     hold.touch()
     built, read = builder.result(), waiter.result()
     assert builds(tmp_path) == [builder.proc.pid]  # one walk: the waiter read the builder's cache
@@ -214,13 +211,11 @@ def test_processes_starting_at_once_walk_the_folder_once(tmp_path, cache, monkey
 def test_a_killed_builder_leaves_no_lock_and_its_waiter_builds(tmp_path, cache, monkeypatch):
     root = _tree(tmp_path)
     _backdate(root)
-    builder = Child(root, tmp_path, "builder", tmp_path / "never")
-    wait_for(lambda: (tmp_path / "never.building").exists() or builder.proc.poll() is not None, "the first build")
-    waiter = Child(root, tmp_path, "waiter")
-    wait_for(lambda: WAITING in waiter.text() or waiter.proc.poll() is not None, "the second process to wait")
+    builder, waiter = one_builds_one_waits(root, tmp_path, tmp_path / "never")
     builder.proc.send_signal(signal.SIGKILL)  # mid-build: no cache written, the lock never released by the builder
     assert builder.proc.wait(timeout=10) == -signal.SIGKILL
     read = waiter.result()
+    assert WAITING in waiter.text()  # it did wait for the lock the killed builder held
     assert builds(tmp_path) == [builder.proc.pid, waiter.proc.pid]
     want = _fresh(root, monkeypatch)
     assert (read["ids"], read["classes"]) == (list(want.image_ids(root)), want.classes)

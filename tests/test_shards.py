@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from index_build_child import WAITING, builds, one_builds_one_waits
 from PIL import Image
 from same_run import assert_same_state
 
@@ -244,6 +245,21 @@ def test_the_index_cache_is_used_and_rebuilt_when_a_shard_changes(tmp_path, monk
     ids = list(changed.image_ids(out))
     assert len(changed) == len(first) + 1 and ids.index("a/zz") == 6  # last of class a, in the folder's order
     assert changed.read(6) == buf.getvalue() and changed.labels[6] == 0
+
+
+def test_processes_starting_at_once_scan_the_shards_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTDINO_INDEX_CACHE", str(tmp_path / "cache"))
+    out = _shards(_image_tree(tmp_path / "images"), tmp_path / "shards")
+    _backdate(*out.glob("*.tar"), out / "classes.json", out)
+    hold = tmp_path / "go"
+    builder, waiter = one_builds_one_waits(out, tmp_path, hold)
+    hold.touch()
+    built, read = builder.result(), waiter.result()
+    assert builds(tmp_path) == [builder.proc.pid]  # one scan: the waiter read the builder's cache
+    assert "built by another process" in waiter.text() and WAITING not in builder.text()
+    folder = index_image_folder(tmp_path / "images")
+    assert built == read and (built["ids"], built["labels"]) == (list(folder.image_ids(tmp_path / "images")),
+                                                                 list(folder.labels))
 
 
 def test_damaged_shards_are_named_by_shard_and_key_and_nothing_else_is_lost(tmp_path, caplog):
