@@ -8,7 +8,8 @@ into the set's `classes.json` when there is one, else the label itself), `.txt` 
 
 The shards are scanned once into (shard, byte offset, size, class) per sample and cached as the folder index
 is (`files.index_cache_dir()`), keyed by the shards' sizes and mtimes: a changed shard rebuilds it. A large
-set's scan is spread over processes, one shard a task (`index_processes`, `tarscan._serve`). Samples
+set's scan is spread over processes, one shard a task (`index_processes`, `tarscan._serve`), and processes
+starting on one set at once scan it once: one builds the cache while the others wait (`files._build_lock`). Samples
 are ordered by key, as the folder index orders the files `fastdino shards` (`write_shards`) made the keys
 from, whatever order the shards hold them in; so a folder and its shards give the same index order, labels,
 `image_ids` (the run's fingerprint) and bytes, and everything built on them (per-image seeds, sharding by
