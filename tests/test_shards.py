@@ -262,6 +262,15 @@ def test_processes_starting_at_once_scan_the_shards_once(tmp_path, monkeypatch):
                                                                  list(folder.labels))
 
 
+def test_bench_times_processes_starting_at_once_before_and_after_the_build_lock(tmp_path, capsys):
+    from perf.bench_data import at_once_timings
+
+    at_once_timings(tmp_path, 200, 2)
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [(row[0].split(",")[1].split(":")[0].strip(), row[1].strip(), row[3].strip()) for row in rows] == [
+        ("before", "200 samples each", "2 scan(s)"), ("after", "200 samples each", "1 scan(s)")]
+
+
 def test_damaged_shards_are_named_by_shard_and_key_and_nothing_else_is_lost(tmp_path, caplog):
     src = _image_tree(tmp_path / "images")
     out = _shards(src, tmp_path / "shards")
