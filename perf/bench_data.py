@@ -4,6 +4,7 @@ from the same JPEGs as tar shards (issue 24); the shard index's first and cached
     PYTHONPATH=. python perf/bench_data.py [--images 2000] [--batch 64] [--workers 8] [--steps 20]
                                            [--backends official,cpu,torch_gpu,dali] [--device cuda|cpu]
                                            [--shards 4] [--repeats 2] [--index-members 1000000]
+                                           [--index-processes-at-once 2]
     PYTHONPATH=. python perf/bench_data.py --make-only --images 2688 --workers 16 --folder DIR   # JPEGs only
 
 Generates (once, cached under --folder; --workers processes) `--images` JPEGs of --width x --height (500 x 375,
@@ -36,13 +37,20 @@ with an empty index cache (scan over as many processes as `index_processes()` al
 start: read, checksum, stat every shard), and with an empty cache in one process (FASTDINO_INDEX_PROCESSES=1),
 each with the CPU time of the calling process (with several processes: the merge, sort and cache, not the scan);
 then the start and end of those processes alone (each scanning an empty shard).
+--index-processes-at-once N (with --index-members, instead of those timings) starts N processes on those shards
+at once, as a node's N ranks (LOCAL_WORLD_SIZE=N), each with an empty shared index cache, and times from their
+common start (after their imports) until every one has its index, twice: before (flock made to fail with ENOLCK
+in them: every process scans, dividing the CPUs, as all did before the build lock) and after (one scans with every
+CPU while the others wait for its cache and read it).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -251,13 +259,7 @@ def index_timings(folder: Path, n_samples: int) -> None:
     """`index_shards` of n_samples tiny samples: the first start with an empty index cache (its scan spread over
     processes as the CPUs allow), the cached start, and the first start in one process (FASTDINO_INDEX_PROCESSES=1);
     then what starting and ending those processes costs alone."""
-    start = time.perf_counter()
-    tiny = make_tiny_shards(folder, n_samples)
-    print(f"{n_samples} samples (2 tar members each) in 16 shards under {tiny} "
-          f"({time.perf_counter() - start:.1f} s to generate or find)")
-    past = time.time() - 60  # shards changed within 2 s of indexing are never cached
-    for p in [tiny, *tiny.glob("*.tar")]:
-        os.utime(p, (past, past))
+    tiny = ready_tiny_shards(folder, n_samples)
     shards = sorted(str(p) for p in tiny.glob("*.tar"))
     processes = _scan_processes(shards, sum(os.path.getsize(p) for p in shards), index_processes())
     runs = ((f"first start (scan in {processes} process{'es' * (processes > 1)} + write cache)", None),
@@ -277,6 +279,65 @@ def index_timings(folder: Path, n_samples: int) -> None:
     many = min(index_processes(), 16)
     print(f"| start of {many} scan processes, each scanning an empty shard, and their end | "
           f"{scan_processes_start(many):.2f} s |")
+
+
+def ready_tiny_shards(folder: Path, n_samples: int) -> Path:
+    """`make_tiny_shards`, their mtimes set a minute back (shards changed within 2 s of indexing are never cached)."""
+    start = time.perf_counter()
+    tiny = make_tiny_shards(folder, n_samples)
+    print(f"{n_samples} samples (2 tar members each) in 16 shards under {tiny} "
+          f"({time.perf_counter() - start:.1f} s to generate or find)")
+    past = time.time() - 60
+    for p in [tiny, *tiny.glob("*.tar")]:
+        os.utime(p, (past, past))
+    return tiny
+
+
+# One of the processes `at_once_timings` starts: argv ROOT SHARDS GATE LOCKED. It imports, says "ready", waits for
+# GATE, indexes, then prints when it finished (time.time()) and how many scans it did.
+_AT_ONCE = """
+import errno, fcntl, json, os, sys, time
+sys.path.insert(0, sys.argv[1])
+from fastdino.data import shards
+if sys.argv[4] == "0":  # before the build lock: every process scans, as on a file system without flock
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    fcntl.flock = no_flock
+scans, scan = [], shards._scan
+shards._scan = lambda *a: scans.append(1) or scan(*a)
+print("ready", flush=True)
+while not os.path.exists(sys.argv[3]):
+    time.sleep(0.002)
+n = len(shards.index_shards(sys.argv[2]))
+print(json.dumps({"done": time.time(), "n": n, "scans": len(scans)}), flush=True)
+"""
+
+
+def at_once_timings(folder: Path, n_samples: int, processes: int) -> None:
+    """`processes` processes indexing the same tiny shards at once with an empty index cache, as a node's ranks on
+    a first start: seconds from their common start until the last has its index, before and after the build lock."""
+    tiny = ready_tiny_shards(folder, n_samples)
+    root = str(Path(__file__).resolve().parents[1])
+    for what, locked in (("before: every process scans (flock failing with ENOLCK)", "0"),
+                         ("after: one scans, the others wait and read its cache", "1")):
+        with tempfile.TemporaryDirectory() as tmp:
+            env = {**os.environ, "FASTDINO_INDEX_CACHE": os.path.join(tmp, "cache"),
+                   "LOCAL_WORLD_SIZE": str(processes)}
+            env.pop(INDEX_PROCESSES_ENV, None)
+            gate = Path(tmp) / "go"
+            procs = [subprocess.Popen([sys.executable, "-c", _AT_ONCE, root, str(tiny), str(gate), locked],
+                                      stdout=subprocess.PIPE, env=env, text=True) for _ in range(processes)]
+            for proc in procs:
+                if proc.stdout.readline().strip() != "ready":
+                    raise SystemExit(f"an indexing process failed to start (exit code {proc.wait()})")
+            start = time.time()
+            gate.touch()
+            found = [json.loads(proc.stdout.readline()) for proc in procs]
+            for proc in procs:
+                proc.wait()
+        print(f"| {processes} processes at once, {what} | {found[0]['n']} samples each | "
+              f"{max(f['done'] for f in found) - start:.2f} s until all have the index | "
+              f"{sum(f['scans'] for f in found)} scan(s) |", flush=True)
 
 
 def scan_processes_start(processes: int) -> float:
@@ -330,9 +391,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--control", action="store_true",
                         help="with --shards: also time the folder against itself, the noise of the x folder ratio")
     parser.add_argument("--index-members", type=int, default=0, help="time the shard index of this many samples")
+    parser.add_argument("--index-processes-at-once", type=int, default=0,
+                        help="with --index-members: time this many processes' first start at once instead")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    if args.index_members:
+    if args.index_members and args.index_processes_at_once > 0:
+        at_once_timings(Path(args.folder), args.index_members, args.index_processes_at_once)
+    elif args.index_members:
         index_timings(Path(args.folder), args.index_members)
     if not args.make_only and (args.warmup + args.steps) * args.batch > args.images:
         parser.error(f"--images {args.images} is fewer than (--warmup + --steps) x --batch")

@@ -1,12 +1,17 @@
 """The image-index cache (issue 13, large folders): a hit equals a fresh walk and walks nothing; any added, removed
 or renamed file or folder, or a moved folder link, invalidates it; a corrupt cache is rebuilt; the data folder
-is never written to."""
+is never written to. Processes starting at once build it once (one builds, the others wait and read it); a killed
+builder blocks nobody; without flock every process builds, as before."""
 
+import errno
+import fcntl
 import logging
 import os
+import signal
 import time
 
 import pytest
+from index_build_child import WAITING, builds, one_builds_one_waits
 
 from fastdino.data import files
 from fastdino.data.files import index_image_folder
@@ -178,16 +183,58 @@ def test_no_cache_when_off_for_a_folder_changing_now_or_when_unwritable(tmp_path
     root = _tree(tmp_path)
     monkeypatch.setenv(files.INDEX_CACHE_ENV, str(tmp_path / "cache"))
     index_image_folder(root)  # just written: a change in the same mtime tick would go unseen
-    assert not (tmp_path / "cache").exists()
+    assert not list((tmp_path / "cache").glob("*.idx"))  # only the build's lock file
     _backdate(root)
     monkeypatch.setenv(files.INDEX_CACHE_ENV, "off")
     index_image_folder(root)
-    assert not (tmp_path / "cache").exists()
+    assert not list((tmp_path / "cache").glob("*.idx"))
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv(files.INDEX_CACHE_ENV, str(tmp_path / "a-file" / "cache"))
     with caplog.at_level(logging.WARNING, logger="fastdino.data"):
         assert _same(index_image_folder(root), _fresh(root, monkeypatch))
     assert "cannot write the index cache" in caplog.text and files.INDEX_CACHE_ENV in caplog.text
+
+
+def test_processes_starting_at_once_walk_the_folder_once(tmp_path, cache, monkeypatch):
+    root = _tree(tmp_path)
+    _backdate(root)
+    hold = tmp_path / "go"
+    builder, waiter = one_builds_one_waits(root, tmp_path, hold)
+    hold.touch()
+    built, read = builder.result(), waiter.result()
+    assert builds(tmp_path) == [builder.proc.pid]  # one walk: the waiter read the builder's cache
+    assert "built by another process" in waiter.text() and WAITING not in builder.text()
+    want = _fresh(root, monkeypatch)
+    assert built == read and (built["ids"], built["classes"]) == (list(want.image_ids(root)), want.classes)
+
+
+def test_a_killed_builder_leaves_no_lock_and_its_waiter_builds(tmp_path, cache, monkeypatch):
+    root = _tree(tmp_path)
+    _backdate(root)
+    builder, waiter = one_builds_one_waits(root, tmp_path, tmp_path / "never")
+    builder.proc.send_signal(signal.SIGKILL)  # mid-build: no cache written, the lock never released by the builder
+    assert builder.proc.wait(timeout=10) == -signal.SIGKILL
+    read = waiter.result()
+    assert WAITING in waiter.text()  # it did wait for the lock the killed builder held
+    assert builds(tmp_path) == [builder.proc.pid, waiter.proc.pid]
+    want = _fresh(root, monkeypatch)
+    assert (read["ids"], read["classes"]) == (list(want.image_ids(root)), want.classes)
+    _no_walk(monkeypatch)  # the waiter cached what it built
+    assert _same(index_image_folder(root), want)
+
+
+def test_without_flock_every_process_builds_as_before(tmp_path, cache, monkeypatch, caplog):
+    root = _tree(tmp_path)
+    _backdate(root)
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with caplog.at_level(logging.INFO, logger="fastdino.data"):
+        built = index_image_folder(root)
+    assert "cannot lock" in caplog.text and "No locks available" in caplog.text
+    assert _same(built, _fresh(root, monkeypatch)) and len(list(cache.glob("*.idx"))) == 1
 
 
 def test_the_default_cache_folder_follows_xdg(tmp_path, monkeypatch):

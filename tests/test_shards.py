@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from index_build_child import WAITING, builds, one_builds_one_waits
 from PIL import Image
 from same_run import assert_same_state
 
@@ -287,6 +288,30 @@ def test_the_index_cache_is_used_and_rebuilt_when_a_shard_changes(tmp_path, monk
     assert changed.read(6) == buf.getvalue() and changed.labels[6] == 0
 
 
+def test_processes_starting_at_once_scan_the_shards_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTDINO_INDEX_CACHE", str(tmp_path / "cache"))
+    out = _shards(_image_tree(tmp_path / "images"), tmp_path / "shards")
+    _backdate(*out.glob("*.tar"), out / "classes.json", out)
+    hold = tmp_path / "go"
+    builder, waiter = one_builds_one_waits(out, tmp_path, hold)
+    hold.touch()
+    built, read = builder.result(), waiter.result()
+    assert builds(tmp_path) == [builder.proc.pid]  # one scan: the waiter read the builder's cache
+    assert "built by another process" in waiter.text() and WAITING not in builder.text()
+    folder = index_image_folder(tmp_path / "images")
+    assert built == read and (built["ids"], built["labels"]) == (list(folder.image_ids(tmp_path / "images")),
+                                                                 list(folder.labels))
+
+
+def test_bench_times_processes_starting_at_once_before_and_after_the_build_lock(tmp_path, capsys):
+    from perf.bench_data import at_once_timings
+
+    at_once_timings(tmp_path, 200, 2)
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [(row[0].split(",")[1].split(":")[0].strip(), row[1].strip(), row[3].strip()) for row in rows] == [
+        ("before", "200 samples each", "2 scan(s)"), ("after", "200 samples each", "1 scan(s)")]
+
+
 def test_damaged_shards_are_named_by_shard_and_key_and_nothing_else_is_lost(tmp_path, caplog):
     src = _image_tree(tmp_path / "images")
     out = _shards(src, tmp_path / "shards")
@@ -449,9 +474,10 @@ def test_the_scan_processes_follow_the_cpus_the_ranks_and_the_variable(monkeypat
     monkeypatch.setattr(os, "cpu_count", lambda: 32)
     for cpus, ranks, expected in ((32, None, 8), (3, None, 3), (32, "8", 4), (32, "64", 1), (16, "8", 2)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)))
-        if ranks:  # a job's CPU limit (16 of 32) is shared by its ranks: they divide it
+        if ranks:  # a job's CPU limit (16 of 32) is shared by its ranks when each scans: they divide it
             monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks)
-        assert sh.index_processes() == expected, (cpus, ranks)
+        assert sh.index_processes(every_rank_scans=True) == expected, (cpus, ranks)
+        assert sh.index_processes() == min(cpus, sh.MAX_INDEX_PROCESSES), cpus  # one scans for all: every CPU
     monkeypatch.setenv(sh.INDEX_PROCESSES_ENV, "12")
     assert sh.index_processes() == 12
     shards = [f"s{i}.tar" for i in range(5)]

@@ -12,6 +12,7 @@ number of worker processes and however often they are rebuilt.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -344,12 +345,54 @@ def _read_cache(file: Path, root: Path) -> tuple[_FolderScan | None, str]:
         return None, f"corrupt ({err})"
 
 
+@contextlib.contextmanager
+def _build_lock(file: Path, what: str | Path) -> Iterator[bool]:
+    """Let one process build the index cached in `file` while the others wait: an flock on `file`.lock beside it.
+
+    Yields True in the process that takes the lock at once: it holds it while it builds and writes `file`, and is
+    the only process scanning (its scan may use every CPU). Yields False, holding nothing, in a process that waited
+    for another's build (it lets go as soon as it has the lock, so the waiters read the new cache side by side) or
+    could not take the lock (a cache folder it cannot write, a file system without flock: some network mounts).
+    The caller then reads the cache again and builds only when it is still missing (the builder was killed or could
+    not cache its index), side by side with the other waiters, as every process did before this lock. No process
+    group is needed (ranks before or after init_distributed, two runs on one data set, nodes sharing the cache
+    folder). The kernel drops a flock when its holder ends, SIGKILL included: a killed builder leaves no lock held.
+    """
+    lock = file.with_name(file.name + ".lock")
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:  # an unwritable cache folder: writing the cache fails too, and says so
+        yield False
+        return
+    sole = False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            sole = True
+        except BlockingIOError:
+            log.info("%s: waiting for another process's index build (lock %s)", what, lock)
+            with contextlib.suppress(OSError):  # a lock lost on a network mount: read or build as if unlocked
+                fcntl.flock(fd, fcntl.LOCK_EX)  # returns when the builder is done, or dead
+        except OSError as err:
+            log.info("cannot lock %s (%s): indexing %s without waiting for other processes", lock,
+                     err.strerror or err, what)
+        if not sole:
+            os.close(fd)  # closing drops the lock
+            fd = -1
+        yield sole
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
 def _scan_folder_cached(root: Path) -> _FolderScan:
     """`_scan_folder(root)`, read from the index cache while every listed folder keeps its mtime.
 
     A cache that is missing, corrupt (checksum, format) or out of date is rebuilt, never trusted. The cache is
     written only after a walk that listed every folder and saw none changed within `_RACY_NS` of its start
-    (a change in the same mtime tick would go unseen); writing is atomic, so ranks racing on one file are safe.
+    (a change in the same mtime tick would go unseen); writing is atomic. Processes starting on one folder at once
+    (a node's ranks) walk it once: one builds while the others wait, then read its cache (`_build_lock`).
     """
     cache_dir = index_cache_dir()
     if cache_dir is None:
@@ -359,18 +402,24 @@ def _scan_folder_cached(root: Path) -> _FolderScan:
     if scan is not None:
         log.info("%s: index read from the cache %s", root, file)
         return scan
-    if why.startswith("corrupt"):
-        log.warning("index cache %s is %s: re-indexing %s", file, why, root)
-    elif why != "none yet":
-        log.info("index cache %s is %s: re-indexing %s", file, why, root)
-    started = time.time_ns()
-    scan = _scan_folder(root)
-    if scan.walk.complete and all(mtime < started - _RACY_NS for mtime in scan.walk.listed.values()):
-        try:
-            _write_cache(file, root, scan)
-        except OSError as err:
-            log.warning("cannot write the index cache %s (%s): set %s to a writable folder, or to off",
-                        file, err, INDEX_CACHE_ENV)
+    with _build_lock(file, root) as sole:
+        if not sole:
+            scan, why = _read_cache(file, root)
+            if scan is not None:
+                log.info("%s: index read from the cache %s, built by another process", root, file)
+                return scan
+        if why.startswith("corrupt"):
+            log.warning("index cache %s is %s: re-indexing %s", file, why, root)
+        elif why != "none yet":
+            log.info("index cache %s is %s: re-indexing %s", file, why, root)
+        started = time.time_ns()
+        scan = _scan_folder(root)
+        if scan.walk.complete and all(mtime < started - _RACY_NS for mtime in scan.walk.listed.values()):
+            try:
+                _write_cache(file, root, scan)
+            except OSError as err:
+                log.warning("cannot write the index cache %s (%s): set %s to a writable folder, or to off",
+                            file, err, INDEX_CACHE_ENV)
     return scan
 
 
@@ -390,7 +439,8 @@ def index_image_folder(root: str | Path, classes: Sequence[str] | None = None) -
     an image file (to a folder, dangling, ...) its target: adding, removing or renaming a file or folder anywhere
     below invalidates it. Not seen: a change inside a file that keeps its name (the index holds paths only; the
     file is read when used), permissions changed by chmod, and an image-file link whose target moves because a
-    link outside the folder changed (it only decides which of two paths to one file is kept).
+    link outside the folder changed (it only decides which of two paths to one file is kept). Processes indexing
+    one folder at once (a node's ranks, two runs) walk it once: the first builds the cache, the others wait for it.
     """
     root = Path(root)
     if not root.exists():

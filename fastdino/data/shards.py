@@ -8,7 +8,8 @@ into the set's `classes.json` when there is one, else the label itself), `.txt` 
 
 The shards are scanned once into (shard, byte offset, size, class) per sample and cached as the folder index
 is (`files.index_cache_dir()`), keyed by the shards' sizes and mtimes: a changed shard rebuilds it. A large
-set's scan is spread over processes, one shard a task (`index_processes`, `tarscan._serve`). Samples
+set's scan is spread over processes, one shard a task (`index_processes`, `tarscan._serve`), and processes
+starting on one set at once scan it once: one builds the cache while the others wait (`files._build_lock`). Samples
 are ordered by key, as the folder index orders the files `fastdino shards` (`write_shards`) made the keys
 from, whatever order the shards hold them in; so a folder and its shards give the same index order, labels,
 `image_ids` (the run's fingerprint) and bytes, and everything built on them (per-image seeds, sharding by
@@ -50,6 +51,7 @@ from fastdino.data.files import (
     ImageIndex,
     NamedBytes,
     UnknownClassesError,
+    _build_lock,
     _extensions_key,
     decode_rgb,
     index_cache_dir,
@@ -194,12 +196,13 @@ def _read_classes_json(file: str) -> list[str] | None:
     return classes
 
 
-def index_processes() -> int:
+def index_processes(every_rank_scans: bool = False) -> int:
     """How many processes a first start's scan may use: `INDEX_PROCESSES_ENV`, else the CPUs this process may run
-    on (`os.sched_getaffinity`), divided by the ranks a launcher started on this node (LOCAL_WORLD_SIZE: every
-    rank indexes; a job's CPU limit is often shared by its ranks, so they divide it even when each sees fewer CPUs
-    than the node has), capped at `MAX_INDEX_PROCESSES`. Raises UserError
-    naming the variable for a value that is not a positive integer."""
+    on (`os.sched_getaffinity`), capped at `MAX_INDEX_PROCESSES`. With `every_rank_scans` (the index cache is off,
+    or its lock could not be taken, so each rank a launcher started on this node scans at once) the CPUs are
+    divided by those ranks (LOCAL_WORLD_SIZE: a job's CPU limit is often shared by its ranks, so they divide it
+    even when each sees fewer CPUs than the node has); otherwise one process scans for all (`files._build_lock`).
+    Raises UserError naming the variable for a value that is not a positive integer."""
     value = os.environ.get(INDEX_PROCESSES_ENV, "").strip()
     if value:
         if not value.isdigit() or int(value) < 1:
@@ -209,7 +212,7 @@ def index_processes() -> int:
         return int(value)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     ranks = os.environ.get("LOCAL_WORLD_SIZE", "1")
-    if ranks.isdigit() and int(ranks) > 1:
+    if every_rank_scans and ranks.isdigit() and int(ranks) > 1:
         cores //= int(ranks)
     return max(1, min(cores, MAX_INDEX_PROCESSES))
 
@@ -397,26 +400,40 @@ def _read_cache(file: Path, spec: str, shards: list[str], stamps: dict[str, list
         return None
 
 
-def _scan_cached(spec: str, shards: list[str], watched: list[str], classes_file: str, limit: int) -> _ShardScan:
+def _scan_cached(spec: str, shards: list[str], watched: list[str], classes_file: str) -> _ShardScan:
+    """`_scan` of the set, read from the index cache while every shard and watched file keeps its size and mtime.
+    Processes starting on one set at once (a node's ranks) scan it once: one builds the cache while the others wait
+    for it (`files._build_lock`), so that one may use every CPU."""
     stamps = {path: _stamp(path) for path in [*shards, *watched, classes_file]}
     cache_dir = index_cache_dir()
     file = None if cache_dir is None else _cache_file(cache_dir, spec, shards)
-    if file is not None and (scan := _read_cache(file, spec, shards, stamps)) is not None:
+    if file is None:
+        return _scan_logged(spec, shards, classes_file, stamps, index_processes(every_rank_scans=True))
+    if (scan := _read_cache(file, spec, shards, stamps)) is not None:
         log.info("%s: index read from the cache %s", spec, file)
         return scan
-    started = time.time_ns()
+    with _build_lock(file, spec) as sole:
+        if not sole and (scan := _read_cache(file, spec, shards, stamps)) is not None:
+            log.info("%s: index read from the cache %s, built by another process", spec, file)
+            return scan
+        started = time.time_ns()
+        scan = _scan_logged(spec, shards, classes_file, stamps, index_processes(every_rank_scans=not sole))
+        if {path: _stamp(path) for path in stamps} != stamps:
+            return scan  # changed while scanned: not cached
+        if all(s is None or s[1] < started - _RACY_NS for s in stamps.values()):
+            try:
+                _write_cache(file, spec, scan, stamps)
+            except OSError as err:
+                log.warning("cannot write the index cache %s (%s): set %s to a writable folder, or to off",
+                            file, err, INDEX_CACHE_ENV)
+    return scan
+
+
+def _scan_logged(spec: str, shards: list[str], classes_file: str, stamps: dict[str, list | None],
+                 limit: int) -> _ShardScan:
     processes = _scan_processes(shards, sum(stamps[s][0] for s in shards if stamps[s] is not None), limit)
     log.info("%s: indexing %d shards (%d process%s)", spec, len(shards), processes, "" if processes == 1 else "es")
-    scan = _scan(shards, classes_file, processes)
-    if {path: _stamp(path) for path in stamps} != stamps:
-        return scan  # changed while scanned: not cached
-    if file is not None and all(s is None or s[1] < started - _RACY_NS for s in stamps.values()):
-        try:
-            _write_cache(file, spec, scan, stamps)
-        except OSError as err:
-            log.warning("cannot write the index cache %s (%s): set %s to a writable folder, or to off",
-                        file, err, INDEX_CACHE_ENV)
-    return scan
+    return _scan(shards, classes_file, processes)
 
 
 # -- reading members -----------------------------------------------------------------------------------------
@@ -550,9 +567,9 @@ def index_shards(spec: str | Path, classes: Sequence[str] | None = None) -> Imag
     .cls integers without `classes.json` for `classes` that are names.
     """
     spec = str(spec)
-    limit = index_processes()  # a bad value is refused at every start, not only at a first one
+    index_processes()  # a bad value is refused at every start, not only at a first one
     shards, watched, classes_file = resolve_shards(spec)
-    scan = _scan_cached(spec, shards, watched, classes_file, limit)
+    scan = _scan_cached(spec, shards, watched, classes_file)
     for line in scan.problems:
         log.warning("%s", line)
     if not scan.keys:
