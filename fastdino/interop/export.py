@@ -270,7 +270,8 @@ def export(src: str | Path, out: str | Path | None = None, fmt: str = "official"
                                        "written") from exc
         err = (got - reference).abs().max().item() if got.shape == reference.shape else float("inf")
         if not err <= CHECK_ATOL:
-            raise ExportCheckError(f"export of {src} to {fmt} refused: loaded back, it gives class tokens that "
+            raise ExportCheckError(f"export of {src} to {fmt} refused: loaded back, it gives "
+                                   f"{'class tokens' if vit else 'pooled features'} that "
                                    f"differ from fastdino's by {err:.3g} (> {CHECK_ATOL:g}) on a fixed input; "
                                    "nothing written")
         plain_mode(written)  # the temporary folder's files may be 0600 (safetensors' save_file): as open() gives
