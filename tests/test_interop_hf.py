@@ -187,3 +187,19 @@ def test_a_resnet_transformers_built_reads_with_its_features_and_a_v1_stride_is_
     transformers.ResNetModel(v1).save_pretrained(tmp_path / "v1")
     with pytest.raises(CheckpointError, match="downsample_in_bottleneck True"):
         load_teacher_backbone(tmp_path / "v1")
+
+
+def test_a_timm_model_transformers_wrapped_and_saved_reads_with_its_features(tmp_path):
+    """save_pretrained of a TimmWrapperForImageClassification: keys behind `timm_model.`, a classifier `fc`,
+    `model_args: null` and no pretrained_cfg in config.json."""
+    pytest.importorskip("timm")
+    torch.manual_seed(4)
+    model = transformers.TimmWrapperForImageClassification(
+        transformers.TimmWrapperConfig(architecture="resnet10t", num_labels=5)).eval()
+    model.save_pretrained(tmp_path / "m")
+    loaded = load_teacher_backbone(tmp_path / "m")
+    assert (loaded.kind, loaded.spec.arch, loaded.image_size) == ("hf", "timm/resnet10t", 224)
+    x = images(ODD_SIZE)
+    with torch.no_grad():
+        theirs = model.timm_model.forward_head(model.timm_model.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(loaded.model(x), theirs, atol=1e-5, rtol=0)

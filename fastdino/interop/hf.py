@@ -192,10 +192,6 @@ _HF_BLOCK = re.compile(r"encoder\.stages\.(\d)\.layers\.(\d+)\.(?:layer\.(\d)\.|
 _STEM = {"conv1": "embedder.embedder.convolution", "bn1": "embedder.embedder.normalization"}
 
 
-def is_hf_convnet_config(config: dict) -> bool:
-    return config.get("model_type") in ("resnet", TIMM_WRAPPER)
-
-
 def hf_resnet_config(arch: str, backbone: dict[str, torch.Tensor]) -> dict:
     """config.json of a ResNetModel that is torchvision's `arch` (resnet18..152), widths read from its tensors."""
     depths, bottleneck = RESNET_BLOCKS[arch]

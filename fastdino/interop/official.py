@@ -184,8 +184,8 @@ def _read_model_folder(path: Path) -> tuple[str, dict[str, torch.Tensor], int | 
     elif model_type == TIMM_WRAPPER or (isinstance(config, dict) and model_type is None and "architecture" in config):
         kind, backbone = ("hf", from_hf_timm_wrapper(state)) if model_type else ("timm", from_timm(state))
         arch = timm_folder_arch(config, backbone)
-        heads = config.get("model_args", {}).get("num_heads")
-        size = (config.get("pretrained_cfg", {}).get("input_size") or [None])[-1]
+        heads = (config.get("model_args") or {}).get("num_heads")  # transformers saves `model_args: null`
+        size = ((config.get("pretrained_cfg") or {}).get("input_size") or [None])[-1]
     else:
         raise CheckpointError(f"{config_file} describes neither a transformers ViT or ResNet (model_type vit, resnet, "
                               f"{TIMM_WRAPPER}) nor a timm model (architecture)")
