@@ -171,7 +171,7 @@ def test_a_resnet_config_with_the_stride_elsewhere_is_refused_by_the_check(tmp_p
         assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf.*"))
 
 
-def test_a_resnet_transformers_built_reads_with_its_features_and_a_v1_stride_is_refused(tmp_path):
+def test_a_resnet_transformers_built_reads_with_its_features_and_a_v1_stride_is_refused(tmp_path, capsys):
     config = transformers.ResNetConfig(depths=[2, 2, 2, 2], layer_type="basic", hidden_sizes=[64, 128, 256, 512],
                                        num_labels=5)
     torch.manual_seed(3)
@@ -187,6 +187,10 @@ def test_a_resnet_transformers_built_reads_with_its_features_and_a_v1_stride_is_
     transformers.ResNetModel(v1).save_pretrained(tmp_path / "v1")
     with pytest.raises(CheckpointError, match="downsample_in_bottleneck True"):
         load_teacher_backbone(tmp_path / "v1")
+    capsys.readouterr()  # transformers' "Writing model shards" bar
+    assert main(["export", str(tmp_path / "v1"), "--format", "hub", "--out", str(tmp_path / "v1.pth")]) == 2
+    err = capsys.readouterr().err
+    assert "downsample_in_bottleneck True" in err and err.count("\n") == 1 and not (tmp_path / "v1.pth").exists()
 
 
 def test_a_timm_model_transformers_wrapped_and_saved_reads_with_its_features(tmp_path):
