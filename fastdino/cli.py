@@ -188,7 +188,7 @@ def _export(args: argparse.Namespace) -> int:
     from fastdino.interop.export import CHECK_ATOL, export
 
     out = export(args.checkpoint, args.out or None, args.format)
-    print(f"wrote {out} ({args.format} format; loaded back, its class tokens match fastdino's within {CHECK_ATOL:g})")
+    print(f"wrote {out} ({args.format} format; loaded back, its features match fastdino's within {CHECK_ATOL:g})")
     return 0
 
 
@@ -419,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="official: full training checkpoint (student, teacher, dino_loss.center); "
                         "official-backbone, or its alias hub: the teacher's ViT state dict, as the released "
                         "*_pretrain.pth files torch.hub loads; timm: a folder for timm.create_model('local-dir:DIR', "
-                        "pretrained=True); hf: a folder for transformers' ViTModel / AutoImageProcessor")
+                        "pretrained=True); hf: a folder for transformers' AutoModel (ViTModel, ResNetModel, "
+                        "TimmWrapperModel for timm/<name>) / AutoImageProcessor")
     p.add_argument("--out", default="", help="output file (official formats) or a new or empty folder, not "
                                              f"named like a file ({', '.join(FOLDER_FORMATS)}); default <checkpoint "
                                              "stem>_<format>[.pth] beside the checkpoint")

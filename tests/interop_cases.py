@@ -1,4 +1,5 @@
-"""What the interop tests share: checkpoints with random weights at the two tested sizes, and fixed images."""
+"""What the interop tests share: checkpoints with random weights at the two tested ViT sizes and of two convnets,
+and fixed images."""
 
 import torch
 
@@ -13,6 +14,9 @@ SIZES = {  # ViT-T/8 at 32 px (all 12 blocks), ViT-S/16 at 224 px (2 blocks: 2 s
     "vit_small_p16_224": ["model.arch=vit_small", "model.depth=2", "model.patch_size=16", "model.img_size=224",
                           "data.global_size=224"],
 }
+CONVNETS = {"resnet18": ["model.arch=resnet18"], "timm_resnet10t": ["model.arch=timm/resnet10t"]}
+"""A torchvision ResNet (the smallest) and a tiny timm convnet (timm's ResNet-10-T)."""
+ODD_SIZE = 72  # not a multiple of 32: every stride-2 stage rounds (72 -> 36 -> 18 -> 9 -> 5 -> 3)
 
 
 def checkpoint(path, overrides):

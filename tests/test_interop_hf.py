@@ -1,7 +1,8 @@
 """Hugging Face transformers folders out and in (interop/hf.py): `fastdino export --format hf` loads as a
 `ViTModel` with the same class tokens and an `AutoImageProcessor` that gives fastdino's evaluation transform,
 round-trips through train.init_from tensor for tensor, and a ViT transformers built and saved reads into fastdino
-with its features."""
+with its features. Convnets: a torchvision ResNet as a `ResNetModel`, a timm/<name> one as a `TimmWrapperModel`,
+both through `AutoModel`, with fastdino's pooled features at any input size."""
 
 import json
 import logging
@@ -9,17 +10,20 @@ import logging
 import numpy as np
 import pytest
 import torch
-from interop_cases import HEAD, SIZES, assert_loads_back_tensor_for_tensor, checkpoint, images
+from interop_cases import CONVNETS, HEAD, ODD_SIZE, SIZES, assert_loads_back_tensor_for_tensor, checkpoint, images
 from PIL import Image
 
+import fastdino.interop.export as export_module
 from fastdino.cli import main
 from fastdino.data.multicrop import eval_transform
 from fastdino.errors import CheckpointError
-from fastdino.interop.hf import hf_class_token
+from fastdino.interop.export import ExportCheckError, export
+from fastdino.interop.hf import hf_class_token, hf_convnet_features
 from fastdino.interop.official import load_teacher_backbone
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
+
 
 @pytest.fixture(scope="module", params=list(SIZES))
 def exported(request, tmp_path_factory):
@@ -101,3 +105,105 @@ def test_transformers_default_eps_reads_with_a_warning_and_stray_tensors_are_ref
     save_file({**load_file(weights), "encoder.layer.0.attention.attention.extra": torch.zeros(3)}, weights)
     with pytest.raises(CheckpointError, match="no place for: encoder.layer.0.attention.attention.extra"):
         load_teacher_backbone(tmp_path / "m")
+
+
+@pytest.fixture(scope="module", params=list(CONVNETS))
+def convnet_exported(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(request.param)
+    cfg, method = checkpoint(tmp / "last.pt", CONVNETS[request.param] + HEAD)
+    assert main(["export", str(tmp / "last.pt"), "--format", "hf", "--out", str(tmp / "hf")]) == 0
+    return cfg, method, tmp / "hf"
+
+
+def test_automodel_loads_a_convnet_export_with_fastdinos_pooled_features(convnet_exported):
+    """resnet18 -> ResNetModel (ResNetModel.from_pretrained too), timm/resnet10t -> TimmWrapperModel; pooler_output
+    flattened at the check size and at an odd one."""
+    cfg, method, folder = convnet_exported
+    tv = cfg.model.arch == "resnet18"
+    models = [transformers.AutoModel.from_pretrained(folder)]
+    if tv:
+        models.append(transformers.ResNetModel.from_pretrained(folder))
+        c = models[1].config
+        assert (c.downsample_in_bottleneck, c.downsample_in_first_stage, c.layer_type) == (False, False, "basic")
+    assert type(models[0]).__name__ == ("ResNetModel" if tv else "TimmWrapperModel")
+    with torch.no_grad():
+        for size in (64, ODD_SIZE):
+            x = images(size)
+            ours = method.teacher.backbone.eval()(x)
+            for model in models:
+                torch.testing.assert_close(model.eval()(pixel_values=x).pooler_output.flatten(1), ours, atol=1e-5,
+                                           rtol=0)
+
+
+def test_auto_image_processor_of_a_convnet_export_gives_fastdinos_eval_transform(convnet_exported):
+    """ResNet: the folder's preprocessor_config.json (PIL backend); timm/<name>: TimmWrapperImageProcessor reads
+    timm's pretrained_cfg from config.json."""
+    folder = convnet_exported[2]
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).resize((400, 300), Image.BILINEAR)
+    processor = transformers.AutoImageProcessor.from_pretrained(folder, backend="pil")
+    torch.testing.assert_close(processor(img, return_tensors="pt")["pixel_values"][0], eval_transform(224)(img),
+                               atol=1e-5, rtol=0)
+
+
+def test_hf_convnet_export_round_trips_through_init_from_tensor_for_tensor(convnet_exported):
+    assert_loads_back_tensor_for_tensor(*convnet_exported, "hf")
+
+
+def test_the_convnet_check_without_transformers_matches_transformers(convnet_exported):
+    cfg, _, folder = convnet_exported
+    x = images(ODD_SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(hf_convnet_features(folder, cfg.model.arch, x, use_library=False),
+                                   hf_convnet_features(folder, cfg.model.arch, x), atol=1e-5, rtol=0)
+
+
+def test_a_resnet_config_with_the_stride_elsewhere_is_refused_by_the_check(tmp_path, monkeypatch):
+    """downsample_in_bottleneck puts a bottleneck's stride on its 1x1 conv (ResNet v1, not torchvision's v1.5):
+    transformers computes other features, the restatement refuses the config; nothing is written."""
+    checkpoint(tmp_path / "last.pt", ["model.arch=resnet50"] + HEAD)
+    real = export_module.hf_resnet_config
+    monkeypatch.setattr(export_module, "hf_resnet_config",
+                        lambda *a: {**real(*a), "downsample_in_bottleneck": True})
+    for use_library, why in ((True, "differ from fastdino's"), (False, "downsample_in_bottleneck True")):
+        with pytest.raises(ExportCheckError, match=why):
+            export(tmp_path / "last.pt", tmp_path / "hf", "hf", use_library=use_library)
+        assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf.*"))
+
+
+def test_a_resnet_transformers_built_reads_with_its_features_and_a_v1_stride_is_refused(tmp_path, capsys):
+    config = transformers.ResNetConfig(depths=[2, 2, 2, 2], layer_type="basic", hidden_sizes=[64, 128, 256, 512],
+                                       num_labels=5)
+    torch.manual_seed(3)
+    model = transformers.ResNetForImageClassification(config).eval()
+    model.save_pretrained(tmp_path / "m")
+    loaded = load_teacher_backbone(tmp_path / "m")
+    assert (loaded.kind, loaded.spec.arch, loaded.image_size) == ("hf", "resnet18", 224)
+    x = images(ODD_SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), model.resnet(pixel_values=x).pooler_output.flatten(1),
+                                   atol=1e-5, rtol=0)
+    v1 = transformers.ResNetConfig(depths=[1, 1, 1, 1], downsample_in_bottleneck=True)
+    transformers.ResNetModel(v1).save_pretrained(tmp_path / "v1")
+    with pytest.raises(CheckpointError, match="downsample_in_bottleneck True"):
+        load_teacher_backbone(tmp_path / "v1")
+    capsys.readouterr()  # transformers' "Writing model shards" bar
+    assert main(["export", str(tmp_path / "v1"), "--format", "hub", "--out", str(tmp_path / "v1.pth")]) == 2
+    err = capsys.readouterr().err
+    assert "downsample_in_bottleneck True" in err and err.count("\n") == 1 and not (tmp_path / "v1.pth").exists()
+
+
+def test_a_timm_model_transformers_wrapped_and_saved_reads_with_its_features(tmp_path):
+    """save_pretrained of a TimmWrapperForImageClassification: keys behind `timm_model.`, a classifier `fc`,
+    `model_args: null` and no pretrained_cfg in config.json."""
+    pytest.importorskip("timm")
+    torch.manual_seed(4)
+    model = transformers.TimmWrapperForImageClassification(
+        transformers.TimmWrapperConfig(architecture="resnet10t", num_labels=5)).eval()
+    model.save_pretrained(tmp_path / "m")
+    loaded = load_teacher_backbone(tmp_path / "m")
+    assert (loaded.kind, loaded.spec.arch, loaded.image_size) == ("hf", "timm/resnet10t", 224)
+    x = images(ODD_SIZE)
+    with torch.no_grad():
+        theirs = model.timm_model.forward_head(model.timm_model.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(loaded.model(x), theirs, atol=1e-5, rtol=0)

@@ -1,22 +1,24 @@
 """timm folders out and in (interop/timm.py): `fastdino export --format timm` loads in timm itself with the same
-class tokens and preprocessing, round-trips through train.init_from tensor for tensor, and a model timm built and
-saved reads into fastdino with timm's features."""
+class tokens (a convnet: pooled features, at any input size) and preprocessing, round-trips through
+train.init_from tensor for tensor, and a model timm built and saved reads into fastdino with timm's features."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
 import torch
-from interop_cases import HEAD, SIZES, assert_loads_back_tensor_for_tensor, checkpoint, images
+from interop_cases import CONVNETS, HEAD, ODD_SIZE, SIZES, assert_loads_back_tensor_for_tensor, checkpoint, images
 from PIL import Image
 
 from fastdino.cli import main
 from fastdino.data.multicrop import eval_transform
 from fastdino.interop.official import load_teacher_backbone
-from fastdino.interop.timm import timm_class_token
+from fastdino.interop.timm import timm_class_token, timm_convnet_features
 
 timm = pytest.importorskip("timm")
 pytest.importorskip("safetensors")
+
 
 @pytest.fixture(scope="module", params=list(SIZES))
 def exported(request, tmp_path_factory):
@@ -85,3 +87,67 @@ def test_a_model_timm_built_reads_with_timms_features(save, tmp_path):
         theirs = model.forward_head(model.forward_features(x), pre_logits=True)
         torch.testing.assert_close(loaded.model(x), theirs, atol=1e-5, rtol=0)
     assert (loaded.spec.arch, loaded.spec.patch_size, loaded.spec.depth, loaded.image_size) == ("vit_tiny", 8, 3, 32)
+
+
+@pytest.fixture(scope="module", params=list(CONVNETS))
+def convnet_exported(request, tmp_path_factory):
+    """(config, method, timm folder, what the `timm` loggers said during the export)."""
+    tmp = tmp_path_factory.mktemp(request.param)
+    cfg, method = checkpoint(tmp / "last.pt", CONVNETS[request.param] + HEAD)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("timm")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)  # as a user's INFO logging would let through
+    try:
+        assert main(["export", str(tmp / "last.pt"), "--format", "timm", "--out", str(tmp / "timm")]) == 0
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return cfg, method, tmp / "timm", [r.getMessage() for r in records]
+
+
+def test_timm_builds_a_convnet_export_with_fastdinos_pooled_features(convnet_exported):
+    """resnet18: timm's `resnet18` (the same v1.5 network and key names); timm/resnet10t: `resnet10t`. At the check
+    size and at an odd one, where every stride-2 stage rounds."""
+    cfg, method, folder, _ = convnet_exported
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architecture"] == cfg.model.arch.removeprefix("timm/") and config["num_classes"] == 0
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    assert model.num_classes == 0 and model.num_features == config["num_features"]
+    with torch.no_grad():
+        for size in (64, ODD_SIZE):
+            x = images(size)
+            ours = method.teacher.backbone.eval()(x)
+            assert ours.shape == (2, model.num_features)
+            torch.testing.assert_close(model(x), ours, atol=1e-5, rtol=0)
+
+
+def test_timm_convnet_preprocessing_is_fastdinos_eval_transform(convnet_exported):
+    folder = convnet_exported[2]
+    model = timm.create_model(f"local-dir:{folder}", pretrained=False)
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).resize((400, 300), Image.BILINEAR)
+    torch.testing.assert_close(transform(img), eval_transform(224)(img), atol=1e-5, rtol=0)
+
+
+def test_timm_convnet_export_round_trips_through_init_from_tensor_for_tensor(convnet_exported):
+    assert_loads_back_tensor_for_tensor(*convnet_exported[:3], "timm")
+
+
+def test_the_export_check_does_not_show_the_temporary_folder(convnet_exported):
+    """timm's loader logs the folder it loads: during the check, a temporary one the user never sees."""
+    folder, said = convnet_exported[2], convnet_exported[3]
+    assert not [m for m in said if f".{folder.name}." in m], said
+
+
+def test_the_convnet_check_without_timm_matches_timm(convnet_exported):
+    """use_library=False (timm not installed): fastdino's backbone loaded strictly from the folder's tensors."""
+    cfg, _, folder, _ = convnet_exported
+    x = images(ODD_SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(timm_convnet_features(folder, cfg.model.arch, x, use_library=False),
+                                   timm_convnet_features(folder, cfg.model.arch, x), atol=1e-5, rtol=0)

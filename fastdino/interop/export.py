@@ -5,17 +5,27 @@ Formats (EXPORT_FORMATS): `official` (main_dino.py's full checkpoint), `official
 `timm.create_model("local-dir:DIR", pretrained=True)`), `hf` (a folder for transformers'
 `ViTModel.from_pretrained(DIR)` and `AutoImageProcessor`). Weights in folders are safetensors.
 
+Convnets write every format. `timm`: a torchvision ResNet as timm's ResNet of that depth (the same network and
+key names), a `timm/<name>` backbone as `<name>`; `hf`: a torchvision ResNet as a `ResNetModel`
+(+ preprocessor_config.json), a `timm/<name>` backbone as the timm folder typed `timm_wrapper`, which
+transformers' `AutoModel` / `AutoImageProcessor` load as `TimmWrapperModel` (interop/hf.py). Their check
+compares pooled features (B, D) on a CONVNET_CHECK_SIZE input.
+
 The check: the written files are loaded back as the target loads them (timm or transformers when installed,
 else a tensor restatement of that library's ViT, interop/restated.py; the official layouts always by the
-restatement) and must give fastdino's class tokens, on a fixed input at the stored grid, within CHECK_ATOL in
-fp32. Everything is written into a temporary folder beside the output and renamed into place only after the
-check passes: a failed export leaves nothing. What is published gets the mode a plain open() / mkdir would give
-(file_modes.plain_mode), not the temporary's 0600 / 0700.
+restatement; a convnet without its library: fastdino's backbone loaded strictly from the written tensors mapped
+back) and must give fastdino's class tokens, on a fixed input at the stored grid, within CHECK_ATOL in fp32.
+timm's own "Loading pretrained weights from local directory" line is silenced during the check (it would name
+the temporary folder). Everything is written into a temporary folder beside the output and renamed into place
+only after the check passes: a failed export leaves nothing. What is published gets the mode a plain open() /
+mkdir would give (file_modes.plain_mode), not the temporary's 0600 / 0700.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -25,7 +35,16 @@ import torch
 
 from fastdino.errors import CheckpointError, UserError
 from fastdino.file_modes import plain_mode
-from fastdino.interop.hf import hf_class_token, hf_config, hf_preprocessor_config, to_hf
+from fastdino.interop.hf import (
+    hf_class_token,
+    hf_config,
+    hf_convnet_features,
+    hf_preprocessor_config,
+    hf_resnet_config,
+    hf_timm_wrapper_config,
+    to_hf,
+    to_hf_resnet,
+)
 from fastdino.interop.official import (
     DinoWeights,
     arch_heads,
@@ -35,9 +54,16 @@ from fastdino.interop.official import (
     to_official_backbone,
 )
 from fastdino.interop.restated import from_fused_qkv
-from fastdino.interop.timm import timm_class_token, timm_config, to_timm
+from fastdino.interop.timm import (
+    CONVNET_SIZE,
+    timm_class_token,
+    timm_config,
+    timm_convnet_config,
+    timm_convnet_features,
+    to_timm,
+)
+from fastdino.models.backbones import TORCHVISION_RESNETS, is_vit
 from fastdino.models.backbones import build_backbone as build_any_backbone
-from fastdino.models.backbones import is_vit
 from fastdino.models.vit import build_backbone
 
 EXPORT_FORMATS = ("official", "official-backbone", "hub", "timm", "hf")
@@ -107,6 +133,8 @@ def _write(fmt: str, weights: DinoWeights, stage: Path) -> Path:
         return path
     folder = stage / "model"
     folder.mkdir()
+    if not is_vit(s.arch):
+        return _write_convnet(fmt, s.arch, backbone, folder)
     shape = {"embed_dim": backbone["norm.weight"].numel(), "depth": s.depth, "heads": arch_heads(s.arch),
              "patch_size": s.patch_size, "img_size": s.img_size}
     if fmt == "timm":
@@ -118,6 +146,36 @@ def _write(fmt: str, weights: DinoWeights, stage: Path) -> Path:
         (folder / "preprocessor_config.json").write_text(json.dumps(hf_preprocessor_config(s.img_size), indent=2))
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
+
+
+def _write_convnet(fmt: str, arch: str, backbone: dict[str, torch.Tensor], folder: Path) -> Path:
+    """A convnet backbone's timm or transformers folder (module docstring)."""
+    from safetensors.torch import save_file
+
+    _, dim = build_any_backbone(arch)  # the feature width (a timm model's is not in its tensors)
+    tv = arch in TORCHVISION_RESNETS
+    if fmt == "timm":
+        weights, config = to_timm(backbone), timm_convnet_config(arch, dim)
+    elif tv:
+        weights, config = to_hf_resnet(backbone), hf_resnet_config(arch, backbone)
+        (folder / "preprocessor_config.json").write_text(json.dumps(hf_preprocessor_config(CONVNET_SIZE), indent=2))
+    else:  # TimmWrapperModel's image processor reads config.json's pretrained_cfg
+        weights, config = to_timm(backbone), hf_timm_wrapper_config(arch, dim)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+@contextlib.contextmanager
+def _quiet_timm():
+    """timm's INFO lines (its loader names the temporary folder) off; its warnings stay."""
+    logger = logging.getLogger("timm")
+    level = logger.level
+    logger.setLevel(max(logging.WARNING, level))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _official_class_token(path: Path, fmt: str, heads: int, x: torch.Tensor) -> torch.Tensor:
@@ -149,6 +207,15 @@ def exported_class_token(fmt: str, written: Path, heads: int, x: torch.Tensor, u
     if fmt == "hf":
         return hf_class_token(written, x, use_library=use_library)
     return _official_class_token(written, fmt, heads, x)
+
+
+def exported_convnet_features(fmt: str, written: Path, arch: str, x: torch.Tensor, use_library: bool = True):
+    """A convnet export's pooled features (B, D) on x, loaded as its target loads it (module docstring)."""
+    if fmt == "timm":
+        return timm_convnet_features(written, arch, x, use_library=use_library)
+    if fmt == "hf":
+        return hf_convnet_features(written, arch, x, use_library=use_library)
+    return _official_convnet_features(written, fmt, arch, x)
 
 
 def fastdino_class_token(weights: DinoWeights, x: torch.Tensor) -> torch.Tensor:
@@ -186,9 +253,6 @@ def export(src: str | Path, out: str | Path | None = None, fmt: str = "official"
     weights = read_dino_weights(src)
     s = weights.spec
     vit = is_vit(s.arch)
-    if not vit and fmt in FOLDER_FORMATS:
-        raise UserError(f"--format {fmt} writes ViTs only; {src} holds a {s.arch}: use --format official-backbone "
-                        "(torchvision / timm keys, what the official code and torch.hub load)")
     size = s.img_size if vit else CONVNET_CHECK_SIZE
     x = torch.randn(CHECK_BATCH, 3, size, size, generator=torch.Generator().manual_seed(0))
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -197,15 +261,17 @@ def export(src: str | Path, out: str | Path | None = None, fmt: str = "official"
             reference = fastdino_class_token(weights, x)
             written = _write(fmt, weights, stage)
             try:
-                got = (exported_class_token(fmt, written, arch_heads(s.arch), x, use_library) if vit else
-                       _official_convnet_features(written, fmt, s.arch, x)).float()
+                with _quiet_timm():
+                    got = (exported_class_token(fmt, written, arch_heads(s.arch), x, use_library) if vit else
+                           exported_convnet_features(fmt, written, s.arch, x, use_library)).float()
             except Exception as exc:  # the target library refusing the files is a failed check too
                 raise ExportCheckError(f"export of {src} to {fmt} refused: the written model does not load back "
                                        f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); nothing "
                                        "written") from exc
         err = (got - reference).abs().max().item() if got.shape == reference.shape else float("inf")
         if not err <= CHECK_ATOL:
-            raise ExportCheckError(f"export of {src} to {fmt} refused: loaded back, it gives class tokens that "
+            raise ExportCheckError(f"export of {src} to {fmt} refused: loaded back, it gives "
+                                   f"{'class tokens' if vit else 'pooled features'} that "
                                    f"differ from fastdino's by {err:.3g} (> {CHECK_ATOL:g}) on a fixed input; "
                                    "nothing written")
         plain_mode(written)  # the temporary folder's files may be 0600 (safetensors' save_file): as open() gives

@@ -7,12 +7,24 @@ Key names (transformers' models/vit/modeling_vit.py, and its DINO converter conv
 layernorm_after, intermediate.dense, output.dense}`, final `layernorm`. The official fused qkv is [q; k; v] by
 rows. ViTConfig's layer_norm_eps defaults to 1e-12 while DINO's ViT uses 1e-6: the config says 1e-6.
 A `ViTFor*` state dict (`vit.` prefix, `classifier.*`) reads as its backbone.
+
+Convnets. A torchvision ResNet goes out as a `ResNetModel` (models/resnet/modeling_resnet.py): `conv1` / `bn1`
+are `embedder.embedder.{convolution, normalization}`, block `layer{s}.{j}` is `encoder.stages.{s-1}.layers.{j}`
+with `conv{n}` / `bn{n}` as `layer.{n-1}.{convolution, normalization}` and `downsample.{0, 1}` as
+`shortcut.{convolution, normalization}`. The config puts the stride where torchvision does (v1.5):
+`downsample_in_bottleneck` false puts it on the 3x3 conv, `downsample_in_first_stage` false keeps stage 1 at
+stride 1 (its 1x1 shortcut still projects 64 -> 256 channels in a bottleneck ResNet); the features are
+`pooler_output` (B, D, 1, 1) flattened. A `timm/<name>` backbone goes out as the timm folder (interop/timm.py)
+with `model_type: timm_wrapper`, which `AutoModel` builds as transformers' `TimmWrapperModel` (features:
+`pooler_output`, (B, D)) and `AutoImageProcessor` reads from config.json; its state dict keys gain a
+`timm_model.` prefix only inside transformers.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -20,7 +32,9 @@ import torch
 from fastdino.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
 from fastdino.errors import CheckpointError
 from fastdino.interop.restated import RestatedBlock, RestatedViT
-from fastdino.interop.timm import eval_resize
+from fastdino.interop.timm import eval_resize, from_timm, timm_convnet_config
+from fastdino.models.backbones import RESNET_BLOCKS, TORCHVISION_RESNETS
+from fastdino.models.backbones import build_backbone as build_any_backbone
 
 log = logging.getLogger("fastdino")
 
@@ -168,3 +182,116 @@ def hf_class_token(folder: Path, x: torch.Tensor, *, use_library: bool = True) -
 
     config = json.loads((folder / "config.json").read_text())
     return restated_hf(load_file(folder / WEIGHTS), config).class_token(x)
+
+
+# -- convnets ---------------------------------------------------------------------------------------------------
+TIMM_WRAPPER = "timm_wrapper"  # transformers' model_type for a timm model (configuration_timm_wrapper.py)
+_TV_BLOCK = re.compile(r"layer(\d)\.(\d+)\.(?:(conv|bn)(\d)|downsample\.([01]))\.(\w+)")
+_HF_BLOCK = re.compile(r"encoder\.stages\.(\d)\.layers\.(\d+)\.(?:layer\.(\d)\.|shortcut\.)"
+                       r"(convolution|normalization)\.(\w+)")
+_STEM = {"conv1": "embedder.embedder.convolution", "bn1": "embedder.embedder.normalization"}
+
+
+def hf_resnet_config(arch: str, backbone: dict[str, torch.Tensor]) -> dict:
+    """config.json of a ResNetModel that is torchvision's `arch` (resnet18..152), widths read from its tensors."""
+    depths, bottleneck = RESNET_BLOCKS[arch]
+    last = "conv3" if bottleneck else "conv2"
+    return {
+        "architectures": ["ResNetModel"], "model_type": "resnet", "num_channels": 3,
+        "embedding_size": backbone["conv1.weight"].shape[0],
+        "hidden_sizes": [backbone[f"layer{s}.0.{last}.weight"].shape[0] for s in range(1, 5)],
+        "depths": list(depths), "layer_type": "bottleneck" if bottleneck else "basic", "hidden_act": "relu",
+        "downsample_in_first_stage": False, "downsample_in_bottleneck": False, "dtype": "float32",
+    }
+
+
+def hf_timm_wrapper_config(arch: str, num_features: int) -> dict:
+    """config.json of a `timm/<name>` backbone for transformers' TimmWrapperModel: timm's folder config, typed."""
+    return {**timm_convnet_config(arch, num_features), "model_type": TIMM_WRAPPER}
+
+
+def _to_hf_key(key: str) -> str:
+    stem, _, param = key.partition(".")
+    if stem in _STEM:
+        return f"{_STEM[stem]}.{param}"
+    m = _TV_BLOCK.fullmatch(key)
+    if m is None:
+        raise KeyError(key)
+    stage, block, kind, n, down, param = m.groups()
+    prefix = f"encoder.stages.{int(stage) - 1}.layers.{block}."
+    if down is not None:
+        return f"{prefix}shortcut.{('convolution', 'normalization')[int(down)]}.{param}"
+    return f"{prefix}layer.{int(n) - 1}.{'convolution' if kind == 'conv' else 'normalization'}.{param}"
+
+
+def _from_hf_key(key: str) -> str | None:
+    for ours, hf in _STEM.items():
+        if key.startswith(f"{hf}."):
+            return f"{ours}.{key[len(hf) + 1:]}"
+    m = _HF_BLOCK.fullmatch(key)
+    if m is None:
+        return None
+    stage, block, n, part, param = m.groups()
+    prefix = f"layer{int(stage) + 1}.{block}."
+    if n is None:
+        return f"{prefix}downsample.{0 if part == 'convolution' else 1}.{param}"
+    return f"{prefix}{'conv' if part == 'convolution' else 'bn'}{int(n) + 1}.{param}"
+
+
+def to_hf_resnet(backbone: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """torchvision ResNet backbone state dict (no `fc`) -> ResNetModel's (module docstring)."""
+    return {_to_hf_key(k): v.contiguous() for k, v in backbone.items()}
+
+
+def from_hf_resnet(state: dict[str, torch.Tensor], config: dict, source: str) -> dict[str, torch.Tensor]:
+    """ResNetModel / ResNetForImageClassification state dict (+ config.json) -> torchvision's key names; the
+    classifier is not part of the backbone and is dropped.
+
+    Raises CheckpointError naming `source` for a config whose network is not torchvision's (the stride on the
+    bottleneck's 1x1 conv or in stage 1, another activation) or a tensor no torchvision ResNet has."""
+    for key, want in (("downsample_in_bottleneck", False), ("downsample_in_first_stage", False),
+                      ("hidden_act", "relu")):
+        if config.get(key, want) != want:
+            raise CheckpointError(f"{source}: {key} {config[key]!r}; fastdino's torchvision ResNets have {want!r} "
+                                  "(the stride on the 3x3 conv, from stage 2, ReLU)")
+    state = {k.removeprefix("resnet."): v for k, v in state.items() if not k.startswith("classifier.")}
+    out = {k: (_from_hf_key(k), v) for k, v in state.items()}
+    stray = sorted(k for k, (ours, _) in out.items() if ours is None)
+    if stray:
+        raise CheckpointError(f"{source}: tensors a torchvision ResNet has no place for: {', '.join(stray[:3])}"
+                              + (f" (+{len(stray) - 3} more)" if len(stray) > 3 else ""))
+    return dict(out.values())
+
+
+def from_hf_timm_wrapper(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """TimmWrapperModel state dict (keys with or without `timm_model.`) -> timm's, less a classifier."""
+    return from_timm({k.removeprefix("timm_model."): v for k, v in state.items()})
+
+
+def hf_convnet_features(folder: Path, arch: str, x: torch.Tensor, *, use_library: bool = True) -> torch.Tensor:
+    """The pooled features (B, D) of a convnet transformers folder on x (B, 3, H, W), any H, W: `AutoModel`
+    (ResNetModel or TimmWrapperModel) `pooler_output` flattened when transformers is installed (and
+    use_library), else fastdino's backbone `arch` loaded strictly from the folder's tensors mapped back."""
+    if use_library:
+        try:
+            from transformers import AutoModel
+            from transformers.utils import logging as hf_logging
+        except ImportError:
+            AutoModel = None
+        if AutoModel is not None:
+            bar = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()
+            try:
+                model = AutoModel.from_pretrained(folder).eval()
+            finally:
+                if bar:
+                    hf_logging.enable_progress_bar()
+            return model(pixel_values=x).pooler_output.flatten(1)
+    from safetensors.torch import load_file
+
+    config = json.loads((folder / "config.json").read_text())
+    state = load_file(folder / WEIGHTS)
+    model, _ = build_any_backbone(arch)
+    model.load_state_dict(from_hf_resnet(state, config, str(folder)) if arch in TORCHVISION_RESNETS
+                          else from_hf_timm_wrapper(state))  # strict: every key and shape
+    return model.eval()(x)

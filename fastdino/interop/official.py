@@ -39,9 +39,9 @@ import torch
 from torch import nn
 
 from fastdino.errors import CheckpointError, UserError
-from fastdino.interop.hf import from_hf, is_hf_state
-from fastdino.interop.timm import from_timm
-from fastdino.models.backbones import TIMM_PREFIX, TORCHVISION_RESNETS, is_vit
+from fastdino.interop.hf import TIMM_WRAPPER, from_hf, from_hf_resnet, from_hf_timm_wrapper, is_hf_state
+from fastdino.interop.timm import from_timm, timm_folder_arch
+from fastdino.models.backbones import RESNET_BLOCKS, TIMM_PREFIX, TORCHVISION_RESNETS, is_vit
 from fastdino.models.backbones import build_backbone as build_any_backbone
 from fastdino.models.vit import VisionTransformer, build_backbone, model_names
 
@@ -50,7 +50,7 @@ log = logging.getLogger("fastdino")
 SAFE_GLOBALS = [argparse.Namespace]
 """Allowed in a file beyond tensors and containers: the official checkpoints' pickled `args`."""
 BACKBONE_KINDS = ("official-backbone", "timm", "hf")
-"""DinoWeights kinds that hold a ViT backbone alone (no head, no student, no center)."""
+"""DinoWeights kinds that hold a backbone alone (no head, no student, no center)."""
 MODEL_FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 HEAD_LINEAR_LAYERS = 3  # fastdino's DINOHead: the official default nlayers=3
 
@@ -90,7 +90,7 @@ class DinoWeights:
     """One checkpoint file in fastdino's key names (the MultiCropNetwork's `backbone.*`, `head.*`).
 
     kind: "fastdino" | "official" (a full training checkpoint) | one of BACKBONE_KINDS: "official-backbone",
-    "timm", "hf" (a ViT alone: `teacher` holds `backbone.*` keys only, `student` and `center` are None).
+    "timm", "hf" (a backbone alone: `teacher` holds `backbone.*` keys only, `student` and `center` are None).
     center: (K,) float32, or None when the file has none. image_size: the crop size it was trained on
     (fastdino: data.global_size; timm / transformers folders: their config's input size; otherwise the stored
     position-embedding grid, 224 px for the released models).
@@ -156,8 +156,9 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
                               f"{_one_line(exc)})") from None
 
 
-def _read_model_folder(path: Path) -> tuple[str, dict[str, torch.Tensor], int | None]:
-    """A timm or transformers model folder -> (kind, backbone state dict in official names, image size)."""
+def _read_model_folder(path: Path) -> tuple[str, dict[str, torch.Tensor], int | None, str | None]:
+    """A timm or transformers model folder -> (kind, backbone state dict in official / torchvision / timm names,
+    image size, the architecture when its tensors do not tell: a `timm/<name>` convnet)."""
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{path} is a folder without config.json: name a checkpoint file, or a timm or "
@@ -172,19 +173,25 @@ def _read_model_folder(path: Path) -> tuple[str, dict[str, torch.Tensor], int | 
     state = read_safetensors(weights) if weights.suffix == ".safetensors" else read_weights_file(weights)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{weights} holds no state dict of tensors")
-    if isinstance(config, dict) and config.get("model_type") == "vit":
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    arch = None
+    if model_type == "vit":
         kind, backbone = "hf", from_hf(state, config, f"model folder {path}")
         heads, size = config.get("num_attention_heads"), config.get("image_size")
-    elif isinstance(config, dict) and "architecture" in config:
-        kind, backbone = "timm", from_timm(state)
-        heads = config.get("model_args", {}).get("num_heads")
-        size = (config.get("pretrained_cfg", {}).get("input_size") or [None])[-1]
+    elif model_type == "resnet":
+        kind, backbone = "hf", from_hf_resnet(state, config, f"model folder {path}")
+        heads, size = None, None
+    elif model_type == TIMM_WRAPPER or (isinstance(config, dict) and model_type is None and "architecture" in config):
+        kind, backbone = ("hf", from_hf_timm_wrapper(state)) if model_type else ("timm", from_timm(state))
+        arch = timm_folder_arch(config, backbone)
+        heads = (config.get("model_args") or {}).get("num_heads")  # transformers saves `model_args: null`
+        size = ((config.get("pretrained_cfg") or {}).get("input_size") or [None])[-1]
     else:
-        raise CheckpointError(f"{config_file} describes neither a transformers ViT (model_type vit) nor a timm "
-                              "model (architecture)")
+        raise CheckpointError(f"{config_file} describes neither a transformers ViT or ResNet (model_type vit, resnet, "
+                              f"{TIMM_WRAPPER}) nor a timm model (architecture)")
     if isinstance(heads, int):
         _check_heads(backbone, heads, f"model folder {path}")
-    return kind, backbone, size if isinstance(size, int) else None
+    return kind, backbone, size if isinstance(size, int) else None, arch
 
 
 @cache
@@ -260,9 +267,7 @@ def _with_head(spec: dict, state: dict[str, torch.Tensor], source: str, norm_las
 
 # -- convnets (issue 22): torchvision ResNets by their keys, any backbone by a fastdino checkpoint's model.arch ----
 CONVNET_EVAL_SIZE = 224  # the official evaluation crop of a convnet file (its tensors do not say)
-_RESNET_DEPTHS = {((2, 2, 2, 2), False): "resnet18", ((3, 4, 6, 3), False): "resnet34",
-                  ((3, 4, 6, 3), True): "resnet50", ((3, 4, 23, 3), True): "resnet101",
-                  ((3, 8, 36, 3), True): "resnet152"}
+_RESNET_DEPTHS = {shape: name for name, shape in RESNET_BLOCKS.items()}
 """torchvision ResNets by (blocks per stage, bottleneck blocks)."""
 
 
@@ -321,10 +326,10 @@ def read_dino_weights(path: str | Path) -> DinoWeights:
     """
     path = Path(path)
     if path.is_dir():
-        kind, backbone, size = _read_model_folder(path)
+        kind, backbone, size, arch = _read_model_folder(path)
         teacher = {f"backbone.{k}": v for k, v in backbone.items()}
-        spec = network_spec(teacher, f"model folder {path}")
-        return DinoWeights(path, kind, teacher, None, None, spec, size or spec.img_size)
+        spec = network_spec(teacher, f"model folder {path}", arch=arch)
+        return DinoWeights(path, kind, teacher, None, None, spec, size or spec.img_size or CONVNET_EVAL_SIZE)
     state = read_safetensors(path) if path.suffix == ".safetensors" and path.is_file() else read_weights_file(path)
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict of weights")

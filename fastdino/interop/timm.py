@@ -6,6 +6,11 @@ is the official release file), so the weights go out and come in without renamin
 timm model to build (`architecture` plus `model_args` for the patch, image size, width, depth and heads) and
 how to preprocess (`pretrained_cfg`: fastdino's evaluation transform). A classifier's `head.*` is not part of
 the backbone and is dropped on the way in.
+
+Convnets: timm's `resnet18 .. resnet152` are torchvision's ResNets (v1.5: the stride on the bottleneck's 3x3
+conv, timm models/resnet.py `Bottleneck.conv2`; the same key names, `fc` an identity at num_classes 0), so a
+torchvision backbone goes out under its own name with no model_args; a `timm/<name>` backbone goes out as
+`<name>`, its state dict as timm made it.
 """
 
 from __future__ import annotations
@@ -17,11 +22,15 @@ import torch
 
 from fastdino.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
 from fastdino.interop.restated import from_fused_qkv
+from fastdino.models.backbones import TIMM_PREFIX, TORCHVISION_RESNETS
+from fastdino.models.backbones import build_backbone as build_any_backbone
 
 WEIGHTS = "model.safetensors"
 TIMM_ARCH = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224",
              "vit_base": "vit_base_patch16_224"}
 """fastdino architecture -> the timm model of that width (model_args set its patch, image size and depth)."""
+CONVNET_SIZE = 224
+"""The evaluation crop a convnet folder's preprocessing gives (the official eval_knn.py / eval_linear.py crop)."""
 
 
 def eval_resize(size: int) -> int:
@@ -31,7 +40,6 @@ def eval_resize(size: int) -> int:
 
 def timm_config(arch: str, *, embed_dim: int, depth: int, heads: int, patch_size: int, img_size: int) -> dict:
     """config.json for a fastdino ViT backbone (no classifier: num_classes 0, the class token as features)."""
-    crop_pct = img_size / eval_resize(img_size)  # timm resizes to floor(size / crop_pct), then centre-crops
     return {
         "architecture": TIMM_ARCH[arch],
         "num_classes": 0,
@@ -39,13 +47,33 @@ def timm_config(arch: str, *, embed_dim: int, depth: int, heads: int, patch_size
         "global_pool": "token",
         "model_args": {"img_size": img_size, "patch_size": patch_size, "embed_dim": embed_dim, "depth": depth,
                        "num_heads": heads, "global_pool": "token", "class_token": True, "qkv_bias": True},
-        "pretrained_cfg": {
-            "tag": "fastdino", "input_size": [3, img_size, img_size], "fixed_input_size": True,
-            "interpolation": "bicubic", "crop_pct": crop_pct, "crop_mode": "center",
-            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "num_classes": 0,
-            "first_conv": "patch_embed.proj", "classifier": "head",
-        },
+        "pretrained_cfg": {"tag": "fastdino", **_preprocessing(img_size), "fixed_input_size": True, "num_classes": 0,
+                           "first_conv": "patch_embed.proj", "classifier": "head"},
     }
+
+
+def _preprocessing(img_size: int) -> dict:
+    """pretrained_cfg's preprocessing: fastdino's evaluation transform at img_size."""
+    return {"input_size": [3, img_size, img_size], "interpolation": "bicubic",
+            "crop_pct": img_size / eval_resize(img_size),  # timm resizes to floor(size / crop_pct), then crops
+            "crop_mode": "center", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+
+
+def timm_convnet_architecture(arch: str) -> str:
+    """fastdino convnet name -> timm model name: a torchvision ResNet is timm's model of that name (module
+    docstring), `timm/<name>` is `<name>`."""
+    return arch.removeprefix(TIMM_PREFIX)
+
+
+def timm_convnet_config(arch: str, num_features: int) -> dict:
+    """config.json for a convnet backbone (resnet18..152 or timm/<name>): timm's model of that name with its
+    default arguments, no classifier (num_classes 0: the pooled features), fastdino's evaluation preprocessing at
+    CONVNET_SIZE (any input size works: fixed_input_size false)."""
+    cfg = {"tag": "fastdino", **_preprocessing(CONVNET_SIZE), "fixed_input_size": False, "num_classes": 0}
+    if arch in TORCHVISION_RESNETS:
+        cfg.update(first_conv="conv1", classifier="fc")
+    return {"architecture": timm_convnet_architecture(arch), "num_classes": 0, "num_features": num_features,
+            "pretrained_cfg": cfg}
 
 
 def to_timm(backbone: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -54,9 +82,21 @@ def to_timm(backbone: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def from_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """timm ViT state dict -> the official backbone names: the same, less a classifier (`head.weight`,
-    `head.bias`), which is not part of the backbone."""
-    return {k: v for k, v in state.items() if k not in ("head.weight", "head.bias")}
+    """timm ViT or ResNet state dict -> the official backbone names: the same, less a classifier (`head.*` of a
+    ViT, `fc.*` of a ResNet), which is not part of the backbone."""
+    return {k: v for k, v in state.items() if k not in ("head.weight", "head.bias", "fc.weight", "fc.bias")}
+
+
+def timm_folder_arch(config: dict, state: dict[str, torch.Tensor]) -> str | None:
+    """The fastdino architecture a timm folder (config.json, state dict) holds, where its keys do not tell: None
+    for a ViT (read from its tensors) and for a torchvision-depth ResNet with default arguments (read from its
+    keys: timm's ResNet is torchvision's), else `timm/<architecture>`."""
+    name = config.get("architecture")
+    if "cls_token" in state or not isinstance(name, str):
+        return None
+    if name in TORCHVISION_RESNETS and not config.get("model_args"):
+        return None
+    return f"{TIMM_PREFIX}{name}"
 
 
 def timm_class_token(folder: Path, x: torch.Tensor, *, use_library: bool = True) -> torch.Tensor:
@@ -75,3 +115,21 @@ def timm_class_token(folder: Path, x: torch.Tensor, *, use_library: bool = True)
     config = json.loads((folder / "config.json").read_text())
     heads = config["model_args"]["num_heads"]
     return from_fused_qkv(load_file(folder / WEIGHTS), heads).class_token(x)
+
+
+def timm_convnet_features(folder: Path, arch: str, x: torch.Tensor, *, use_library: bool = True) -> torch.Tensor:
+    """The pooled features (B, D) of a convnet timm folder on x (B, 3, H, W), any H, W: built by timm from the
+    folder when installed (and use_library), else fastdino's backbone `arch` (torchvision's ResNet; timm/<name>
+    needs timm anyway) loaded strictly from the folder's tensors as timm names them."""
+    if use_library:
+        try:
+            import timm
+        except ImportError:
+            timm = None
+        if timm is not None:
+            return timm.create_model(f"local-dir:{folder}", pretrained=True).eval()(x)
+    from safetensors.torch import load_file
+
+    model, _ = build_any_backbone(arch)
+    model.load_state_dict(from_timm(load_file(folder / WEIGHTS)))  # strict: every key and shape
+    return model.eval()(x)

@@ -24,6 +24,10 @@ from fastdino.models.vit import build_backbone as build_vit
 from fastdino.models.vit import model_names as vit_names
 
 TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+RESNET_BLOCKS = {"resnet18": ((2, 2, 2, 2), False), "resnet34": ((3, 4, 6, 3), False),
+                 "resnet50": ((3, 4, 6, 3), True), "resnet101": ((3, 4, 23, 3), True),
+                 "resnet152": ((3, 8, 36, 3), True)}
+"""torchvision ResNet -> (blocks per stage, bottleneck blocks): how its weights and other tools' configs show it."""
 TIMM_PREFIX = "timm/"
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
