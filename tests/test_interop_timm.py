@@ -12,9 +12,12 @@ from interop_cases import CONVNETS, HEAD, ODD_SIZE, SIZES, assert_loads_back_ten
 from PIL import Image
 
 from fastdino.cli import main
+from fastdino.config import load_config
 from fastdino.data.multicrop import eval_transform
-from fastdino.interop.official import load_teacher_backbone
+from fastdino.errors import CheckpointError
+from fastdino.interop.official import init_from_weights, load_teacher_backbone, read_dino_weights
 from fastdino.interop.timm import timm_class_token, timm_convnet_features
+from fastdino.methods import build_method
 
 timm = pytest.importorskip("timm")
 pytest.importorskip("safetensors")
@@ -136,6 +139,22 @@ def test_timm_convnet_preprocessing_is_fastdinos_eval_transform(convnet_exported
 
 def test_timm_convnet_export_round_trips_through_init_from_tensor_for_tensor(convnet_exported):
     assert_loads_back_tensor_for_tensor(*convnet_exported[:3], "timm")
+
+
+def test_a_timm_resnet_and_torchvisions_load_each_others_exports(tmp_path):
+    """timm/resnet18 exported to timm reads back as `resnet18` (timm's ResNet is torchvision's network and keys);
+    it starts a timm/resnet18 run and a resnet18 run alike, tensor for tensor; a resnet34 run is still refused."""
+    cfg, method = checkpoint(tmp_path / "last.pt", ["model.arch=timm/resnet18", *HEAD])
+    assert main(["export", str(tmp_path / "last.pt"), "--format", "timm", "--out", str(tmp_path / "timm")]) == 0
+    weights = read_dino_weights(tmp_path / "timm")
+    for arch in ("timm/resnet18", "resnet18"):
+        fresh = build_method(load_config(None, [f"model.arch={arch}", *HEAD]), torch.device("cpu"))
+        init_from_weights(fresh, weights, cfg.dino.norm_last_layer)
+        for name, t in method.teacher.backbone.state_dict().items():
+            assert torch.equal(fresh.teacher.backbone.state_dict()[name], t), (arch, name)
+    with pytest.raises(CheckpointError, match="model.arch: file 'resnet18' vs config 'timm/resnet34'"):
+        init_from_weights(build_method(load_config(None, ["model.arch=timm/resnet34", *HEAD]), torch.device("cpu")),
+                          weights, cfg.dino.norm_last_layer)
 
 
 def test_the_export_check_does_not_show_the_temporary_folder(convnet_exported):

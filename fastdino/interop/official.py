@@ -41,7 +41,7 @@ from torch import nn
 from fastdino.errors import CheckpointError, UserError
 from fastdino.interop.hf import TIMM_WRAPPER, from_hf, from_hf_resnet, from_hf_timm_wrapper, is_hf_state
 from fastdino.interop.timm import from_timm, timm_folder_arch
-from fastdino.models.backbones import RESNET_BLOCKS, TIMM_PREFIX, TORCHVISION_RESNETS, is_vit
+from fastdino.models.backbones import RESNET_BLOCKS, TIMM_PREFIX, TORCHVISION_RESNETS, is_vit, same_network
 from fastdino.models.backbones import build_backbone as build_any_backbone
 from fastdino.models.vit import VisionTransformer, build_backbone, model_names
 
@@ -297,11 +297,13 @@ def _has_batchnorm(state: dict[str, torch.Tensor]) -> bool:
 
 
 def spec_differences(found: NetworkSpec, wanted: NetworkSpec) -> list[str]:
-    """'config.key: file X vs config Y' for each field both specs know and disagree on."""
+    """'config.key: file X vs config Y' for each field both specs know and disagree on (architectures that build
+    the same network, `resnet50` and `timm/resnet50`, agree: backbones.same_network)."""
     return [
         f"{CONFIG_KEYS[f.name]}: file {a!r} vs config {b!r}"
         for f in fields(NetworkSpec)
         if (a := getattr(found, f.name)) is not None and (b := getattr(wanted, f.name)) is not None and a != b
+        and not (f.name == "arch" and same_network(a, b))
     ]
 
 

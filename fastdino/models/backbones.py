@@ -96,6 +96,16 @@ def _build_convnet(arch: str, vit_kwargs: dict) -> tuple[nn.Module, int]:
     return model, int(model.num_features)
 
 
+def same_network(a: str, b: str) -> bool:
+    """Whether two architecture names build the same network with the same state-dict keys: equal names, or a
+    torchvision ResNet and timm's model of that name (`resnet50` and `timm/resnet50`: timm's ResNet is torchvision's
+    v1.5 network, stride on the 3x3 conv, same key names), so weights saved as one load into the other."""
+    def plain(name: str) -> str:
+        return name[len(TIMM_PREFIX):] if name[len(TIMM_PREFIX):] in TORCHVISION_RESNETS else name
+
+    return a == b or plain(a) == plain(b)
+
+
 def feature_dim(backbone: nn.Module) -> int:
     """The width D of a backbone's (B, D) features: a ViT's embed_dim, a convnet's pooled width."""
     return int(backbone.feature_dim) if hasattr(backbone, "feature_dim") else backbone.embed_dim
