@@ -223,6 +223,30 @@ def test_a_killed_builder_leaves_no_lock_and_its_waiter_builds(tmp_path, cache, 
     assert _same(index_image_folder(root), want)
 
 
+def test_a_lock_held_too_long_is_named_and_indexing_goes_on_without_it(tmp_path, cache, monkeypatch, caplog):
+    """A holder that never lets go (a suspended job sharing the cache, a stale network lock): after
+    BUILD_LOCK_WAIT_S the waiter warns, naming the holder the lock file records, and indexes by itself."""
+    root = _tree(tmp_path)
+    _backdate(root)
+    index_image_folder(root)  # creates the cache and its lock file
+    (lock,) = cache.glob("*.idx.lock")
+    for idx in cache.glob("*.idx"):
+        idx.unlink()
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another open file: conflicts with the indexer's, even in this process
+        os.ftruncate(fd, 0)
+        os.write(fd, b"node7 pid 4242")
+        monkeypatch.setattr(files, "BUILD_LOCK_WAIT_S", 0.5)
+        with caplog.at_level(logging.INFO, logger="fastdino.data"):
+            built = index_image_folder(root)
+    finally:
+        os.close(fd)
+    assert f"waiting for another process's index build (node7 pid 4242 holds {lock})" in caplog.text
+    assert f"node7 pid 4242 has held the index build lock {lock} for 0 s: indexing here without it" in caplog.text
+    assert _same(built, _fresh(root, monkeypatch))
+
+
 def test_without_flock_every_process_builds_as_before(tmp_path, cache, monkeypatch, caplog):
     root = _tree(tmp_path)
     _backdate(root)

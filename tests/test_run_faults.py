@@ -317,6 +317,21 @@ def test_a_broken_optional_dependency_is_reported_once_and_skipped(run, monkeypa
     assert caplog.text.count("tensorboard failed to start (AttributeError") == 1
 
 
+def test_a_process_group_that_will_not_close_leaves_the_runs_own_error(run, monkeypatch, capsys, caplog):
+    """A communicator holding an earlier error may refuse destroy_process_group: the run's error (here the one line
+    of a user mistake, exit 2) is still what the user gets, and the refusal is a warning."""
+    import fastdino.engine.trainer as trainer
+
+    def refuse(agreed=True):
+        raise RuntimeError("NCCL error: unhandled cuda error (ncclCommFinalize)")
+
+    monkeypatch.setattr(trainer, "close_process_group", refuse)
+    args, out = run
+    assert main([*args, "train.max_steps=2", "data.path=/nonexistent/images"]) == 2
+    assert "data.path" in capsys.readouterr().err
+    assert "could not close the process group after ConfigError: NCCL error" in caplog.text
+
+
 def test_two_deepspeed_runs_in_one_process(run, tmp_path):
     """DeepSpeed caches a clone of the world group per process: an in-process run after the process group was
     closed (a notebook, this suite) starts on a new default group and must not reach for the old clone. A run

@@ -345,13 +345,19 @@ def _read_cache(file: Path, root: Path) -> tuple[_FolderScan | None, str]:
         return None, f"corrupt ({err})"
 
 
+BUILD_LOCK_WAIT_S = 600.0
+"""How long a process waits for another's index build before it indexes by itself: a holder that never lets go (a
+suspended job sharing the cache folder, an NFSv3 lock of a crashed node) must not hang a run."""
+
+
 @contextlib.contextmanager
 def _build_lock(file: Path, what: str | Path) -> Iterator[bool]:
     """Let one process build the index cached in `file` while the others wait: an flock on `file`.lock beside it.
 
     Yields True in the process that takes the lock at once: it holds it while it builds and writes `file`, and is
     the only process scanning (its scan may use every CPU). Yields False, holding nothing, in a process that waited
-    for another's build (it lets go as soon as it has the lock, so the waiters read the new cache side by side) or
+    for another's build (it lets go as soon as it has the lock, so the waiters read the new cache side by side),
+    gave up waiting after BUILD_LOCK_WAIT_S (a warning names the holder the lock file records: host and pid), or
     could not take the lock (a cache folder it cannot write, a file system without flock: some network mounts).
     The caller then reads the cache again and builds only when it is still missing (the builder was killed or could
     not cache its index), side by side with the other waiters, as every process did before this lock. No process
@@ -370,10 +376,15 @@ def _build_lock(file: Path, what: str | Path) -> Iterator[bool]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             sole = True
+            with contextlib.suppress(OSError):  # who builds, for a waiter's messages
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.uname().nodename} pid {os.getpid()}".encode(), 0)
         except BlockingIOError:
-            log.info("%s: waiting for another process's index build (lock %s)", what, lock)
-            with contextlib.suppress(OSError):  # a lock lost on a network mount: read or build as if unlocked
-                fcntl.flock(fd, fcntl.LOCK_EX)  # returns when the builder is done, or dead
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            log.info("%s: waiting for another process's index build (%s holds %s)", what, holder, lock)
+            if not _wait_for_lock(fd, BUILD_LOCK_WAIT_S):
+                log.warning("%s: %s has held the index build lock %s for %.0f s: indexing here without it (delete "
+                            "the lock file if that process is gone)", what, holder, lock, BUILD_LOCK_WAIT_S)
         except OSError as err:
             log.info("cannot lock %s (%s): indexing %s without waiting for other processes", lock,
                      err.strerror or err, what)
@@ -384,6 +395,22 @@ def _build_lock(file: Path, what: str | Path) -> Iterator[bool]:
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+def _wait_for_lock(fd: int, seconds: float) -> bool:
+    """Poll for the exclusive flock on fd for up to `seconds`; False when still held then. An error (a lock lost on
+    a network mount) counts as got: the caller reads or builds as if unlocked either way."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+        except OSError:
+            return True
 
 
 def _scan_folder_cached(root: Path) -> _FolderScan:

@@ -686,7 +686,11 @@ def train(cfg: Config) -> TrainResult:
         result = Trainer(cfg).fit()
     except BaseException as exc:
         if opened:
-            close_process_group(agreed=isinstance(exc, (UserError, NonFiniteLossError, TrainingHealthError, Stopped)))
+            try:  # a communicator holding an earlier error may refuse to close: the run's own error is the one to say
+                close_process_group(agreed=isinstance(exc, (UserError, NonFiniteLossError, TrainingHealthError,
+                                                            Stopped)))
+            except Exception as close_exc:
+                log.warning("could not close the process group after %s: %s", type(exc).__name__, close_exc)
         raise
     if opened:
         close_process_group()
