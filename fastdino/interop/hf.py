@@ -160,24 +160,28 @@ def restated_hf(state: dict[str, torch.Tensor], config: dict) -> RestatedViT:
                        config["num_attention_heads"], config["layer_norm_eps"])
 
 
+def _from_pretrained(name: str, folder: Path, **kwargs):
+    """transformers' `name`.from_pretrained(folder, **kwargs) in eval mode, without its "Loading weights" bar in
+    the middle of `fastdino export`; None when transformers is not installed."""
+    try:
+        import transformers
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return None
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return getattr(transformers, name).from_pretrained(folder, **kwargs).eval()
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
 def hf_class_token(folder: Path, x: torch.Tensor, *, use_library: bool = True) -> torch.Tensor:
     """The class token (B, D) of the transformers folder on x (B, 3, S, S): `ViTModel.from_pretrained` when
     transformers is installed (and use_library), else the tensor restatement read from config.json."""
-    if use_library:
-        try:
-            from transformers import ViTModel
-            from transformers.utils import logging as hf_logging
-        except ImportError:
-            ViTModel = None
-        if ViTModel is not None:
-            bar = hf_logging.is_progress_bar_enabled()
-            hf_logging.disable_progress_bar()  # no "Loading weights" bar in the middle of `fastdino export`
-            try:
-                model = ViTModel.from_pretrained(folder, add_pooling_layer=False).eval()
-            finally:
-                if bar:
-                    hf_logging.enable_progress_bar()
-            return model(pixel_values=x).last_hidden_state[:, 0]
+    if use_library and (model := _from_pretrained("ViTModel", folder, add_pooling_layer=False)) is not None:
+        return model(pixel_values=x).last_hidden_state[:, 0]
     from safetensors.torch import load_file
 
     config = json.loads((folder / "config.json").read_text())
@@ -272,21 +276,8 @@ def hf_convnet_features(folder: Path, arch: str, x: torch.Tensor, *, use_library
     """The pooled features (B, D) of a convnet transformers folder on x (B, 3, H, W), any H, W: `AutoModel`
     (ResNetModel or TimmWrapperModel) `pooler_output` flattened when transformers is installed (and
     use_library), else fastdino's backbone `arch` loaded strictly from the folder's tensors mapped back."""
-    if use_library:
-        try:
-            from transformers import AutoModel
-            from transformers.utils import logging as hf_logging
-        except ImportError:
-            AutoModel = None
-        if AutoModel is not None:
-            bar = hf_logging.is_progress_bar_enabled()
-            hf_logging.disable_progress_bar()
-            try:
-                model = AutoModel.from_pretrained(folder).eval()
-            finally:
-                if bar:
-                    hf_logging.enable_progress_bar()
-            return model(pixel_values=x).pooler_output.flatten(1)
+    if use_library and (model := _from_pretrained("AutoModel", folder)) is not None:
+        return model(pixel_values=x).pooler_output.flatten(1)
     from safetensors.torch import load_file
 
     config = json.loads((folder / "config.json").read_text())
