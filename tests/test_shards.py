@@ -302,8 +302,10 @@ def test_bench_times_processes_starting_at_once_before_and_after_the_build_lock(
 
     at_once_timings(tmp_path, 200, 2)
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-    assert [(row[0].split(",")[1].split(":")[0].strip(), row[1].strip(), row[3].strip()) for row in rows] == [
-        ("before", "200 samples each", "2 scan(s)"), ("after", "200 samples each", "1 scan(s)")]
+    found = [(row[0].split(",")[1].split(":")[0].strip(), row[1].strip(), row[3].strip()) for row in rows]
+    # before: each process scans unless the other's cache is already written when it looks (a loaded machine)
+    assert found[0] in [("before", "200 samples each", "2 scan(s)"), ("before", "200 samples each", "1 scan(s)")]
+    assert found[1:] == [("after", "200 samples each", "1 scan(s)")]
 
 
 def test_damaged_shards_are_named_by_shard_and_key_and_nothing_else_is_lost(tmp_path, caplog):
