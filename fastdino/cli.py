@@ -108,8 +108,9 @@ def _train(args: argparse.Namespace) -> int:
     if result.already_complete:
         print(result.complete_line(cfg))
         return 0
-    print(f"trained {result.steps_done} iterations; last loss {result.last_loss:.4f}; "
-          f"checkpoint {result.output_dir / 'last.pt'}")
+    done = (f"trained {result.steps_done - result.resumed_at} iterations ({result.resumed_at} to "
+            f"{result.steps_done})" if result.resumed_at else f"trained {result.steps_done} iterations")
+    print(f"{done}; last loss {result.last_loss:.4f}; checkpoint {result.output_dir / 'last.pt'}")
     if result.skipped_images:
         print(f"skipped {result.skipped_images} unreadable images (their paths are in the log above)")
     _print_health(result)

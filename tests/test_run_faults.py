@@ -332,6 +332,15 @@ def test_a_process_group_that_will_not_close_leaves_the_runs_own_error(run, monk
     assert "could not close the process group after ConfigError: NCCL error" in caplog.text
 
 
+def test_a_resumed_run_says_what_it_trained_and_where_it_stands(run, capsys):
+    """6 iterations: 2, then a resume for the other 4: `trained 4 iterations (2 to 6)`, not the run's total."""
+    args, out = run
+    assert main([*args, "train.max_steps=2"]) == 0
+    assert capsys.readouterr().out.startswith("trained 2 iterations; last loss ")
+    assert main([*args, "train.resume=auto"]) == 0
+    assert capsys.readouterr().out.startswith("trained 4 iterations (2 to 6); last loss ")
+
+
 def test_two_deepspeed_runs_in_one_process(run, tmp_path):
     """DeepSpeed caches a clone of the world group per process: an in-process run after the process group was
     closed (a notebook, this suite) starts on a new default group and must not reach for the old clone. A run

@@ -439,6 +439,8 @@ def _scan_folder_cached(root: Path) -> _FolderScan:
             log.warning("index cache %s is %s: re-indexing %s", file, why, root)
         elif why != "none yet":
             log.info("index cache %s is %s: re-indexing %s", file, why, root)
+        else:
+            log.info("%s: indexing (nothing cached yet in %s)", root, cache_dir)
         started = time.time_ns()
         scan = _scan_folder(root)
         if scan.walk.complete and all(mtime < started - _RACY_NS for mtime in scan.walk.listed.values()):

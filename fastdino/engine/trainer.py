@@ -132,6 +132,9 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 class TrainResult:
     output_dir: Path
     steps_done: int
+    """The iteration the run stands at: the run's total so far, a resume's earlier iterations included."""
+    resumed_at: int = 0
+    """The iteration this `fit` started from (0 for a fresh run)."""
     last_loss: float = float("nan")
     knn_init: float | None = None
     knn_trained: float | None = None
@@ -579,7 +582,7 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:
             (self.output_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-        result = TrainResult(self.output_dir, self.step)
+        result = TrainResult(self.output_dir, self.step, resumed_at=self.step)
         images_per_step = cfg.data.batch_size * self.dist.world_size
         logger = RunLogger(self.output_dir, self.stop_step, self.step, images_per_step, self.dist.is_main,
                            self.device)
