@@ -752,7 +752,8 @@ def write_shards(image_folder: str | Path, out_dir: str | Path, shard_size: int 
         log.warning("%s is left by a conversion to %s that was killed (or still runs): remove it once none runs "
                     "(a partial shard set, never read)", left, out)
     try:  # before any image is read: a path through a file, or a read-only place, fails here
-        target.parent.mkdir(parents=True, exist_ok=True)
+        if not os.path.lexists(target.parent):
+            target.parent.mkdir(parents=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{target.name}{PARTIAL}", dir=target.parent))
     except OSError as exc:
         raise DataError(f"cannot create the shard folder {out}: {exc.strerror or exc}") from None
