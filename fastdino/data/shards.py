@@ -720,7 +720,8 @@ def write_shards(image_folder: str | Path, out_dir: str | Path, shard_size: int 
 
     Everything is written into `.OUT.partial-XXXXXXXX` beside out_dir, fsynced, and renamed to out_dir (an
     empty out_dir is replaced) only when complete: out_dir holds a whole set or none. An error or Ctrl-C
-    removes the partial folder; one a killed conversion left is named in a warning. Raises DataError before
+    removes the partial folder (and the folders made to hold it); one a killed conversion left is named in a
+    warning. Raises DataError before
     writing when out_dir exists and is not empty, lies inside image_folder or cannot be created, or when
     image_folder is not a folder.
     """
@@ -751,26 +752,38 @@ def write_shards(image_folder: str | Path, out_dir: str | Path, shard_size: int 
     for left in sorted(target.parent.glob(f".{glob.escape(target.name)}{PARTIAL}*")):
         log.warning("%s is left by a conversion to %s that was killed (or still runs): remove it once none runs "
                     "(a partial shard set, never read)", left, out)
-    try:  # before any image is read: a path through a file, or a read-only place, fails here
-        if not os.path.lexists(target.parent):
-            target.parent.mkdir(parents=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{target.name}{PARTIAL}", dir=target.parent))
-    except OSError as exc:
-        raise DataError(f"cannot create the shard folder {out}: {exc.strerror or exc}") from None
+    made = []  # folders made to hold out_dir, innermost first: removed again (if empty) unless the set is published
+    while not os.path.lexists(missing := (made[-1] if made else target).parent):
+        made.append(missing)
+    published = False
     try:
-        os.chmod(stage, 0o777 & ~umask())  # mkdtemp's 0700: as a plain mkdir makes it
-        labelled = indexes[0].classes != [FLAT_CLASS]
-        written = []
-        with tqdm(total=sum(len(i) for i in indexes), unit="img", disable=not progress, desc="shards") as bar:
-            for (name, folder), index in zip(splits, indexes, strict=True):
-                written.append(_write_split(folder, stage / name, out / name, index, labelled, shard_size, seed, bar))
-        for name, _ in splits:
-            _fsync(stage / name)  # the split's entries (stage itself for a flat folder)
-        _fsync(stage)
-        os.replace(stage, target)  # rename(2) replaces an empty folder whole
-        _fsync(target.parent)
+        try:  # before any image is read: a path through a file, or a read-only place, fails here
+            if made:
+                target.parent.mkdir(parents=True)
+            stage = Path(tempfile.mkdtemp(prefix=f".{target.name}{PARTIAL}", dir=target.parent))
+        except OSError as exc:
+            raise DataError(f"cannot create the shard folder {out}: {exc.strerror or exc}") from None
+        try:
+            os.chmod(stage, 0o777 & ~umask())  # mkdtemp's 0700: as a plain mkdir makes it
+            labelled = indexes[0].classes != [FLAT_CLASS]
+            written = []
+            with tqdm(total=sum(len(i) for i in indexes), unit="img", disable=not progress, desc="shards") as bar:
+                for (name, folder), index in zip(splits, indexes, strict=True):
+                    written.append(_write_split(folder, stage / name, out / name, index, labelled, shard_size, seed,
+                                                bar))
+            for name, _ in splits:
+                if name:
+                    _fsync(stage / name)  # the split's entries
+            _fsync(stage)
+            os.replace(stage, target)  # rename(2) replaces an empty folder whole
+            published = True
+            _fsync(target.parent)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)  # gone already once renamed
     finally:
-        shutil.rmtree(stage, ignore_errors=True)  # gone already once renamed
+        for folder in made if not published else ():
+            with contextlib.suppress(OSError):
+                folder.rmdir()
     return written
 
 
