@@ -372,7 +372,8 @@ def _shards(args: argparse.Namespace) -> int:
         print(f"wrote {split.images} images in {split.shards} shard{'s' * (split.shards != 1)} "
               f"({split.bytes / 1e6:.1f} MB) to {split.folder}")
         if split.unreadable:
-            print(f"left out {len(split.unreadable)} files that could not be read (named in the log above)")
+            print(f"kept {len(split.unreadable)} files that could not be read as empty members (named in the log "
+                  "above): training skips them, on the shards as on the folder")
         if split.corrupt:
             print(f"kept {len(split.corrupt)} corrupt images (named in the log above): training skips them, on the "
                   "shards as on the folder; fix or remove them in the folder and convert again to be rid of them")
@@ -533,6 +534,13 @@ def one_line(exc: BaseException) -> str:
     return " ".join(lines)
 
 
+_RESUMABLE = "; the last checkpoint written is intact (train.resume=auto continues from it)"
+INTERRUPTED = {  # what Ctrl-C leaves, by command: only training writes checkpoints; export and shards publish
+    # their output by one rename when complete; the rest write nothing, or files of their own as they go
+    "train": _RESUMABLE, "demo": _RESUMABLE, "export": "; nothing was written",
+    "shards": "; nothing was written (the shard folder appears only when complete)"}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; its exit code: 0 done, 2 a user mistake (one line, before any work), 3 a non-finite loss,
     4 a health stop (health.on_collapse=stop), 5 a file of the run that could not be written (disk full), 6 another
@@ -597,8 +605,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastdino: training stopped: {exc}", file=sys.stderr)
         return 128 + exc.signum
     except KeyboardInterrupt:
-        print("fastdino: interrupted; the last checkpoint written is intact (train.resume=auto continues from it)",
-              file=sys.stderr)
+        print(f"fastdino: interrupted{INTERRUPTED.get(args.command, '')}", file=sys.stderr)
         return 130
 
 

@@ -30,7 +30,7 @@ from fastdino.cli import main
 from fastdino.data import shards as sh
 from fastdino.data import tarscan
 from fastdino.data.batch import CpuBatches
-from fastdino.data.files import DataError, ImageFileDataset, UnreadableImages, index_image_folder
+from fastdino.data.files import DataError, ImageFileDataset, ImageIndex, UnreadableImages, index_image_folder
 from fastdino.data.gpu_augment import TorchGpuBatches
 from fastdino.data.loader import dali_available
 from fastdino.data.multicrop import multicrop_transform
@@ -200,6 +200,118 @@ def test_fastdino_shards_warns_of_each_corrupt_image_keeps_it_and_gives_the_fold
     bad_folder = {name for _, _, bad in runs[0] for name in bad}
     bad_shards = {name.rsplit(".tar:", 1)[1] for _, _, bad in runs[1] for name in bad}
     assert bad_folder == {str(src / n) for n in corrupt} and bad_shards == {sh.encode_key(n) for n in corrupt}
+
+
+def _left_in(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_an_interrupted_conversion_leaves_nothing_and_a_rerun_publishes_the_whole_set(tmp_path, monkeypatch, capsys,
+                                                                                     caplog):
+    """Ctrl-C (from the CLI: exit code 130, a line saying nothing was written) or an error once a shard is complete
+    leaves neither OUT_DIR nor the partial folder beside it; an empty OUT_DIR is kept empty, then replaced by the
+    rerun's whole set (with a plain folder's mode); a partial folder a killed conversion left is named."""
+    src = _image_tree(tmp_path / "images")
+    real_member, calls = sh._member, []
+
+    def stop_at(exc):
+        def member(tar, name, data):
+            calls.append(name)
+            if len(calls) == 2 * len(NAMES) - 4:  # a few images short of the end: shards written already
+                raise exc
+            real_member(tar, name, data)
+        return member
+
+    out = tmp_path / "out" / "shards"
+    monkeypatch.setattr(sh, "_member", stop_at(KeyboardInterrupt()))
+    assert main(["shards", str(src), str(out), "--shard-size", "12KB"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "fastdino: interrupted; nothing was written (the shard folder appears only when complete)")
+    assert not (tmp_path / "out").exists()  # the folder made to hold OUT_DIR too
+    out.mkdir(parents=True)  # an empty OUT_DIR: kept as it is by a failed conversion
+    calls.clear()
+    monkeypatch.setattr(sh, "_member", stop_at(OSError(28, "No space left on device")))
+    with pytest.raises(OSError, match="No space left"):
+        _shards(src, out)
+    assert _left_in(tmp_path / "out") == ["shards"] and _left_in(out) == []
+    monkeypatch.setattr(sh, "_member", real_member)
+    (tmp_path / "out" / ".shards.partial-killed").mkdir()  # as a SIGKILL leaves it
+    with caplog.at_level(logging.WARNING, "fastdino.data"):
+        assert main(["shards", str(src), str(out), "--shard-size", "12KB"]) == 0
+    (warned,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert f"{tmp_path / 'out' / '.shards.partial-killed'} is left by a conversion to {out}" in warned
+    assert _left_in(tmp_path / "out") == [".shards.partial-killed", "shards"]
+    assert len(list(out.glob("shard-*.tar"))) >= 3 and not list(out.glob(".*"))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask
+    _same_index(index_image_folder(src), sh.index_images(out), src, out)
+
+
+def test_the_interrupted_line_fits_the_command(monkeypatch, capsys):
+    """Only the commands that write checkpoints say one is intact; export publishes whole or nothing."""
+    import fastdino.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    for name in ("_train", "_export", "_budget"):
+        monkeypatch.setattr(cli, name, interrupted)
+    for argv, line in ((["train", "c.yaml"], "fastdino: interrupted; the last checkpoint written is intact "
+                                              "(train.resume=auto continues from it)"),
+                       (["export", "c.pt"], "fastdino: interrupted; nothing was written"),
+                       (["budget", "c.yaml", "--gpus", "1"], "fastdino: interrupted")):
+        assert main(argv) == 130
+        assert capsys.readouterr().err.strip() == line
+
+
+def test_unreadable_files_are_kept_as_empty_members_with_the_folders_index_and_batches(tmp_path, monkeypatch,
+                                                                                      capsys, caplog):
+    """A dangling link and a file whose read is refused (PermissionError; tests run as root, whom chmod 000 does
+    not stop) are indexed by the folder like any image; the conversion warns naming each and keeps it as an empty
+    member under its key, so the shards give the folder's index, fingerprint and batches (training skips both on
+    each, one warning a file) and a run moves between the two."""
+    src = _image_tree(tmp_path / "images")
+    (src / "a" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    denied = str(src / "b" / "0.jpg")
+    real_read = ImageIndex.read
+
+    def read(index, j):
+        if index.members is None and index.paths[j] == denied:
+            raise PermissionError(13, "Permission denied", denied)
+        return real_read(index, j)
+
+    monkeypatch.setattr(ImageIndex, "read", read)
+    out = tmp_path / "shards"
+    with caplog.at_level(logging.WARNING, "fastdino.data"):
+        assert main(["shards", str(src), str(out), "--shard-size", "20KB"]) == 0
+    monkeypatch.setattr(ImageIndex, "read", real_read)
+    warned = sorted(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+    assert [line.split(" (")[0] for line in warned] == [f"cannot read {src / 'a' / 'gone.jpg'}",
+                                                        f"cannot read {denied}"]
+    assert "No such file or directory" in warned[0] and "Permission denied" in warned[1]
+    assert all("kept in the shards as an empty member" in line for line in warned)
+    printed = capsys.readouterr().out
+    assert f"wrote {len(NAMES) + 1} images" in printed and "kept 2 files that could not be read" in printed
+    folder, shards = index_image_folder(src), sh.index_images(out)
+    assert len(folder) == len(shards) == len(NAMES) + 1
+    assert list(folder.image_ids(src)) == list(shards.image_ids(out)) and folder.labels == shards.labels
+    assert index_fingerprint(folder, src) == index_fingerprint(shards, out)
+    position = {name: j for j, name in enumerate(folder.image_ids(src))}
+    assert shards.read(position["a/gone.jpg"]) == shards.read(position["b/0.jpg"]) == b""
+    # training on the folder cannot read b/0.jpg either (as chmod 000 stops another user): a dangling link stands in
+    (src / "b" / "0.jpg").unlink()
+    (src / "b" / "0.jpg").symlink_to(tmp_path / "nowhere-else.jpg")  # not gone.jpg's: one real file is indexed once
+    folder = index_image_folder(src)
+    runs = []
+    for index in (folder, shards):
+        dataset = ImageFileDataset(index, multicrop_transform(32, 16, 2, blur_sigma=(0.1, 0.5)), seed=5)
+        runs.append(_batches(CpuBatches(dataset, batch_size=4, num_workers=0, seed=5), 0))
+    _equal(*runs)
+    bad_folder = {name for _, _, bad in runs[0] for name in bad}
+    bad_shards = {name.rsplit(".tar:", 1)[1] for _, _, bad in runs[1] for name in bad}
+    assert bad_folder == {str(src / "a" / "gone.jpg"), denied}
+    assert bad_shards == {sh.encode_key("a/gone.jpg"), sh.encode_key("b/0.jpg")}
 
 
 def _descendants(pid: int) -> list[int]:

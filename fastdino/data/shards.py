@@ -22,6 +22,7 @@ refused in one line), streaming from object storage (use a mounted bucket), a sh
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import io
 import json
@@ -29,9 +30,11 @@ import logging
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -65,6 +68,7 @@ from fastdino.data.tarscan import (
     encode_key,
 )
 from fastdino.errors import UserError
+from fastdino.file_modes import umask
 
 log = logging.getLogger("fastdino.data")
 
@@ -637,8 +641,11 @@ class WrittenSplit:
     images: int
     shards: int
     bytes: int
-    unreadable: list[str]  # files that could not be read: left out
+    unreadable: list[str]  # files that could not be read: kept as empty members (training skips them)
     corrupt: list[str] = field(default_factory=list)  # images that do not decode (`image_problem`): kept
+
+
+PARTIAL = ".partial-"  # `write_shards` writes OUT into `.OUT.partial-XXXXXXXX` beside it, renamed to OUT when whole
 
 
 JPEG_END = b"\xff\xd9"  # a JPEG's end-of-image marker (EOI)
@@ -687,6 +694,15 @@ def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's entries to disk: a folder renamed into place holds what it names."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_shards(image_folder: str | Path, out_dir: str | Path, shard_size: int = 10**9, seed: int = 0,
                  progress: bool = True) -> list[WrittenSplit]:
     """Write the images of a class-folder tree as WebDataset shards (tarfile, PAX): `out_dir/shard-000000.tar`, ...
@@ -695,14 +711,19 @@ def write_shards(image_folder: str | Path, out_dir: str | Path, shard_size: int 
     Each image keeps its bytes, under the key `encode_key(its path relative to the split)`, with its class as
     `key.cls` (an index into the split's `classes.json`; neither for a folder without class folders). The order
     is one permutation seeded by `seed`, so each shard mixes classes; a shard is closed before it would pass
-    `shard_size` bytes (at least one image each). Every image `index_image_folder` indexes is written; a file
-    that cannot be read is left out and named in `WrittenSplit.unreadable`. Each image is checked as it is
-    copied (`image_problem`); one training would skip (empty, not an image, cut short) is warned about in one
-    line naming it and kept, listed in `WrittenSplit.corrupt`: training on the folder keeps it in its index
-    too (and skips it when decoding it), so only with it do the shards hold the folder's index, fingerprint
-    and batches, and a run moves between the two. Raises DataError before writing
-    when out_dir exists and is not empty, lies inside image_folder or cannot be created, or when image_folder is
-    not a folder.
+    `shard_size` bytes (at least one image each). Every image `index_image_folder` indexes is written, so the
+    shards hold the folder's index, fingerprint and batches and a run moves between the two: one training would
+    skip (empty, not an image, cut short: `image_problem`) is warned about in one line naming it and kept, listed
+    in `WrittenSplit.corrupt`; a file that cannot be read (a dangling link, no permission) is warned about and
+    kept as an empty member under its key, listed in `WrittenSplit.unreadable` (training skips both, on the
+    folder as on the shards, warning once with the file or `shard:key`).
+
+    Everything is written into `.OUT.partial-XXXXXXXX` beside out_dir, fsynced, and renamed to out_dir (an
+    empty out_dir is replaced) only when complete: out_dir holds a whole set or none. An error or Ctrl-C
+    removes the partial folder (and the folders made to hold it); one a killed conversion left is named in a
+    warning. Raises DataError before
+    writing when out_dir exists and is not empty, lies inside image_folder or cannot be created, or when
+    image_folder is not a folder.
     """
     from tqdm import tqdm
 
@@ -710,7 +731,8 @@ def write_shards(image_folder: str | Path, out_dir: str | Path, shard_size: int 
     if not src.is_dir():
         raise DataError(f"image folder {src} does not exist or is not a folder")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"{out} exists and is not an empty folder: shards are written to a new or empty folder only")
+        raise DataError(f"{out} exists and is not an empty folder: shards are written to a new or empty folder only "
+                        "(a conversion that stopped leaves none): name another, or remove it to convert again")
     if Path(os.path.realpath(out)).is_relative_to(os.path.realpath(src)):
         raise DataError(f"{out} is inside the image folder {src}: write the shards elsewhere")
     splits = [("", src)]
@@ -718,7 +740,7 @@ def write_shards(image_folder: str | Path, out_dir: str | Path, shard_size: int 
         splits = [("train", src / "train")] + ([("val", src / "val")] if (src / "val").is_dir() else [])
     if is_shard_set(splits[0][1]):
         raise DataError(f"{splits[0][1]} holds tar shards already: train on it as it is (data.path={src})")
-    # indexed (names only, no image read) before out_dir is made: a refusal leaves nothing behind
+    # indexed (names only, no image read) before anything is made: a refusal leaves nothing behind
     indexes = [index_image_folder(splits[0][1])]
     for _, folder in splits[1:]:
         try:
@@ -726,55 +748,91 @@ def write_shards(image_folder: str | Path, out_dir: str | Path, shard_size: int 
         except UnknownClassesError as err:
             raise DataError(f"{folder} has classes {err.unknown} that {splits[0][1]} lacks: k-NN scores validation "
                             "images by the training classes; add them to train/ or remove them from val/") from None
-    try:  # before any image is read: a path through a file, or a read-only place, fails here
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DataError(f"cannot create the shard folder {out}: {exc.strerror or exc}") from None
-    labelled = indexes[0].classes != [FLAT_CLASS]
-    written = []
-    with tqdm(total=sum(len(i) for i in indexes), unit="img", disable=not progress, desc="shards") as bar:
-        for (name, folder), index in zip(splits, indexes, strict=True):
-            written.append(_write_split(folder, out / name, index, labelled, shard_size, seed, bar))
+    target = Path(os.path.realpath(out))  # an empty out_dir reached through a link: the folder it names is replaced
+    for left in sorted(target.parent.glob(f".{glob.escape(target.name)}{PARTIAL}*")):
+        log.warning("%s is left by a conversion to %s that was killed (or still runs): remove it once none runs "
+                    "(a partial shard set, never read)", left, out)
+    made = []  # folders made to hold out_dir, innermost first: removed again (if empty) unless the set is published
+    while not os.path.lexists(missing := (made[-1] if made else target).parent):
+        made.append(missing)
+    published = False
+    try:
+        try:  # before any image is read: a path through a file, or a read-only place, fails here
+            if made:
+                target.parent.mkdir(parents=True)
+            stage = Path(tempfile.mkdtemp(prefix=f".{target.name}{PARTIAL}", dir=target.parent))
+        except OSError as exc:
+            raise DataError(f"cannot create the shard folder {out}: {exc.strerror or exc}") from None
+        try:
+            os.chmod(stage, 0o777 & ~umask())  # mkdtemp's 0700: as a plain mkdir makes it
+            labelled = indexes[0].classes != [FLAT_CLASS]
+            written = []
+            with tqdm(total=sum(len(i) for i in indexes), unit="img", disable=not progress, desc="shards") as bar:
+                for (name, folder), index in zip(splits, indexes, strict=True):
+                    written.append(_write_split(folder, stage / name, out / name, index, labelled, shard_size, seed,
+                                                bar))
+            for name, _ in splits:
+                if name:
+                    _fsync(stage / name)  # the split's entries
+            _fsync(stage)
+            os.replace(stage, target)  # rename(2) replaces an empty folder whole
+            published = True
+            _fsync(target.parent)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)  # gone already once renamed
+    finally:
+        for folder in made if not published else ():
+            with contextlib.suppress(OSError):
+                folder.rmdir()
     return written
 
 
-def _write_split(folder: Path, out: Path, index: ImageIndex, labelled: bool, shard_size: int, seed: int,
-                 bar) -> WrittenSplit:
-    out.mkdir(parents=True, exist_ok=True)
+def _write_split(folder: Path, stage: Path, out: Path, index: ImageIndex, labelled: bool, shard_size: int,
+                 seed: int, bar) -> WrittenSplit:
+    """Write the split `folder` (indexed as `index`) into `stage`, its files fsynced; described as `out`, where
+    it is renamed to."""
+    stage.mkdir(exist_ok=True)
     if labelled:
-        (out / CLASSES_FILE).write_text(json.dumps(index.classes, ensure_ascii=False) + "\n", encoding="utf-8")
+        with open(stage / CLASSES_FILE, "w", encoding="utf-8") as f:
+            f.write(json.dumps(index.classes, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
     order = np.random.default_rng(seed).permutation(len(index)).tolist()
     result = WrittenSplit(out, 0, 0, 0, [])
-    tar, tmp, filled = None, None, 0
+    file, tar, filled = None, None, 0
 
     def close() -> None:
-        tar.close()
-        os.replace(tmp, out / f"shard-{result.shards:06d}.tar")
+        tar.close()  # the end blocks; `file` stays open
+        file.flush()
+        os.fsync(file.fileno())
+        result.bytes += file.tell()
         result.shards += 1
-        result.bytes += os.path.getsize(out / f"shard-{result.shards - 1:06d}.tar")
+        file.close()
 
     try:
         for j in order:
             path = index.paths[j]
             try:
                 data = index.read(j)
-            except OSError as err:
+            except OSError as err:  # the folder index keeps it too: an empty member keeps the same index
+                data = b""
                 result.unreadable.append(path)
-                log.warning("cannot read %s (%s): left out of the shards", path, err.strerror or err)
-                bar.update(1)
-                continue
-            if (problem := image_problem(data, path)) is not None:
-                result.corrupt.append(path)
-                log.warning("corrupt image %s (%s): kept in the shards, where training skips it as on the folder",
-                            path, problem)
+                log.warning("cannot read %s (%s): kept in the shards as an empty member, which training skips as it "
+                            "skips this file on the folder", path, err.strerror or err)
+            else:
+                if (problem := image_problem(data, path)) is not None:
+                    result.corrupt.append(path)
+                    log.warning("corrupt image %s (%s): kept in the shards, where training skips it as on the folder",
+                                path, problem)
             key = encode_key(os.path.relpath(path, folder))
             need = _tar_bytes(len(data)) + (_tar_bytes(8) if labelled else 0)
             if tar is not None and _closed_size(filled + need) > shard_size:
                 close()
                 tar = None
             if tar is None:
-                tmp = out / f".shard-{result.shards:06d}.tar.tmp"
-                tar = tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT, encoding="utf-8", errors="surrogateescape")
+                file = open(stage / f"shard-{result.shards:06d}.tar", "wb")  # closed by close(), or below
+                tar = tarfile.open(fileobj=file, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8",
+                                   errors="surrogateescape")
                 filled = 0
             _member(tar, f"{key}.{os.path.splitext(path)[1][1:].lower()}", data)
             if labelled:
@@ -786,8 +844,6 @@ def _write_split(folder: Path, out: Path, index: ImageIndex, labelled: bool, sha
             close()
             tar = None
     finally:
-        if tar is not None:
-            tar.close()
-            tmp.unlink(missing_ok=True)
+        if tar is not None:  # an error or Ctrl-C: the caller removes the partial folder
+            file.close()
     return result
-
