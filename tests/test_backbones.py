@@ -6,6 +6,7 @@ start-up in one line."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -70,13 +71,29 @@ def test_timm_feature_width_is_what_the_model_returns(name, wider):
     assert (dim != model.num_features) == wider
 
 
-def test_a_timm_model_with_a_conv_head_trains(demo_root, tmp_path):
-    """The trial's blocker: timm/mobilenetv3_small_050 (1024 features, 288 channels) takes a training step."""
+def test_a_timm_model_with_a_conv_head_trains_probes_and_exports(demo_root, tmp_path, capsys):
+    """The trial's blocker: timm/mobilenetv3_small_050 (1024 features, 288 channels) takes a training step; its
+    checkpoint's linear probe reads 1024 features, and timm loads its export with the teacher's features (config.json's
+    num_features: timm's 288, as timm writes it)."""
     run = TIMM_RUN + [f"data.path={demo_root}", "model.arch=timm/mobilenetv3_small_050", "train.max_steps=1",
                       f"train.output_dir={tmp_path}"]
     result = train(load_config(None, run))
     assert result.steps_done == 1 and torch.isfinite(torch.tensor(result.last_loss))
-    assert load_checkpoint(tmp_path / "last.pt")["student"]["head.mlp.0.weight"].shape[1] == 1024
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["student"]["head.mlp.0.weight"].shape[1] == 1024
+    data = ["--train", str(demo_root / "train"), "--val", str(demo_root / "val"), "--num-workers", "0",
+            "--device", "cpu"]
+    assert main(["linear", "--checkpoint", str(tmp_path / "last.pt"), *data, "--epochs", "1"]) == 0
+    assert "pooled features (1024 wide)" in capsys.readouterr().out
+    assert main(["export", str(tmp_path / "last.pt"), "--format", "timm", "--out", str(tmp_path / "timm")]) == 0
+    model = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
+    ours, _ = build_backbone("timm/mobilenetv3_small_050")
+    ours.load_state_dict({k.removeprefix("backbone."): v for k, v in ckpt["teacher"].items()
+                          if k.startswith("backbone.")})
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ours.eval()(x), atol=1e-5, rtol=0)
+    assert json.loads((tmp_path / "timm" / "config.json").read_text())["num_features"] == model.num_features == 288
 
 
 @pytest.mark.parametrize("arch,sizes,line", [
