@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torchvision
+from interop_cases import checkpoint
 from test_official_convnet_step import official_lars_step
 from torch import nn
 
@@ -111,6 +112,19 @@ def test_a_crop_the_backbone_cannot_take_is_one_line_exit_2(demo_root, tmp_path,
     err = capsys.readouterr().err
     assert line in err and err.count("\n") == 1, err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("command", ["knn", "linear", "finetune"])
+def test_an_evaluation_size_the_backbone_cannot_take_is_one_line_exit_2(demo_root, tmp_path, capsys, command):
+    """knn, linear and finetune run the backbone once at --image-size before reading any image."""
+    checkpoint(tmp_path / "last.pt", ["model.arch=timm/convnext_atto", "data.global_size=32"])
+    data = ["--train", str(demo_root / "train"), "--val", str(demo_root / "val"), "--num-workers", "0",
+            "--device", "cpu", "--image-size", "24"]
+    src = [str(tmp_path / "last.pt")] if command == "finetune" else ["--checkpoint", str(tmp_path / "last.pt")]
+    assert main([command, *src, *data]) == 2
+    err = capsys.readouterr().err
+    assert "--image-size=24: timm/convnext_atto cannot take 24 px crops (Calculated padded" in err, err
+    assert err.endswith("use a larger --image-size\n") and err.count("\n") == 1, err
 
 
 def test_the_crop_check_changes_nothing():
