@@ -170,6 +170,7 @@ def _knn(args: argparse.Namespace) -> int:
     from fastdino.engine.trainer import resolve_device
     from fastdino.eval.knn import knn_evaluate
     from fastdino.interop.official import load_teacher_backbone
+    from fastdino.models.backbones import check_crop_sizes
 
     device = resolve_device(args.device, key="--device")
     loaded = load_teacher_backbone(args.checkpoint, arch=args.arch, patch_size=args.patch_size)
@@ -177,8 +178,9 @@ def _knn(args: argparse.Namespace) -> int:
         raise UserError(f"--image-size {args.image_size} is not a multiple of the checkpoint's patch size "
                         f"{loaded.model.patch_size}")
     eval_cfg = EvalConfig(knn_k=args.k, knn_temperature=args.temperature)
-    result = knn_evaluate(loaded.model.to(device), args.train, args.val, args.image_size or loaded.image_size,
-                          eval_cfg, device, args.num_workers)
+    image_size = args.image_size or loaded.image_size
+    check_crop_sizes(loaded.model.to(device), loaded.spec.arch, {"--image-size": image_size})
+    result = knn_evaluate(loaded.model, args.train, args.val, image_size, eval_cfg, device, args.num_workers)
     print(f"k-NN top-1 (k={args.k}, T={args.temperature}): {result.top1:.2f}% of {result.n_val} images")
     if result.skipped_images:
         print(f"skipped {result.skipped_images} unreadable images (not scored; their paths are in the log above)")
@@ -207,6 +209,7 @@ def _load_teacher_backbone(path: str, arch: str | None, patch_size: int | None, 
 def _linear(args: argparse.Namespace) -> int:
     from fastdino.engine.trainer import resolve_device
     from fastdino.eval.linear import linear_probe
+    from fastdino.models.backbones import check_crop_sizes
 
     device = resolve_device(args.device, key="--device")
     loaded = _load_teacher_backbone(args.checkpoint, args.arch, args.patch_size, device)
@@ -219,6 +222,7 @@ def _linear(args: argparse.Namespace) -> int:
     if patch and image_size % patch:
         raise UserError(f"--image-size {image_size} is not a multiple of the checkpoint's patch size "
                         f"{backbone.patch_size}")
+    check_crop_sizes(backbone, loaded.spec.arch, {"--image-size": image_size})
     r = linear_probe(backbone, args.train, args.val, image_size=image_size, features=args.features,
                      mode=args.mode, lrs=args.lr, epochs=args.epochs, batch_size=args.batch_size, device=device,
                      num_workers=args.num_workers, seed=args.seed)
@@ -330,6 +334,7 @@ def _finetune(args: argparse.Namespace) -> int:
     from fastdino.eval.finetune import finetune
     from fastdino.interop.official import load_teacher_backbone, read_weights_file
     from fastdino.methods import build_method
+    from fastdino.models.backbones import check_crop_sizes
     from fastdino.models.vit import build_backbone
 
     path = Path(args.checkpoint)
@@ -344,17 +349,20 @@ def _finetune(args: argparse.Namespace) -> int:
                 method.teacher.load_state_dict(state["teacher"])
             except RuntimeError as exc:
                 raise UserError(f"checkpoint {args.checkpoint}: teacher weights do not load ({exc})") from exc
-        backbone, image_size = method.feature_backbone(), cfg.data.global_size
+        backbone, image_size, arch = method.feature_backbone(), cfg.data.global_size, cfg.model.arch
     else:  # an official, timm or transformers ViT: its backbone
         loaded = load_teacher_backbone(path)
         backbone, image_size, s = loaded.model, loaded.image_size, loaded.spec
+        arch = s.arch
         if args.random_init:
             backbone = build_backbone(s.arch, img_size=s.img_size, patch_size=s.patch_size, depth=s.depth)
         backbone = backbone.to(device)
     if args.random_init:
         print("backbone: random initialisation (the baseline; the checkpoint's weights are not loaded)")
+    image_size = args.image_size or image_size
+    check_crop_sizes(backbone, arch, {"--image-size": image_size})
     result = finetune(
-        backbone, args.train, args.val, args.image_size or image_size, device,
+        backbone, args.train, args.val, image_size, device,
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
         num_workers=args.num_workers, seed=args.seed, per_class=args.per_class, report=print,
     )

@@ -1,15 +1,19 @@
 """Backbones other than fastdino's ViT (issue 22): torchvision ResNets and timm models through
 models/backbones.build_backbone, their config refusals, BatchNorm (the teacher's own statistics, the CPU fallback of
-SyncBatchNorm), SGD and LARS as the official code, FLOPs, and a timm model that trains and resumes bitwise."""
+SyncBatchNorm), SGD and LARS as the official code, FLOPs, and a timm model that trains and resumes bitwise; the
+feature width of timm models with a conv head after pooling, and crop sizes a backbone cannot take refused at
+start-up in one line."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 import torchvision
+from interop_cases import checkpoint
 from test_official_convnet_step import official_lars_step
 from torch import nn
 
@@ -21,7 +25,7 @@ from fastdino.engine.distributed import DistInfo, sync_batchnorm
 from fastdino.engine.ema import TeacherEMA
 from fastdino.engine.optim import LARS, make_optimizer, step_skipping_nonfinite
 from fastdino.engine.trainer import train
-from fastdino.models.backbones import build_backbone, feature_dim, has_batchnorms
+from fastdino.models.backbones import build_backbone, check_crop_sizes, feature_dim, has_batchnorms
 from fastdino.models.flops import backbone_forward_flops, counted_forward_flops
 
 timm = pytest.importorskip("timm")  # the `timm` extra (in `dev`)
@@ -54,6 +58,89 @@ def test_timm_and_vit_backbones_give_pooled_features():
     assert dim == 192 and vit(torch.randn(2, 3, 32, 32)).shape == (2, 192) and not has_batchnorms(vit)
     with pytest.raises(TypeError, match="ViT settings"):
         build_backbone("resnet18", patch_size=8)
+
+
+@pytest.mark.parametrize("name,wider", [
+    ("mobilenetv3_small_050", True), ("mobilenetv4_conv_small", True), ("lcnet_050", True), ("ghostnet_100", True),
+    ("convnext_atto", False), ("regnetx_002", False),
+])
+def test_timm_feature_width_is_what_the_model_returns(name, wider):
+    """num_classes=0 returns timm's pre-logits features: for MobileNetV3/V4, GhostNet and LCNet a conv head after
+    pooling makes them wider than num_features (the head was sized from num_features: a shape error on step 1)."""
+    model, dim = build_backbone(f"timm/{name}")
+    assert model.eval()(torch.zeros(2, 3, 32, 32)).shape == (2, dim) and feature_dim(model) == dim
+    assert (dim != model.num_features) == wider
+
+
+def test_a_timm_model_with_a_conv_head_trains_probes_and_exports(demo_root, tmp_path, capsys):
+    """The trial's blocker: timm/mobilenetv3_small_050 (1024 features, 288 channels) takes a training step; its
+    checkpoint's linear probe reads 1024 features, and timm loads its export with the teacher's features (config.json's
+    num_features: timm's 288, as timm writes it)."""
+    run = TIMM_RUN + [f"data.path={demo_root}", "model.arch=timm/mobilenetv3_small_050", "train.max_steps=1",
+                      f"train.output_dir={tmp_path}"]
+    result = train(load_config(None, run))
+    assert result.steps_done == 1 and torch.isfinite(torch.tensor(result.last_loss))
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["student"]["head.mlp.0.weight"].shape[1] == 1024
+    data = ["--train", str(demo_root / "train"), "--val", str(demo_root / "val"), "--num-workers", "0",
+            "--device", "cpu"]
+    assert main(["linear", "--checkpoint", str(tmp_path / "last.pt"), *data, "--epochs", "1"]) == 0
+    assert "pooled features (1024 wide)" in capsys.readouterr().out
+    assert main(["export", str(tmp_path / "last.pt"), "--format", "timm", "--out", str(tmp_path / "timm")]) == 0
+    model = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
+    ours, _ = build_backbone("timm/mobilenetv3_small_050")
+    ours.load_state_dict({k.removeprefix("backbone."): v for k, v in ckpt["teacher"].items()
+                          if k.startswith("backbone.")})
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ours.eval()(x), atol=1e-5, rtol=0)
+    assert json.loads((tmp_path / "timm" / "config.json").read_text())["num_features"] == model.num_features == 288
+
+
+@pytest.mark.parametrize("arch,sizes,line", [
+    ("timm/convnext_atto", ["data.local_size=24"],
+     "data.local_size=24: timm/convnext_atto cannot take 24 px crops (Calculated padded input size"),
+    ("timm/vit_tiny_patch16_224", ["data.global_size=32", "data.local_crops_number=0"],
+     "data.global_size=32: timm/vit_tiny_patch16_224 cannot take 32 px crops (Input height (32) doesn't match "
+     "model (224).); it takes only 224 px images"),
+])
+def test_a_crop_the_backbone_cannot_take_is_one_line_exit_2(demo_root, tmp_path, capsys, arch, sizes, line):
+    """The trial's tracebacks on step 1 (a convnet shrinking a 24 px crop below a kernel, a timm ViT built for
+    224 px) are refused at start-up: one line naming the key, nothing written."""
+    run = TIMM_RUN + [f"data.path={demo_root}", f"model.arch={arch}", *sizes, f"train.output_dir={tmp_path}/r"]
+    assert main(["train", "configs/demo_convnet.yaml", *run]) == 2
+    err = capsys.readouterr().err
+    assert line in err and err.count("\n") == 1, err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("command", ["knn", "linear", "finetune"])
+def test_an_evaluation_size_the_backbone_cannot_take_is_one_line_exit_2(demo_root, tmp_path, capsys, command):
+    """knn, linear and finetune run the backbone once at --image-size before reading any image."""
+    checkpoint(tmp_path / "last.pt", ["model.arch=timm/convnext_atto", "data.global_size=32"])
+    data = ["--train", str(demo_root / "train"), "--val", str(demo_root / "val"), "--num-workers", "0",
+            "--device", "cpu", "--image-size", "24"]
+    src = [str(tmp_path / "last.pt")] if command == "finetune" else ["--checkpoint", str(tmp_path / "last.pt")]
+    assert main([command, *src, *data]) == 2
+    err = capsys.readouterr().err
+    assert "--image-size=24: timm/convnext_atto cannot take 24 px crops (Calculated padded" in err, err
+    assert err.endswith("use a larger --image-size\n") and err.count("\n") == 1, err
+
+
+def test_the_crop_check_changes_nothing():
+    """check_crop_sizes on a model with BatchNorm and dropout in train mode, passing and failing: parameters,
+    running statistics, train/eval flags and the RNG (what a bitwise resume compares) are as before."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model[2].eval()  # a mixed state is restored as it was
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [m.training for m in model.modules()]
+    rng = torch.get_rng_state()
+    check_crop_sizes(model, "timm/tiny", {"data.global_size": 8, "data.local_size": 3})
+    refused = r"^data.local_size=2: timm/tiny cannot take 2 px crops \(.*Kernel size.*\); use a larger data.local_size$"
+    with pytest.raises(ConfigError, match=refused):
+        check_crop_sizes(model, "timm/tiny", {"data.global_size": 8, "data.local_size": 2})
+    assert torch.equal(torch.get_rng_state(), rng) and [m.training for m in model.modules()] == flags
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("overrides,key", [

@@ -49,6 +49,7 @@ from fastdino.eval.knn import knn_evaluate
 from fastdino.interop.official import init_from_weights, read_dino_weights
 from fastdino.methods import build_method
 from fastdino.methods.base import Method
+from fastdino.models.backbones import check_crop_sizes
 from fastdino.reports.plots import read_metrics
 from fastdino.schedules import cosine_schedule
 from fastdino.telemetry import phase
@@ -275,6 +276,7 @@ class Trainer:
         random.seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
         self.method: Method = build_method(cfg, self.device).to(self.device)
+        check_crop_sizes(self.method.feature_backbone(), cfg.model.arch, self.method.crop_sizes())  # no RNG, no state
         self.method.student = sync_batchnorm(self.method.student, self.dist, self.device)
         self.method.teacher = sync_batchnorm(self.method.teacher, self.dist, self.device)
         self.ema = TeacherEMA(self.method.student, self.method.teacher, impl=cfg.ema.impl)

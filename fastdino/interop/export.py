@@ -152,15 +152,18 @@ def _write_convnet(fmt: str, arch: str, backbone: dict[str, torch.Tensor], folde
     """A convnet backbone's timm or transformers folder (module docstring)."""
     from safetensors.torch import save_file
 
-    _, dim = build_any_backbone(arch)  # the feature width (a timm model's is not in its tensors)
+    model, dim = build_any_backbone(arch)  # the widths of a timm model are not in its tensors
+    # config.json's num_features is timm's attribute (informational, as timm's push_to_hub writes it): the last
+    # stage's channels, narrower than the features for a conv head after pooling (MobileNetV3); a ResNet's is D
+    num_features = getattr(model, "num_features", dim)
     tv = arch in TORCHVISION_RESNETS
     if fmt == "timm":
-        weights, config = to_timm(backbone), timm_convnet_config(arch, dim)
+        weights, config = to_timm(backbone), timm_convnet_config(arch, num_features)
     elif tv:
         weights, config = to_hf_resnet(backbone), hf_resnet_config(arch, backbone)
         (folder / "preprocessor_config.json").write_text(json.dumps(hf_preprocessor_config(CONVNET_SIZE), indent=2))
     else:  # TimmWrapperModel's image processor reads config.json's pretrained_cfg
-        weights, config = to_timm(backbone), hf_timm_wrapper_config(arch, dim)
+        weights, config = to_timm(backbone), hf_timm_wrapper_config(arch, num_features)
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder

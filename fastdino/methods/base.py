@@ -86,6 +86,11 @@ class Method(nn.Module):
         """The network whose output is evaluated by k-NN (DINO: the teacher's backbone)."""
         raise NotImplementedError
 
+    def crop_sizes(self) -> dict[str, int]:
+        """The side in pixels of every crop size the backbones see, by config key (`data.global_size` -> 224): the
+        engine runs the backbone once on each before training (models.backbones.check_crop_sizes)."""
+        raise NotImplementedError
+
     def train_flops_per_image(self) -> float | None:
         """Model FLOPs (2 per multiply-add) of one image's training step, for TFLOP/s and MFU figures; None
         when the method does not count them."""

@@ -84,6 +84,11 @@ class DINO(Method):
             color_strength=d.color_strength,
         )
 
+    def crop_sizes(self) -> dict[str, int]:
+        d = self.cfg.data
+        local = {"data.local_size": d.local_size} if d.local_crops_number else {}
+        return {"data.global_size": d.global_size, **local}
+
     def forward(self, views: list[torch.Tensor], epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         d = self.cfg.dino
         teacher_temp = teacher_temp_schedule(epoch, d.warmup_teacher_temp, d.teacher_temp, d.warmup_teacher_temp_epochs)

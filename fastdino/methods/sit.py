@@ -129,6 +129,9 @@ class SiT(Method):
             local_scale=d.local_crops_scale, blur_sigma=d.blur_sigma, color_strength=d.color_strength,
         )
 
+    def crop_sizes(self) -> dict[str, int]:
+        return {"data.global_size": self.cfg.data.global_size}  # two global crops, no local ones
+
     def corrupt(self, clean: torch.Tensor, group_size: int | None = None,
                 generator: torch.Generator | None = None, rows: BatchRows | None = None) -> Corruption:
         """GMML corruption of (B, 3, H, W) clean views per the sit.* settings; `replace` partners come from the

@@ -9,7 +9,10 @@ their classifier replaced by an identity (`MultiCropWrapper`: `backbone.fc = nn.
   replaced by `nn.Identity()`, so its output is the globally average-pooled last stage, (B, 512 | 2048), and its
   state dict has torchvision's keys without `fc.*` (what the official code saves);
 - `timm/<name>`: `timm.create_model(name, pretrained=False, num_classes=0)`, timm's pooled features,
-  (B, model.num_features); needs the `timm` extra (`pip install 'fastdino[timm]'`).
+  (B, model.head_hidden_size); needs the `timm` extra (`pip install 'fastdino[timm]'`). With num_classes=0 a timm
+  model returns `forward_head(pre_logits=True)`, whose width timm names `head_hidden_size`: `num_features` (the last
+  stage's channels) for most, but the conv head after pooling of MobileNetV3/V4, GhostNet and LCNet is wider
+  (mobilenetv3_small_050: 288 channels, 1024 features).
 
 Every builder gives `(module, feature_dim)`: the head's input size comes from here. This module imports nothing
 from engine/, methods/ or data/ (DESIGN.md floor 2).
@@ -17,9 +20,10 @@ from engine/, methods/ or data/ (DESIGN.md floor 2).
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from fastdino.errors import MissingDependencyError
+from fastdino.errors import ConfigError, MissingDependencyError
 from fastdino.models.vit import build_backbone as build_vit
 from fastdino.models.vit import model_names as vit_names
 
@@ -93,7 +97,8 @@ def _build_convnet(arch: str, vit_kwargs: dict) -> tuple[nn.Module, int]:
         model.fc = nn.Identity()  # as the official MultiCropWrapper: the pooled features, no ImageNet classifier
         return model, dim
     model = _timm().create_model(arch[len(TIMM_PREFIX):], pretrained=False, num_classes=0)
-    return model, int(model.num_features)
+    # the pre-logits width (module docstring); timm < 1.0 has no head_hidden_size and names that width num_features
+    return model, int(getattr(model, "head_hidden_size", None) or model.num_features)
 
 
 def same_network(a: str, b: str) -> bool:
@@ -109,6 +114,49 @@ def same_network(a: str, b: str) -> bool:
 def feature_dim(backbone: nn.Module) -> int:
     """The width D of a backbone's (B, D) features: a ViT's embed_dim, a convnet's pooled width."""
     return int(backbone.feature_dim) if hasattr(backbone, "feature_dim") else backbone.embed_dim
+
+
+def check_crop_sizes(backbone: nn.Module, arch: str, sizes: dict[str, int]) -> None:
+    """Refuse crop sizes a convnet or timm backbone cannot take, before any step: one forward of two zero images
+    (2, 3, S, S) per size on the backbone's device, in eval mode under no_grad, for each `key -> S` of `sizes`
+    (the config keys of the crops the method feeds it). A model whose layers shrink a small crop below a kernel, or
+    a timm ViT built for one image size, fails there; the first step would otherwise end in a traceback.
+
+    Leaves the backbone as it was: its train/eval flags are restored, eval mode updates no BatchNorm running stats,
+    and the forward runs under a forked RNG (nothing a bitwise resume compares changes). fastdino's own ViT is
+    skipped (any multiple of its patch works; the config checks that). Raises ConfigError naming the key."""
+    if is_vit(arch) or not sizes:
+        return
+    device = next(backbone.parameters()).device
+    modes = [(m, m.training) for m in backbone.modules()]
+    backbone.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            for key, size in sizes.items():
+                try:
+                    backbone(torch.zeros(2, 3, size, size, device=device))
+                except torch.OutOfMemoryError:
+                    raise
+                except (RuntimeError, AssertionError, ValueError) as exc:
+                    raise ConfigError(f"{key}={size}: {arch} cannot take {size} px crops ({_short(exc)}); "
+                                      f"{_size_hint(backbone, key)}", key) from None
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _short(exc: BaseException, limit: int = 160) -> str:
+    """A library's error message as a short clause of one line."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _size_hint(backbone: nn.Module, key: str) -> str:
+    """What to change: a timm model built for one input size takes only that size, another wants larger crops."""
+    cfg = getattr(backbone, "pretrained_cfg", None) or {}
+    if cfg.get("fixed_input_size") and cfg.get("input_size"):
+        return f"it takes only {cfg['input_size'][-1]} px images: use a model that takes any size"
+    return f"use a larger {key}"
 
 
 def arch_label(arch: str, patch_size: int) -> str:
