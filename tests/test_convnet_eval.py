@@ -50,6 +50,30 @@ def test_knn_linear_finetune_on_a_convnet_checkpoint(trained, capsys):
     assert "fine-tuned top-1" in capsys.readouterr().out
 
 
+def test_arch_and_patch_flags_against_a_convnet_file(trained, capsys):
+    """A mismatch names the convnet without a patch; --patch-size is a ViT's; timm/resnet18 is resnet18."""
+    root, ckpt = trained
+    data = ["--train", str(root / "train"), "--val", str(root / "val"), "--num-workers", "0", "--device", "cpu"]
+    for flags, words in ((["--arch", "vit_small"], f"checkpoint {ckpt} is a resnet18 (read from the file): --arch "
+                                                   "vit_small does not match; pass --arch resnet18"),
+                         (["--patch-size", "16"], "is a resnet18 (read from the file): --patch-size applies to ViTs "
+                                                  "only; leave it out")):
+        assert main(["knn", "--checkpoint", str(ckpt), *flags, *data]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "None" not in err and err.count("\n") == 1, err
+    assert load_teacher_backbone(ckpt, arch="timm/resnet18").spec.arch == "resnet18"
+
+
+def test_finetune_random_init_of_a_convnet_folder(trained, capsys, tmp_path):
+    """--random-init builds the folder's convnet afresh (it called the ViT constructor with a ResNet name)."""
+    root, ckpt = trained
+    assert main(["export", str(ckpt), "--format", "timm", "--out", str(tmp_path / "timm")]) == 0
+    data = ["--train", str(root / "train"), "--val", str(root / "val"), "--num-workers", "0", "--device", "cpu"]
+    assert main(["finetune", str(tmp_path / "timm"), *data, "--epochs", "1", "--batch-size", "4", "--random-init"]) == 0
+    out = capsys.readouterr().out
+    assert "random initialisation" in out and "fine-tuned top-1" in out
+
+
 def test_attention_maps_of_a_convnet_are_refused(trained, capsys, tmp_path):
     root, ckpt = trained
     image = next((root / "val").rglob("*.jpg"))
