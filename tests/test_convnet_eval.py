@@ -3,6 +3,8 @@ attention maps refused, official layouts out (torchvision keys, no `fc`) and in 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torchvision
@@ -64,14 +66,24 @@ def test_arch_and_patch_flags_against_a_convnet_file(trained, capsys):
     assert load_teacher_backbone(ckpt, arch="timm/resnet18").spec.arch == "resnet18"
 
 
-def test_finetune_random_init_of_a_convnet_folder(trained, capsys, tmp_path):
-    """--random-init builds the folder's convnet afresh (it called the ViT constructor with a ResNet name)."""
+def test_finetune_random_init_of_a_convnet_folder(trained, capsys, tmp_path, monkeypatch):
+    """--random-init builds the folder's convnet afresh (it called the ViT constructor with a ResNet name), at the
+    crop the folder declares (fine-tuning itself stubbed: tested above)."""
+    import fastdino.eval.finetune as finetune_module
+
     root, ckpt = trained
     assert main(["export", str(ckpt), "--format", "timm", "--out", str(tmp_path / "timm")]) == 0
-    data = ["--train", str(root / "train"), "--val", str(root / "val"), "--num-workers", "0", "--device", "cpu"]
-    assert main(["finetune", str(tmp_path / "timm"), *data, "--epochs", "1", "--batch-size", "4", "--random-init"]) == 0
-    out = capsys.readouterr().out
-    assert "random initialisation" in out and "fine-tuned top-1" in out
+    given = []
+    monkeypatch.setattr(finetune_module, "finetune", lambda model, train, val, size, *a, **k: given.append(
+        (model, size)) or SimpleNamespace(classes=[], top1=0.0, skipped_val=0))
+    data = ["--train", str(root / "train"), "--val", str(root / "val"), "--device", "cpu"]
+    assert main(["finetune", str(tmp_path / "timm"), *data, "--random-init"]) == 0
+    assert "random initialisation" in capsys.readouterr().out
+    (model, size), = given
+    trained_weights = load_teacher_backbone(ckpt).model.state_dict()
+    assert isinstance(model, torchvision.models.ResNet) and size == 32
+    assert model.state_dict().keys() == trained_weights.keys()
+    assert not torch.equal(model.state_dict()["conv1.weight"], trained_weights["conv1.weight"])
 
 
 def test_attention_maps_of_a_convnet_are_refused(trained, capsys, tmp_path):
