@@ -411,8 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=positive_int, default=20)
     p.add_argument("--temperature", type=positive_float, default=0.07)
     p.add_argument("--image-size", type=nonnegative_int, default=0,
-                   help="eval crop size, a multiple of the patch size; 0 = the checkpoint's global crop (official "
-                        "files: their stored grid, 224)")
+                   help="eval crop size, a multiple of the patch size; 0 = the checkpoint's global crop (timm / hf "
+                        "folders: the crop their preprocessing declares; official files: their stored grid, 224)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--num-workers", type=nonnegative_int, default=DEFAULT_WORKERS)
     p.set_defaults(func=_knn)
@@ -451,7 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=positive_int, default=100)
     p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--image-size", type=nonnegative_int, default=0,
-                   help="crop size; 0 = the size the model was built for")
+                   help="crop size; 0 = a ViT's stored position grid, a convnet's global crop (timm / hf folders: "
+                        "the crop they declare; official files: 224)")
     p.add_argument("--arch", default=None, help=ARCH_HELP)
     p.add_argument("--patch-size", type=positive_int, default=None, help="checked against the file's tensors")
     p.add_argument("--seed", type=nonnegative_int, default=0)

@@ -11,8 +11,10 @@ attributes whose construction runs no code from the file). A file that needs mor
   `epoch`, `fp16_scaler`, `args`. Its head's last layer has the old-style weight norm (`weight_g` (K, 1),
   `weight_v` (K, bottleneck)); fastdino's has torch's parametrization (`parametrizations.weight.original0` /
   `original1`): the same two tensors under other names;
-- official backbone-only release files: a ViT state dict, possibly under `teacher` / `student`, possibly with
-  `module.` / `backbone.` prefixes; timm ViT state dicts are the same (a classifier `head.*` is dropped);
+- official backbone-only release files: a ViT or torchvision ResNet state dict, possibly under `teacher` /
+  `student`, possibly with `module.` / `backbone.` prefixes; timm ViT and ResNet state dicts are the same (a
+  classifier `head.*` / `fc.*` is dropped). Other timm models cannot be told from their tensors: they are read
+  from fastdino checkpoints (model.arch) and timm / transformers folders (config.json) only;
 - the formats of other tools (interop/timm.py, interop/hf.py): a timm or transformers model folder
   (`config.json` + `model.safetensors` or `pytorch_model.bin`), or a `.safetensors` file; a transformers state
   dict (split q / k / v) is recognised by its key names in any file.
