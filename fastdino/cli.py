@@ -18,12 +18,16 @@ import torch
 from fastdino.config import load_config
 from fastdino.errors import UserError
 from fastdino.interop.export import EXPORT_FORMATS, FOLDER_FORMATS
+from fastdino.models.backbones import TORCHVISION_RESNETS
 from fastdino.models.vit import model_names
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)  # data-loading processes of the evaluation commands
 DEMO_CONFIGS = {"dino": "demo.yaml", "sit": "sit_demo.yaml"}
 DEMO_CONVNET_CONFIG = "demo_convnet.yaml"  # `fastdino demo model.arch=resnet18` (or timm/<name>)
+ARCH_HELP = (f"{', '.join(model_names())}, a torchvision ResNet ({', '.join(TORCHVISION_RESNETS)}) or timm/<name>; "
+             "checked against the file (read from it when left out; timm/resnetN and resnetN are one network)")
+"""--arch of the evaluation commands: what the file holds, never a choice (interop.official._check_flags)."""
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -334,8 +338,7 @@ def _finetune(args: argparse.Namespace) -> int:
     from fastdino.eval.finetune import finetune
     from fastdino.interop.official import load_teacher_backbone, read_weights_file
     from fastdino.methods import build_method
-    from fastdino.models.backbones import check_crop_sizes
-    from fastdino.models.vit import build_backbone
+    from fastdino.models.backbones import build_backbone, check_crop_sizes
 
     path = Path(args.checkpoint)
     device = resolve_device(args.device, key="--device")
@@ -350,12 +353,13 @@ def _finetune(args: argparse.Namespace) -> int:
             except RuntimeError as exc:
                 raise UserError(f"checkpoint {args.checkpoint}: teacher weights do not load ({exc})") from exc
         backbone, image_size, arch = method.feature_backbone(), cfg.data.global_size, cfg.model.arch
-    else:  # an official, timm or transformers ViT: its backbone
+    else:  # an official, timm or transformers ViT or convnet: its backbone, at the crop the folder declares
         loaded = load_teacher_backbone(path)
         backbone, image_size, s = loaded.model, loaded.image_size, loaded.spec
         arch = s.arch
         if args.random_init:
-            backbone = build_backbone(s.arch, img_size=s.img_size, patch_size=s.patch_size, depth=s.depth)
+            vit = {"img_size": s.img_size, "patch_size": s.patch_size, "depth": s.depth} if s.patch_size else {}
+            backbone, _ = build_backbone(s.arch, **vit)
         backbone = backbone.to(device)
     if args.random_init:
         print("backbone: random initialisation (the baseline; the checkpoint's weights are not loaded)")
@@ -406,9 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("knn", help="weighted k-NN top-1 of a checkpoint's teacher backbone")
-    p.add_argument("--checkpoint", required=True, help="fastdino checkpoint or official DINO file (full or backbone)")
-    p.add_argument("--arch", help=f"one of {', '.join(model_names())}; checked against the file's tensors "
-                                  "(inferred when left out)")
+    p.add_argument("--checkpoint", required=True, help="fastdino checkpoint, official DINO file (full or backbone), "
+                                                       "or a timm or transformers model folder")
+    p.add_argument("--arch", help=ARCH_HELP)
     p.add_argument("--patch-size", type=positive_int,
                    help="checked against the file's tensors (inferred when left out)")
     p.add_argument("--train", required=True, type=_images, help="labelled folder (class sub-folders): the memory bank")
@@ -416,8 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=positive_int, default=20)
     p.add_argument("--temperature", type=positive_float, default=0.07)
     p.add_argument("--image-size", type=nonnegative_int, default=0,
-                   help="eval crop size, a multiple of the patch size; 0 = the checkpoint's global crop (official "
-                        "files: their stored grid, 224)")
+                   help="eval crop size, a multiple of the patch size; 0 = the checkpoint's global crop (timm / hf "
+                        "folders: the crop their preprocessing declares; official files: their stored grid, 224)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--num-workers", type=nonnegative_int, default=DEFAULT_WORKERS)
     p.set_defaults(func=_knn)
@@ -427,8 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="fastdino checkpoint, or any file / model folder `knn` reads")
     p.add_argument("--format", default="official", choices=EXPORT_FORMATS,
                    help="official: full training checkpoint (student, teacher, dino_loss.center); "
-                        "official-backbone, or its alias hub: the teacher's ViT state dict, as the released "
-                        "*_pretrain.pth files torch.hub loads; timm: a folder for timm.create_model('local-dir:DIR', "
+                        "official-backbone, or its alias hub: the teacher backbone's state dict (ViT or ResNet), as "
+                        "the released *_pretrain.pth files torch.hub loads (other timm/<name> backbones: use timm or "
+                        "hf); timm: a folder for timm.create_model('local-dir:DIR', "
                         "pretrained=True); hf: a folder for transformers' AutoModel (ViTModel, ResNetModel, "
                         "TimmWrapperModel for timm/<name>) / AutoImageProcessor")
     p.add_argument("--out", default="", help="output file (official formats) or a new or empty folder, not "
@@ -455,8 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=positive_int, default=100)
     p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--image-size", type=nonnegative_int, default=0,
-                   help="crop size; 0 = the size the model was built for")
-    p.add_argument("--arch", default=None, help="official backbone-only files: checked against the file's tensors")
+                   help="crop size; 0 = a ViT's stored position grid, a convnet's global crop (timm / hf folders: "
+                        "the crop they declare; official files: 224)")
+    p.add_argument("--arch", default=None, help=ARCH_HELP)
     p.add_argument("--patch-size", type=positive_int, default=None, help="checked against the file's tensors")
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

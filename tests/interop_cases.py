@@ -1,5 +1,8 @@
 """What the interop tests share: checkpoints with random weights at the two tested ViT sizes and of two convnets,
-and fixed images."""
+fixed images, and the image size the evaluation commands pick for a file."""
+
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -56,3 +59,20 @@ def assert_loads_back_tensor_for_tensor(cfg, method, exported, kind: str) -> Non
     for net in (fresh.student_module(), fresh.teacher):
         for name, t in method.teacher.backbone.state_dict().items():
             assert torch.equal(net.backbone.state_dict()[name], t), name
+
+
+def eval_image_sizes(monkeypatch, path) -> tuple[int, int]:
+    """The image sizes `fastdino knn` and `fastdino finetune` evaluate checkpoint or folder `path` at, flags left
+    out (knn_evaluate and finetune stubbed: no images are read)."""
+    import fastdino.eval.finetune as finetune_module
+    import fastdino.eval.knn as knn_module
+
+    seen = []
+    monkeypatch.setattr(knn_module, "knn_evaluate", lambda model, train, val, size, *a, **k: seen.append(size)
+                        or SimpleNamespace(top1=0.0, n_val=0, skipped_images=0))
+    monkeypatch.setattr(finetune_module, "finetune", lambda model, train, val, size, *a, **k: seen.append(size)
+                        or SimpleNamespace(classes=[], top1=0.0, skipped_val=0))
+    data = ["--train", str(Path(path).parent), "--val", str(Path(path).parent), "--device", "cpu"]
+    assert main(["knn", "--checkpoint", str(path), *data]) == 0
+    assert main(["finetune", str(path), *data]) == 0
+    return tuple(seen)

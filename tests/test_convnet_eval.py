@@ -3,6 +3,8 @@ attention maps refused, official layouts out (torchvision keys, no `fc`) and in 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torchvision
@@ -48,6 +50,40 @@ def test_knn_linear_finetune_on_a_convnet_checkpoint(trained, capsys):
     assert "--features cls4" in err and err.count("\n") == 1
     assert main(["finetune", str(ckpt), *data, "--epochs", "1", "--batch-size", "4"]) == 0
     assert "fine-tuned top-1" in capsys.readouterr().out
+
+
+def test_arch_and_patch_flags_against_a_convnet_file(trained, capsys):
+    """A mismatch names the convnet without a patch; --patch-size is a ViT's; timm/resnet18 is resnet18."""
+    root, ckpt = trained
+    data = ["--train", str(root / "train"), "--val", str(root / "val"), "--num-workers", "0", "--device", "cpu"]
+    for flags, words in ((["--arch", "vit_small"], f"checkpoint {ckpt} is a resnet18 (read from the file): --arch "
+                                                   "vit_small does not match; pass --arch resnet18"),
+                         (["--patch-size", "16"], "is a resnet18 (read from the file): --patch-size applies to ViTs "
+                                                  "only; leave it out")):
+        assert main(["knn", "--checkpoint", str(ckpt), *flags, *data]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "None" not in err and err.count("\n") == 1, err
+    assert load_teacher_backbone(ckpt, arch="timm/resnet18").spec.arch == "resnet18"
+
+
+def test_finetune_random_init_of_a_convnet_folder(trained, capsys, tmp_path, monkeypatch):
+    """--random-init builds the folder's convnet afresh (it called the ViT constructor with a ResNet name), at the
+    crop the folder declares (fine-tuning itself stubbed: tested above)."""
+    import fastdino.eval.finetune as finetune_module
+
+    root, ckpt = trained
+    assert main(["export", str(ckpt), "--format", "timm", "--out", str(tmp_path / "timm")]) == 0
+    given = []
+    monkeypatch.setattr(finetune_module, "finetune", lambda model, train, val, size, *a, **k: given.append(
+        (model, size)) or SimpleNamespace(classes=[], top1=0.0, skipped_val=0))
+    data = ["--train", str(root / "train"), "--val", str(root / "val"), "--device", "cpu"]
+    assert main(["finetune", str(tmp_path / "timm"), *data, "--random-init"]) == 0
+    assert "random initialisation" in capsys.readouterr().out
+    (model, size), = given
+    trained_weights = load_teacher_backbone(ckpt).model.state_dict()
+    assert isinstance(model, torchvision.models.ResNet) and size == 32
+    assert model.state_dict().keys() == trained_weights.keys()
+    assert not torch.equal(model.state_dict()["conv1.weight"], trained_weights["conv1.weight"])
 
 
 def test_attention_maps_of_a_convnet_are_refused(trained, capsys, tmp_path):

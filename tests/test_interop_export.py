@@ -8,6 +8,7 @@ from pathlib import Path
 import interop_cases
 import pytest
 import torch
+from PIL import Image
 
 import fastdino.interop.export as export_module
 from fastdino.cli import main
@@ -15,7 +16,7 @@ from fastdino.config import load_config
 from fastdino.data.demo import make_demo_dataset
 from fastdino.interop.export import ExportCheckError, export
 from fastdino.interop.hf import to_hf
-from fastdino.interop.official import init_from_weights, read_dino_weights
+from fastdino.interop.official import init_from_weights, load_teacher_backbone, read_dino_weights
 from fastdino.methods import build_method
 
 safetensors = pytest.importorskip("safetensors.torch")
@@ -101,6 +102,56 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err
         assert words in err and len(err.strip().splitlines()) == 1, (argv, err)
     assert [p.name for p in full.iterdir()] == ["keep.txt"]
+
+
+def test_an_official_layout_of_a_timm_convnet_is_refused_before_any_work(tmp_path, capsys):
+    """The official layouts cannot name a timm model and the official code cannot build one (export's
+    official_layout_refusal): one line pointing to timm / hf, nothing written. timm/resnet18 is torchvision's
+    network and keys: it goes out, and reads back as the resnet18 it is, --arch timm/resnet18 accepted."""
+    tmp = tmp_path / "t"
+    tmp.mkdir()
+    interop_cases.checkpoint(tmp / "last.pt", ["model.arch=timm/resnet10t", *interop_cases.HEAD])
+    for fmt in ("official", "official-backbone", "hub"):
+        assert main(["export", str(tmp / "last.pt"), "--format", fmt]) == 2
+        err = capsys.readouterr().err
+        assert f"--format {fmt}: checkpoint {tmp / 'last.pt'} holds a timm/resnet10t backbone" in err, err
+        assert "use --format timm or hf" in err and err.count("\n") == 1
+        assert [p.name for p in tmp.iterdir()] == ["last.pt"]
+    _, method = interop_cases.checkpoint(tmp_path / "last.pt", ["model.arch=timm/resnet18", *interop_cases.HEAD])
+    assert main(["export", str(tmp_path / "last.pt"), "--format", "hub", "--out", str(tmp_path / "hub.pth")]) == 0
+    loaded = load_teacher_backbone(tmp_path / "hub.pth", arch="timm/resnet18")
+    assert loaded.spec.arch == "resnet18"
+    x = interop_cases.images(64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), method.teacher.backbone.eval()(x), atol=0, rtol=0)
+
+
+def test_a_run_folder_an_image_or_a_yaml_file_as_checkpoint_is_one_plain_line(tmp_path, capsys):
+    """A run's folder suggests its last.pt; a file torch cannot read at all is said to be one, without torch's
+    text on weights_only defaults."""
+    run = tmp_path / "run"
+    run.mkdir()
+    checkpoint(run / "last.pt")
+    (tmp_path / "empty").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.jpg")
+    (tmp_path / "config.yaml").write_text("model:\n  arch: resnet18\n")
+    data = ["--train", str(tmp_path), "--val", str(tmp_path)]
+    cases = [
+        (["export", str(run)], f"{run} is a folder without config.json", f"did you mean {run / 'last.pt'}?"),
+        (["knn", "--checkpoint", str(tmp_path / "empty"), *data], "without config.json", ""),
+        (["export", str(tmp_path / "photo.jpg")], f"checkpoint {tmp_path / 'photo.jpg'} is not a file torch can read",
+         "neither a torch.save archive nor a pickle"),
+        (["knn", "--checkpoint", str(tmp_path / "config.yaml"), *data], "config.yaml is not a file torch can read",
+         "neither a torch.save archive nor a pickle"),
+        (["finetune", str(tmp_path / "config.yaml"), *data], "config.yaml is not a file torch can read", ""),
+    ]
+    for argv, *words in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert all(w in err for w in words) and err.count("\n") == 1, (argv, err)
+        assert "weights_only" not in err and "PyTorch 2.6" not in err, err
+        if not words[1]:
+            assert "did you mean" not in err, err
 
 
 def test_exports_start_evaluations_and_runs(tmp_path, capsys):

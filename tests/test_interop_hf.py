@@ -17,6 +17,7 @@ from interop_cases import (
     SIZES,
     assert_loads_back_tensor_for_tensor,
     checkpoint,
+    eval_image_sizes,
     export_checkpoint,
     images,
 )
@@ -147,6 +148,21 @@ def test_auto_image_processor_of_a_convnet_export_gives_fastdinos_eval_transform
     processor = transformers.AutoImageProcessor.from_pretrained(folder, backend="pil")
     torch.testing.assert_close(processor(img, return_tensors="pt")["pixel_values"][0], eval_transform(224)(img),
                                atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(CONVNETS))
+def test_a_convnet_export_declares_the_crop_its_run_trained_on(name, tmp_path_factory, monkeypatch):
+    """A run on 32 px global crops: AutoImageProcessor (ResNet: preprocessor_config.json; timm/<name>:
+    config.json's pretrained_cfg) crops 32 with fastdino's eval transform, and knn / finetune read the export at
+    the checkpoint's size."""
+    _, _, folder = export_checkpoint(tmp_path_factory, f"{name}_32", CONVNETS[name] + ["data.global_size=32"], "hf")
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).resize((400, 300), Image.BILINEAR)
+    processor = transformers.AutoImageProcessor.from_pretrained(folder, backend="pil")
+    pixels = processor(img, return_tensors="pt")["pixel_values"][0]
+    assert pixels.shape == (3, 32, 32)
+    torch.testing.assert_close(pixels, eval_transform(32)(img), atol=1e-5, rtol=0)
+    assert eval_image_sizes(monkeypatch, folder) == eval_image_sizes(monkeypatch, folder.parent / "last.pt") == (32, 32)
 
 
 def test_hf_convnet_export_round_trips_through_init_from_tensor_for_tensor(convnet_exported):

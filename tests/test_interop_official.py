@@ -214,10 +214,14 @@ def test_pickled_objects_are_refused_without_running(tmp_path):
         read_dino_weights(tmp_path / "evil.pth")
     assert not marker.exists()
     (tmp_path / "junk.pth").write_bytes(b"\x00" * 64)
-    with pytest.raises(CheckpointError, match="junk.pth is unreadable"):
+    with pytest.raises(CheckpointError, match="junk.pth is not a file torch can read: neither a torch.save archive"):
         read_dino_weights(tmp_path / "junk.pth")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty.pth is not a file torch can read: it is empty"):
+        read_dino_weights(tmp_path / "empty.pth")
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "resnet.pth")
-    with pytest.raises(CheckpointError, match="resnet.pth holds no ViT backbone"):
+    with pytest.raises(CheckpointError, match="resnet.pth holds neither a ViT backbone .* nor a torchvision ResNet's .*"
+                                              "fastdino reads ViT-T/S/B and ResNet-18..152 files"):
         load_teacher_backbone(tmp_path / "resnet.pth")
 
 

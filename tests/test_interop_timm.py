@@ -15,6 +15,7 @@ from interop_cases import (
     SIZES,
     assert_loads_back_tensor_for_tensor,
     checkpoint,
+    eval_image_sizes,
     export_checkpoint,
     images,
 )
@@ -141,6 +142,21 @@ def test_timm_convnet_preprocessing_is_fastdinos_eval_transform(convnet_exported
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).resize((400, 300), Image.BILINEAR)
     torch.testing.assert_close(transform(img), eval_transform(224)(img), atol=1e-5, rtol=0)
+
+
+def test_a_convnet_export_declares_the_crop_its_run_trained_on(tmp_path_factory, monkeypatch):
+    """A resnet18 run on 32 px global crops: timm's data config crops 32 (fastdino's eval transform at 32, as
+    `knn` on last.pt uses), and knn / finetune read the export at the checkpoint's size."""
+    cfg, _, folder = export_checkpoint(tmp_path_factory, "resnet18_32", ["model.arch=resnet18", "data.global_size=32"],
+                                       "timm")
+    model = timm.create_model(f"local-dir:{folder}", pretrained=False)
+    data_config = timm.data.resolve_data_config({}, model=model)
+    assert tuple(data_config["input_size"]) == (3, 32, 32)
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).resize((400, 300), Image.BILINEAR)
+    torch.testing.assert_close(timm.data.create_transform(**data_config)(img), eval_transform(32)(img), atol=1e-5,
+                               rtol=0)
+    assert eval_image_sizes(monkeypatch, folder) == eval_image_sizes(monkeypatch, folder.parent / "last.pt") == (32, 32)
 
 
 def test_timm_convnet_export_round_trips_through_init_from_tensor_for_tensor(convnet_exported):

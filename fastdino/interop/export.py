@@ -3,13 +3,17 @@
 Formats (EXPORT_FORMATS): `official` (main_dino.py's full checkpoint), `official-backbone` and its alias `hub`
 (the released *_pretrain.pth layout that facebookresearch/dino's hubconf.py loads), `timm` (a folder for
 `timm.create_model("local-dir:DIR", pretrained=True)`), `hf` (a folder for transformers'
-`ViTModel.from_pretrained(DIR)` and `AutoImageProcessor`). Weights in folders are safetensors.
+`ViTModel.from_pretrained(DIR, add_pooling_layer=False)` and `AutoImageProcessor`). Weights in folders are safetensors.
 
-Convnets write every format. `timm`: a torchvision ResNet as timm's ResNet of that depth (the same network and
-key names), a `timm/<name>` backbone as `<name>`; `hf`: a torchvision ResNet as a `ResNetModel`
-(+ preprocessor_config.json), a `timm/<name>` backbone as the timm folder typed `timm_wrapper`, which
-transformers' `AutoModel` / `AutoImageProcessor` load as `TimmWrapperModel` (interop/hf.py). Their check
-compares pooled features (B, D) on a CONVNET_CHECK_SIZE input.
+Convnets. `timm`: a torchvision ResNet as timm's ResNet of that depth (the same network and key names), a
+`timm/<name>` backbone as `<name>`; `hf`: a torchvision ResNet as a `ResNetModel` (+ preprocessor_config.json),
+a `timm/<name>` backbone as the timm folder typed `timm_wrapper`, which transformers' `AutoModel` /
+`AutoImageProcessor` load as `TimmWrapperModel` (interop/hf.py). Their preprocessing is fastdino's evaluation
+transform at the checkpoint's global crop (DinoWeights.image_size: data.global_size, 224 for an official file),
+as a ViT folder's is at its img_size, so that the export is evaluated as the checkpoint is. Their check
+compares pooled features (B, D) on a CONVNET_CHECK_SIZE input. The official layouts (`official`,
+`official-backbone`, `hub`) take torchvision ResNets (and `timm/resnetN`, the same network and keys) but refuse
+any other `timm/<name>` backbone before any work (official_layout_refusal).
 
 The check: the written files are loaded back as the target loads them (timm or transformers when installed,
 else a tensor restatement of that library's ViT, interop/restated.py; the official layouts always by the
@@ -55,14 +59,13 @@ from fastdino.interop.official import (
 )
 from fastdino.interop.restated import from_fused_qkv
 from fastdino.interop.timm import (
-    CONVNET_SIZE,
     timm_class_token,
     timm_config,
     timm_convnet_config,
     timm_convnet_features,
     to_timm,
 )
-from fastdino.models.backbones import TORCHVISION_RESNETS, is_vit
+from fastdino.models.backbones import TIMM_PREFIX, TORCHVISION_RESNETS, is_vit
 from fastdino.models.backbones import build_backbone as build_any_backbone
 from fastdino.models.vit import build_backbone
 
@@ -83,6 +86,22 @@ CONVNET_CHECK_SIZE = 64
 
 class ExportCheckError(CheckpointError):
     """The exported model, loaded back, does not give fastdino's features: nothing is written."""
+
+
+def official_layout_refusal(arch: str, fmt: str, src: Path) -> str | None:
+    """Why an official layout cannot hold backbone `arch`, or None when it can (a ViT, a torchvision ResNet, or
+    `timm/resnetN`, which is one).
+
+    Refused rather than made readable: those layouts are a bare state dict in which nothing names the timm model,
+    and their readers (main_dino.py, eval_knn.py, hubconf.py) build only their ViTs and torchvision ResNets, so no
+    reader could use the file; fastdino reading it back would need every reader (knn, linear, finetune,
+    train.init_from, export) to be told the model. The timm and hf folders name it in config.json and are read
+    back by all of them."""
+    if fmt in FOLDER_FORMATS or is_vit(arch) or arch.removeprefix(TIMM_PREFIX) in TORCHVISION_RESNETS:
+        return None
+    return (f"--format {fmt}: checkpoint {src} holds a {arch} backbone, which the official DINO code cannot build "
+            "and whose official layout (a bare state dict) does not name it; use --format timm or hf, which keep "
+            "the architecture")
 
 
 def default_out(src: Path, fmt: str) -> Path:
@@ -134,7 +153,7 @@ def _write(fmt: str, weights: DinoWeights, stage: Path) -> Path:
     folder = stage / "model"
     folder.mkdir()
     if not is_vit(s.arch):
-        return _write_convnet(fmt, s.arch, backbone, folder)
+        return _write_convnet(fmt, s.arch, backbone, folder, weights.image_size)
     shape = {"embed_dim": backbone["norm.weight"].numel(), "depth": s.depth, "heads": arch_heads(s.arch),
              "patch_size": s.patch_size, "img_size": s.img_size}
     if fmt == "timm":
@@ -148,8 +167,8 @@ def _write(fmt: str, weights: DinoWeights, stage: Path) -> Path:
     return folder
 
 
-def _write_convnet(fmt: str, arch: str, backbone: dict[str, torch.Tensor], folder: Path) -> Path:
-    """A convnet backbone's timm or transformers folder (module docstring)."""
+def _write_convnet(fmt: str, arch: str, backbone: dict[str, torch.Tensor], folder: Path, image_size: int) -> Path:
+    """A convnet backbone's timm or transformers folder, its preprocessing at image_size (module docstring)."""
     from safetensors.torch import save_file
 
     model, dim = build_any_backbone(arch)  # the widths of a timm model are not in its tensors
@@ -158,12 +177,12 @@ def _write_convnet(fmt: str, arch: str, backbone: dict[str, torch.Tensor], folde
     num_features = getattr(model, "num_features", dim)
     tv = arch in TORCHVISION_RESNETS
     if fmt == "timm":
-        weights, config = to_timm(backbone), timm_convnet_config(arch, num_features)
+        weights, config = to_timm(backbone), timm_convnet_config(arch, num_features, image_size)
     elif tv:
         weights, config = to_hf_resnet(backbone), hf_resnet_config(arch, backbone)
-        (folder / "preprocessor_config.json").write_text(json.dumps(hf_preprocessor_config(CONVNET_SIZE), indent=2))
+        (folder / "preprocessor_config.json").write_text(json.dumps(hf_preprocessor_config(image_size), indent=2))
     else:  # TimmWrapperModel's image processor reads config.json's pretrained_cfg
-        weights, config = to_timm(backbone), hf_timm_wrapper_config(arch, num_features)
+        weights, config = to_timm(backbone), hf_timm_wrapper_config(arch, num_features, image_size)
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
@@ -240,9 +259,10 @@ def export(src: str | Path, out: str | Path | None = None, fmt: str = "official"
     None), after the on-the-spot check (module docstring). use_library=False checks with the tensor
     restatement even when timm / transformers are installed (tests). Returns the path written.
 
-    Raises UserError before any work for an unknown format or an unusable `out` (the file formats: not a
+    Raises UserError before any work for an unknown format, an unusable `out` (the file formats: not a
     folder, nor a .safetensors name; the folder formats: a new or empty folder, not named like a file
-    (FILE_SUFFIXES); its parent must exist), CheckpointError for a source
+    (FILE_SUFFIXES); its parent must exist) or an official layout of a timm backbone it cannot hold
+    (official_layout_refusal), CheckpointError for a source
     that cannot be read or has no DINO head for `official`, and ExportCheckError when the check fails.
     """
     if fmt not in EXPORT_FORMATS:
@@ -255,6 +275,9 @@ def export(src: str | Path, out: str | Path | None = None, fmt: str = "official"
     _check_out(src, out, fmt)
     weights = read_dino_weights(src)
     s = weights.spec
+    refusal = official_layout_refusal(s.arch, fmt, src)
+    if refusal:
+        raise UserError(refusal)
     vit = is_vit(s.arch)
     size = s.img_size if vit else CONVNET_CHECK_SIZE
     x = torch.randn(CHECK_BATCH, 3, size, size, generator=torch.Generator().manual_seed(0))

@@ -39,6 +39,7 @@ from fastdino.models.backbones import build_backbone as build_any_backbone
 log = logging.getLogger("fastdino")
 
 WEIGHTS = "model.safetensors"
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
 LAYER_NORM_EPS = 1e-6  # models/vit.py, the official vision_transformer.py
 PIL_BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, as image processor configs spell it
 
@@ -80,6 +81,20 @@ def hf_preprocessor_config(img_size: int) -> dict:
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
         "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD),
     }
+
+
+def preprocessor_crop(folder: Path) -> int | None:
+    """The square centre crop a transformers folder's preprocessor_config.json declares (`crop_size`: {height,
+    width} or an int), the image size its model is evaluated at; None when the file, or a square crop, is not
+    there (then a ResNet folder is read at 224, the official evaluation crop). An unreadable file counts as none:
+    it is only a default."""
+    try:
+        crop = json.loads((folder / PREPROCESSOR_CONFIG).read_text()).get("crop_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(crop, dict) and crop.get("height") == crop.get("width"):
+        crop = crop.get("height")
+    return crop if isinstance(crop, int) and not isinstance(crop, bool) and crop > 0 else None
 
 
 def to_hf(backbone: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -209,9 +224,10 @@ def hf_resnet_config(arch: str, backbone: dict[str, torch.Tensor]) -> dict:
     }
 
 
-def hf_timm_wrapper_config(arch: str, num_features: int) -> dict:
-    """config.json of a `timm/<name>` backbone for transformers' TimmWrapperModel: timm's folder config, typed."""
-    return {**timm_convnet_config(arch, num_features), "model_type": TIMM_WRAPPER}
+def hf_timm_wrapper_config(arch: str, num_features: int, img_size: int) -> dict:
+    """config.json of a `timm/<name>` backbone for transformers' TimmWrapperModel: timm's folder config (with its
+    preprocessing at img_size), typed."""
+    return {**timm_convnet_config(arch, num_features, img_size), "model_type": TIMM_WRAPPER}
 
 
 def _to_hf_key(key: str) -> str:

@@ -11,8 +11,10 @@ attributes whose construction runs no code from the file). A file that needs mor
   `epoch`, `fp16_scaler`, `args`. Its head's last layer has the old-style weight norm (`weight_g` (K, 1),
   `weight_v` (K, bottleneck)); fastdino's has torch's parametrization (`parametrizations.weight.original0` /
   `original1`): the same two tensors under other names;
-- official backbone-only release files: a ViT state dict, possibly under `teacher` / `student`, possibly with
-  `module.` / `backbone.` prefixes; timm ViT state dicts are the same (a classifier `head.*` is dropped);
+- official backbone-only release files: a ViT or torchvision ResNet state dict, possibly under `teacher` /
+  `student`, possibly with `module.` / `backbone.` prefixes; timm ViT and ResNet state dicts are the same (a
+  classifier `head.*` / `fc.*` is dropped). Other timm models cannot be told from their tensors: they are read
+  from fastdino checkpoints (model.arch) and timm / transformers folders (config.json) only;
 - the formats of other tools (interop/timm.py, interop/hf.py): a timm or transformers model folder
   (`config.json` + `model.safetensors` or `pytorch_model.bin`), or a `.safetensors` file; a transformers state
   dict (split q / k / v) is recognised by its key names in any file.
@@ -39,9 +41,23 @@ import torch
 from torch import nn
 
 from fastdino.errors import CheckpointError, UserError
-from fastdino.interop.hf import TIMM_WRAPPER, from_hf, from_hf_resnet, from_hf_timm_wrapper, is_hf_state
+from fastdino.interop.hf import (
+    TIMM_WRAPPER,
+    from_hf,
+    from_hf_resnet,
+    from_hf_timm_wrapper,
+    is_hf_state,
+    preprocessor_crop,
+)
 from fastdino.interop.timm import from_timm, timm_folder_arch
-from fastdino.models.backbones import RESNET_BLOCKS, TIMM_PREFIX, TORCHVISION_RESNETS, is_vit, same_network
+from fastdino.models.backbones import (
+    RESNET_BLOCKS,
+    TIMM_PREFIX,
+    TORCHVISION_RESNETS,
+    arch_label,
+    is_vit,
+    same_network,
+)
 from fastdino.models.backbones import build_backbone as build_any_backbone
 from fastdino.models.vit import VisionTransformer, build_backbone, model_names
 
@@ -92,8 +108,9 @@ class DinoWeights:
     kind: "fastdino" | "official" (a full training checkpoint) | one of BACKBONE_KINDS: "official-backbone",
     "timm", "hf" (a backbone alone: `teacher` holds `backbone.*` keys only, `student` and `center` are None).
     center: (K,) float32, or None when the file has none. image_size: the crop size it was trained on
-    (fastdino: data.global_size; timm / transformers folders: their config's input size; otherwise the stored
-    position-embedding grid, 224 px for the released models).
+    (fastdino: data.global_size; timm / transformers folders: their config's input size, a transformers ResNet's
+    preprocessor_config.json crop; otherwise a ViT's stored position-embedding grid, 224 px for the released
+    models and for a convnet file, whose tensors do not say).
     """
 
     path: Path
@@ -139,9 +156,23 @@ def read_weights_file(path: str | Path) -> Any:
                 f"checkpoint {path} holds a pickled Python object ({unsafe.group(1)}) that fastdino will not load (it "
                 "could run code from the file); re-save only its tensors (state dicts) with code you trust"
             ) from None
-        why = _one_line(exc)  # torch's weights_only explanation alone runs to 600+ characters
-        raise CheckpointError(f"checkpoint {path} is unreadable as a PyTorch file ({type(exc).__name__}: "
-                              f"{why[:160] + ' ...' if len(why) > 160 else why})") from exc
+        raise CheckpointError(f"checkpoint {path} is not a file torch can read: {_unreadable_why(path, exc)}") from exc
+
+
+def _unreadable_why(path: Path, exc: BaseException) -> str:
+    """Why torch.load refused a file, in a few words: torch's own weights_only text (600+ characters on why its
+    default changed in 2.6) says nothing useful about a file that is no torch.save output at all (an image, a
+    YAML file): a pickle opcode it does not know means just that."""
+    why = _one_line(exc)
+    if path.stat().st_size == 0:
+        return "it is empty"
+    if re.search(r"WeightsUnpickler error: Unsupported operand", why):
+        with path.open("rb") as f:
+            head = f.read(8)
+        return f"neither a torch.save archive nor a pickle (it starts with {head!r})"
+    why = re.sub(r".*WeightsUnpickler error:\s*", "", why)
+    why = re.sub(r"\s*Check the documentation of torch\.load.*", "", why)
+    return f"{type(exc).__name__}: {why[:160] + ' ...' if len(why) > 160 else why}"
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -161,8 +192,10 @@ def _read_model_folder(path: Path) -> tuple[str, dict[str, torch.Tensor], int | 
     image size, the architecture when its tensors do not tell: a `timm/<name>` convnet)."""
     config_file = path / "config.json"
     if not config_file.is_file():
+        last = path / "last.pt"  # a run's output folder (train.output_dir): its checkpoint is last.pt
+        hint = f"; did you mean {last}?" if last.is_file() else ""
         raise CheckpointError(f"{path} is a folder without config.json: name a checkpoint file, or a timm or "
-                              "transformers model folder")
+                              f"transformers model folder{hint}")
     try:
         config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -180,7 +213,7 @@ def _read_model_folder(path: Path) -> tuple[str, dict[str, torch.Tensor], int | 
         heads, size = config.get("num_attention_heads"), config.get("image_size")
     elif model_type == "resnet":
         kind, backbone = "hf", from_hf_resnet(state, config, f"model folder {path}")
-        heads, size = None, None
+        heads, size = None, preprocessor_crop(path)
     elif model_type == TIMM_WRAPPER or (isinstance(config, dict) and model_type is None and "architecture" in config):
         kind, backbone = ("hf", from_hf_timm_wrapper(state)) if model_type else ("timm", from_timm(state))
         arch = timm_folder_arch(config, backbone)
@@ -231,8 +264,10 @@ def network_spec(state: dict[str, torch.Tensor], source: str, norm_last_layer: b
         return _with_head(spec, state, source, norm_last_layer)
     required = ("backbone.cls_token", "backbone.pos_embed", "backbone.patch_embed.proj.weight")
     if not all(k in state for k in required):
-        raise CheckpointError(f"{source} holds no ViT backbone (no cls_token / pos_embed / patch_embed.proj.weight); "
-                              "fastdino reads ViT-T/S/B checkpoints")
+        raise CheckpointError(f"{source} holds neither a ViT backbone (cls_token, pos_embed, patch_embed.proj.weight) "
+                              "nor a torchvision ResNet's (conv1, layer1..4); fastdino reads ViT-T/S/B and "
+                              "ResNet-18..152 files, and timm/<name> backbones from fastdino checkpoints and timm or "
+                              "transformers folders")
     proj = state["backbone.patch_embed.proj.weight"]  # (D, 3, p, p)
     n_patches = state["backbone.pos_embed"].shape[1] - 1
     side = math.isqrt(n_patches)
@@ -382,19 +417,24 @@ def load_exact(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> 
 
 
 def _check_flags(weights: DinoWeights, arch: str | None, patch_size: int | None) -> None:
+    """--arch / --patch-size against the file (an --arch that builds the same network passes: same_network)."""
     s = weights.spec
-    for flag, given, found in (("--arch", arch, s.arch), ("--patch-size", patch_size, s.patch_size)):
-        if given is not None and given != found:
-            raise CheckpointError(f"checkpoint {weights.path} is a {weights.spec.arch} with patch size "
-                                  f"{weights.spec.patch_size} (read from its tensors): {flag} {given} does not match; "
-                                  f"pass {flag} {found} or leave the flag out")
+    what = f"checkpoint {weights.path} is a {arch_label(s.arch, s.patch_size)} (read from the file)"
+    if arch is not None and not same_network(arch, s.arch):
+        raise CheckpointError(f"{what}: --arch {arch} does not match; pass --arch {s.arch} or leave the flag out")
+    if patch_size is not None and s.patch_size is None:
+        raise CheckpointError(f"{what}: --patch-size applies to ViTs only; leave it out")
+    if patch_size is not None and patch_size != s.patch_size:
+        raise CheckpointError(f"{what}: --patch-size {patch_size} does not match; pass --patch-size {s.patch_size} "
+                              "or leave the flag out")
 
 
 def load_teacher_backbone(
     path: str | Path, *, arch: str | None = None, patch_size: int | None = None, attention: str = "sdpa"
 ) -> TeacherBackbone:
-    """The teacher's ViT backbone, with its weights, from any checkpoint fastdino reads: a fastdino checkpoint,
-    an official full training checkpoint, or an official backbone-only release file (module docstring).
+    """The teacher backbone (a ViT or a convnet), with its weights, from any checkpoint fastdino reads: a fastdino
+    checkpoint, an official full training checkpoint, an official backbone-only release file, or a timm or
+    transformers folder (module docstring).
 
     This is the seam for every evaluation command (k-NN, linear probe, attention maps): the network DINO
     evaluates is the teacher backbone (official eval scripts: checkpoint_key "teacher"). Architecture, depth,
@@ -402,8 +442,9 @@ def load_teacher_backbone(
     `--patch-size` flags) are optional and checked against them. The number of heads is the architecture's.
     `attention`: the model's attention kernel (models/attention.py). Returns the model in eval mode on the CPU
     and the crop size it was trained on (TeacherBackbone.image_size), the natural evaluation size. Raises
-    CheckpointError (naming the file) for an unreadable or unsafe file, a non-ViT or unknown-width backbone,
-    a flag that disagrees with the file, or weights that do not fit; UserError for an unknown `arch`.
+    CheckpointError (naming the file) for an unreadable or unsafe file, a backbone that is neither a ViT of a
+    known width nor a known convnet, a flag that disagrees with the file (an `arch` that builds the same
+    network passes: `timm/resnet50` for `resnet50`), or weights that do not fit; UserError for an unknown `arch`.
     """
     if arch is not None and arch not in model_names() + TORCHVISION_RESNETS and not arch.startswith(TIMM_PREFIX):
         raise UserError(f"--arch {arch} is not one of {', '.join(model_names() + TORCHVISION_RESNETS)} nor timm/<name>")

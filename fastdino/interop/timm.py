@@ -29,8 +29,6 @@ WEIGHTS = "model.safetensors"
 TIMM_ARCH = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224",
              "vit_base": "vit_base_patch16_224"}
 """fastdino architecture -> the timm model of that width (model_args set its patch, image size and depth)."""
-CONVNET_SIZE = 224
-"""The evaluation crop a convnet folder's preprocessing gives (the official eval_knn.py / eval_linear.py crop)."""
 
 
 def eval_resize(size: int) -> int:
@@ -65,11 +63,12 @@ def timm_convnet_architecture(arch: str) -> str:
     return arch.removeprefix(TIMM_PREFIX)
 
 
-def timm_convnet_config(arch: str, num_features: int) -> dict:
+def timm_convnet_config(arch: str, num_features: int, img_size: int) -> dict:
     """config.json for a convnet backbone (resnet18..152 or timm/<name>): timm's model of that name with its
     default arguments, no classifier (num_classes 0: the pooled features), fastdino's evaluation preprocessing at
-    CONVNET_SIZE (any input size works: fixed_input_size false)."""
-    cfg = {"tag": "fastdino", **_preprocessing(CONVNET_SIZE), "fixed_input_size": False, "num_classes": 0}
+    img_size, the crop the run trained on (data.global_size; 224 for an official file, the official eval_knn.py
+    crop), as a ViT folder declares its img_size; any input size works (fixed_input_size false)."""
+    cfg = {"tag": "fastdino", **_preprocessing(img_size), "fixed_input_size": False, "num_classes": 0}
     if arch in TORCHVISION_RESNETS:
         cfg.update(first_conv="conv1", classifier="fc")
     return {"architecture": timm_convnet_architecture(arch), "num_classes": 0, "num_features": num_features,
