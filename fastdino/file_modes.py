@@ -1,4 +1,4 @@
-"""The mode of a file fastdino publishes through a temporary name: the one a plain open() / mkdir gives.
+"""A file fastdino publishes through a temporary name: the mode a plain open() / mkdir gives, and fsync.
 
 Writing to a temporary name and renaming it into place (a crash leaves the old file or the new one) keeps the
 temporary's mode: tempfile.mkstemp makes files 0600, tempfile.mkdtemp folders 0700, and safetensors' save_file
@@ -45,3 +45,13 @@ def plain_mode(path: str | Path) -> None:
             child = os.path.join(folder, name)
             if not os.path.islink(child):
                 os.chmod(child, (0o777 if name in dirs else 0o666) & ~mask)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a folder's entries, to disk: before a rename publishes it (the file holds its bytes)
+    and after (its folder holds the new name)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

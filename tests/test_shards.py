@@ -117,6 +117,18 @@ def _batches(source, epoch, start_step=0):
     return [(views, labels, sorted(p for p, _ in bad)) for views, labels, bad in batches]
 
 
+def _same_batches_skipping(folder, shards) -> tuple[set[str], set[str]]:
+    """An epoch of cpu batches from the folder index and from the shards' is equal, step for step; returns the
+    images each skipped as unreadable: (folder paths, shard keys)."""
+    runs = []
+    for index in (folder, shards):
+        dataset = ImageFileDataset(index, multicrop_transform(32, 16, 2, blur_sigma=(0.1, 0.5)), seed=5)
+        runs.append(_batches(CpuBatches(dataset, batch_size=4, num_workers=0, seed=5), 0))
+    _equal(*runs)
+    return ({name for _, _, bad in runs[0] for name in bad},
+            {name.rsplit(".tar:", 1)[1] for _, _, bad in runs[1] for name in bad})
+
+
 def _equal(a, b):
     assert len(a) == len(b)
     for (va, la, _), (vb, lb, _) in zip(a, b, strict=True):
@@ -192,13 +204,7 @@ def test_fastdino_shards_warns_of_each_corrupt_image_keeps_it_and_gives_the_fold
     folder, shards = index_image_folder(src), sh.index_images(out)
     _same_index(folder, shards, src, out)
     assert index_fingerprint(folder, src) == index_fingerprint(shards, out)
-    runs = []
-    for index in (folder, shards):
-        dataset = ImageFileDataset(index, multicrop_transform(32, 16, 2, blur_sigma=(0.1, 0.5)), seed=5)
-        runs.append(_batches(CpuBatches(dataset, batch_size=4, num_workers=0, seed=5), 0))
-    _equal(*runs)
-    bad_folder = {name for _, _, bad in runs[0] for name in bad}
-    bad_shards = {name.rsplit(".tar:", 1)[1] for _, _, bad in runs[1] for name in bad}
+    bad_folder, bad_shards = _same_batches_skipping(folder, shards)
     assert bad_folder == {str(src / n) for n in corrupt} and bad_shards == {sh.encode_key(n) for n in corrupt}
 
 
@@ -303,13 +309,7 @@ def test_unreadable_files_are_kept_as_empty_members_with_the_folders_index_and_b
     (src / "b" / "0.jpg").unlink()
     (src / "b" / "0.jpg").symlink_to(tmp_path / "nowhere-else.jpg")  # not gone.jpg's: one real file is indexed once
     folder = index_image_folder(src)
-    runs = []
-    for index in (folder, shards):
-        dataset = ImageFileDataset(index, multicrop_transform(32, 16, 2, blur_sigma=(0.1, 0.5)), seed=5)
-        runs.append(_batches(CpuBatches(dataset, batch_size=4, num_workers=0, seed=5), 0))
-    _equal(*runs)
-    bad_folder = {name for _, _, bad in runs[0] for name in bad}
-    bad_shards = {name.rsplit(".tar:", 1)[1] for _, _, bad in runs[1] for name in bad}
+    bad_folder, bad_shards = _same_batches_skipping(folder, shards)
     assert bad_folder == {str(src / "a" / "gone.jpg"), denied}
     assert bad_shards == {sh.encode_key("a/gone.jpg"), sh.encode_key("b/0.jpg")}
 

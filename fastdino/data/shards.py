@@ -68,7 +68,7 @@ from fastdino.data.tarscan import (
     encode_key,
 )
 from fastdino.errors import UserError
-from fastdino.file_modes import umask
+from fastdino.file_modes import fsync_path, umask
 
 log = logging.getLogger("fastdino.data")
 
@@ -694,15 +694,6 @@ def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file's or a folder's entries to disk: a folder renamed into place holds what it names."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_shards(image_folder: str | Path, out_dir: str | Path, shard_size: int = 10**9, seed: int = 0,
                  progress: bool = True) -> list[WrittenSplit]:
     """Write the images of a class-folder tree as WebDataset shards (tarfile, PAX): `out_dir/shard-000000.tar`, ...
@@ -773,11 +764,11 @@ def write_shards(image_folder: str | Path, out_dir: str | Path, shard_size: int 
                                                 bar))
             for name, _ in splits:
                 if name:
-                    _fsync(stage / name)  # the split's entries
-            _fsync(stage)
+                    fsync_path(stage / name)  # the split's entries
+            fsync_path(stage)
             os.replace(stage, target)  # rename(2) replaces an empty folder whole
             published = True
-            _fsync(target.parent)
+            fsync_path(target.parent)
         finally:
             shutil.rmtree(stage, ignore_errors=True)  # gone already once renamed
     finally:

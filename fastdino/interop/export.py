@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from fastdino.errors import CheckpointError, UserError
-from fastdino.file_modes import plain_mode
+from fastdino.file_modes import fsync_path, plain_mode
 from fastdino.interop.hf import (
     hf_class_token,
     hf_config,
@@ -130,14 +130,6 @@ def _check_out(src: Path, out: Path, fmt: str) -> None:
         raise UserError(f"--out {out} is a folder: the {fmt} format writes one file; name it")
     elif out.exists():
         raise UserError(f"--out {out} exists: an export never replaces a file; remove it or name another")
-
-
-def _fsynced(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write(fmt: str, weights: DinoWeights, stage: Path) -> Path:
@@ -303,11 +295,11 @@ def export(src: str | Path, out: str | Path | None = None, fmt: str = "official"
         plain_mode(written)  # the temporary folder's files may be 0600 (safetensors' save_file): as open() gives
         for path in [written, *written.rglob("*")] if written.is_dir() else [written]:
             if path.is_file():
-                _fsynced(path)
+                fsync_path(path)
         if written.is_dir() and out.is_dir():
             out.rmdir()  # empty (checked above): rename needs the name free
         os.replace(written, out)
-        _fsynced(out.parent)
+        fsync_path(out.parent)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return out
