@@ -352,7 +352,7 @@ def _finetune(args: argparse.Namespace) -> int:
                 method.teacher.load_state_dict(state["teacher"])
             except RuntimeError as exc:
                 raise UserError(f"checkpoint {args.checkpoint}: teacher weights do not load ({exc})") from exc
-        backbone, image_size, arch = method.feature_backbone(), cfg.data.global_size, cfg.model.arch
+        backbone, image_size, arch = method.feature_backbone().to(device), cfg.data.global_size, cfg.model.arch
     else:  # an official, timm or transformers ViT or convnet: its backbone, at the crop the folder declares
         loaded = load_teacher_backbone(path)
         backbone, image_size, s = loaded.model, loaded.image_size, loaded.spec

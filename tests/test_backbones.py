@@ -143,6 +143,38 @@ def test_the_crop_check_changes_nothing():
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
+class _EvalCache(nn.Module):
+    """As timm's LeViT / TinyViT attention: an eval forward caches a tensor that only its own train() drops."""
+
+    def __init__(self, failure: str = ""):
+        super().__init__()
+        self.conv, self.cache, self.failure = nn.Conv2d(3, 2, 1), {}, failure
+
+    def train(self, mode: bool = True):
+        self.cache.clear()
+        return super().train(mode)
+
+    def forward(self, x):
+        if self.failure:
+            raise RuntimeError(self.failure)
+        if not self.training:
+            self.cache["bias"] = self.conv.weight.clone()
+        return self.conv(x).mean((2, 3))
+
+
+def test_the_crop_check_leaves_no_eval_cache_and_lets_device_failures_through():
+    """An eval-time cache filled by the check would outlive the weights a resume or init_from loads next; a CUDA or
+    allocator error is the device's, never "cannot take N px crops"."""
+    model = _EvalCache()
+    check_crop_sizes(model, "timm/cached", {"data.global_size": 8})
+    assert model.cache == {} and model.training
+    for failure in ("CUDA error: no kernel image is available for execution on the device",
+                    "cuDNN error: CUDNN_STATUS_NOT_INITIALIZED", "DefaultCPUAllocator: can't allocate memory"):
+        with pytest.raises(RuntimeError, match=failure.split(":")[0]) as raised:
+            check_crop_sizes(_EvalCache(failure), "timm/cached", {"data.global_size": 8})
+        assert not isinstance(raised.value, ConfigError)
+
+
 @pytest.mark.parametrize("overrides,key", [
     (["model.arch=timm/no_such_model"], "model.arch='timm/no_such_model': timm has no model"),
     (["model.arch=resnet17"], "model.arch='resnet17' is not one of"),

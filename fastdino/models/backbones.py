@@ -138,11 +138,25 @@ def check_crop_sizes(backbone: nn.Module, arch: str, sizes: dict[str, int]) -> N
                 except torch.OutOfMemoryError:
                     raise
                 except (RuntimeError, AssertionError, ValueError) as exc:
+                    if _is_device_failure(exc):
+                        raise
                     raise ConfigError(f"{key}={size}: {arch} cannot take {size} px crops ({_short(exc)}); "
                                       f"{_size_hint(backbone, key)}", key) from None
     finally:
-        for m, training in modes:
+        backbone.train()  # through every module's own train(): timm's LeViT / EfficientFormer / TinyViT / EfficientViT
+        for m, training in modes:  # drop the attention-bias cache their eval forward filled with these weights
             m.training = training
+
+
+def _is_device_failure(exc: BaseException) -> bool:
+    """A failure of the device or an allocator, not of the crop size: a CUDA error (torch.AcceleratorError), a
+    cuDNN / cuBLAS status (often memory), the CPU allocator. Shape errors are raised by ATen's checks before any
+    library runs."""
+    accelerator = getattr(torch, "AcceleratorError", None)
+    text = str(exc)
+    return ((accelerator is not None and isinstance(exc, accelerator))
+            or text.startswith(("CUDA error", "cuDNN error", "CUBLAS", "CUDNN")) or "CUBLAS_STATUS" in text
+            or "CUDNN_STATUS" in text or "DefaultCPUAllocator" in text)
 
 
 def _short(exc: BaseException, limit: int = 160) -> str:
