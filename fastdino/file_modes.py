@@ -9,6 +9,7 @@ a new file (0666) or folder (0777) gets under the process's umask, as torch.save
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -53,5 +54,8 @@ def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:  # some network and FUSE file systems cannot fsync a folder: its entries are theirs to keep
+        if not (os.path.isdir(path) and exc.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF)):
+            raise
     finally:
         os.close(fd)

@@ -210,3 +210,37 @@ def test_exports_get_the_mode_a_plain_open_gives(tmp_path, mask):
         for f in files:
             assert f.stat().st_mode & 0o777 == 0o666 & ~mask, f
     assert hub.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_an_empty_folder_reached_through_a_link_receives_the_export(tmp_path):
+    """--out a link to an empty folder (a scratch volume's): the folder it names gets the files, the link stays
+    (the rmdir of the link itself failed, after the check, with ENOTDIR)."""
+    checkpoint(tmp_path / "last.pt")
+    (tmp_path / "scratch" / "timm").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "scratch" / "timm")
+    assert export(tmp_path / "last.pt", tmp_path / "link", fmt="timm", use_library=False) == tmp_path / "link"
+    assert (tmp_path / "link").is_symlink()
+    assert sorted(p.name for p in (tmp_path / "scratch" / "timm").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "link", "scratch"]  # no temporary left
+
+
+def test_a_folder_fsync_a_file_system_refuses_is_not_an_error(tmp_path, monkeypatch):
+    """Some network and FUSE file systems answer a folder's fsync with EINVAL: the export (or shard set) stands;
+    a file's fsync failing is still an error."""
+    import errno
+
+    from fastdino.file_modes import fsync_path
+
+    real = os.fsync
+
+    def fsync(fd):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    fsync_path(tmp_path)
+    (tmp_path / "f").write_text("x")
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError, match="I/O error"):
+        fsync_path(tmp_path / "f")

@@ -242,16 +242,28 @@ def test_an_interrupted_conversion_leaves_nothing_and_a_rerun_publishes_the_whol
     assert _left_in(tmp_path / "out") == ["shards"] and _left_in(out) == []
     monkeypatch.setattr(sh, "_member", real_member)
     (tmp_path / "out" / ".shards.partial-killed").mkdir()  # as a SIGKILL leaves it
+    out.chmod(0o2750)  # a shared folder an admin made: its mode (setgid too) and group stay
     with caplog.at_level(logging.WARNING, "fastdino.data"):
         assert main(["shards", str(src), str(out), "--shard-size", "12KB"]) == 0
     (warned,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert f"{tmp_path / 'out' / '.shards.partial-killed'} is left by a conversion to {out}" in warned
     assert _left_in(tmp_path / "out") == [".shards.partial-killed", "shards"]
     assert len(list(out.glob("shard-*.tar"))) >= 3 and not list(out.glob(".*"))
-    mask = os.umask(0)
-    os.umask(mask)
-    assert out.stat().st_mode & 0o777 == 0o777 & ~mask
+    assert out.stat().st_mode & 0o7777 == 0o2750
     _same_index(index_image_folder(src), sh.index_images(out), src, out)
+
+
+def test_an_empty_out_dir_that_is_a_mount_point_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """A volume mounted at OUT_DIR: the finished set could not be renamed onto it (EBUSY), after hours of work."""
+    src, out = _image_tree(tmp_path / "images"), tmp_path / "volume"
+    out.mkdir()
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: os.fspath(p) == str(out) or real(p))
+    assert main(["shards", str(src), str(out)]) == 2
+    assert capsys.readouterr().err == (f"fastdino: error: {out} is a mount point: the shard set is built beside it and "
+                                       "renamed onto it when complete, which Linux refuses there; name a new folder "
+                                       f"inside it, e.g. {out / 'shards'}\n")
+    assert _left_in(tmp_path) == ["images", "volume"] and _left_in(out) == []
 
 
 def test_the_interrupted_line_fits_the_command(monkeypatch, capsys):

@@ -31,6 +31,7 @@ import os
 import pickle
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
@@ -740,6 +741,10 @@ def write_shards(image_folder: str | Path, out_dir: str | Path, shard_size: int 
             raise DataError(f"{folder} has classes {err.unknown} that {splits[0][1]} lacks: k-NN scores validation "
                             "images by the training classes; add them to train/ or remove them from val/") from None
     target = Path(os.path.realpath(out))  # an empty out_dir reached through a link: the folder it names is replaced
+    before = target.stat() if target.is_dir() else None
+    if before is not None and (os.path.ismount(target) or before.st_dev != target.parent.stat().st_dev):
+        raise DataError(f"{out} is a mount point: the shard set is built beside it and renamed onto it when complete, "
+                        f"which Linux refuses there; name a new folder inside it, e.g. {out / 'shards'}")
     for left in sorted(target.parent.glob(f".{glob.escape(target.name)}{PARTIAL}*")):
         log.warning("%s is left by a conversion to %s that was killed (or still runs): remove it once none runs "
                     "(a partial shard set, never read)", left, out)
@@ -755,7 +760,12 @@ def write_shards(image_folder: str | Path, out_dir: str | Path, shard_size: int 
         except OSError as exc:
             raise DataError(f"cannot create the shard folder {out}: {exc.strerror or exc}") from None
         try:
-            os.chmod(stage, 0o777 & ~umask())  # mkdtemp's 0700: as a plain mkdir makes it
+            if before is None:
+                os.chmod(stage, 0o777 & ~umask())  # mkdtemp's 0700: as a plain mkdir makes it
+            else:  # the empty folder it replaces keeps its mode (setgid, a shared group's bits) and group
+                os.chmod(stage, stat.S_IMODE(before.st_mode))
+                with contextlib.suppress(OSError):
+                    os.chown(stage, -1, before.st_gid)
             labelled = indexes[0].classes != [FLAT_CLASS]
             written = []
             with tqdm(total=sum(len(i) for i in indexes), unit="img", disable=not progress, desc="shards") as bar:

@@ -273,7 +273,8 @@ def export(src: str | Path, out: str | Path | None = None, fmt: str = "official"
     vit = is_vit(s.arch)
     size = s.img_size if vit else CONVNET_CHECK_SIZE
     x = torch.randn(CHECK_BATCH, 3, size, size, generator=torch.Generator().manual_seed(0))
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    target = Path(os.path.realpath(out))  # an empty folder reached through a link: the folder it names is replaced
+    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         with torch.no_grad():
             reference = fastdino_class_token(weights, x)
@@ -296,10 +297,10 @@ def export(src: str | Path, out: str | Path | None = None, fmt: str = "official"
         for path in [written, *written.rglob("*")] if written.is_dir() else [written]:
             if path.is_file():
                 fsync_path(path)
-        if written.is_dir() and out.is_dir():
-            out.rmdir()  # empty (checked above): rename needs the name free
-        os.replace(written, out)
-        fsync_path(out.parent)
+        if written.is_dir() and target.is_dir():
+            target.rmdir()  # empty (checked above): rename needs the name free
+        os.replace(written, target)
+        fsync_path(target.parent)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return out
