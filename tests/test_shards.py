@@ -493,10 +493,10 @@ def _damaged_set(tmp_path: Path) -> Path:
     _photo(7, 200, 200).save(jpeg, format="JPEG")
     _add_sample(tars[0], "a/only-a-label", None)
     _add_sample(tars[1], "b/bad-label", jpeg.getvalue(), b"seven")
-    _add_sample(tars[2], "b/twice", jpeg.getvalue())
+    _add_sample(tars[2], "b/twice", jpeg.getvalue(), b"2")  # class 2 is 'b', the class folder of the key
     _add_sample(tars[3], "b/twice", jpeg.getvalue(), b"2")
     for shard, key, inside in ((tars[3], "b/lost", "header"), (tars[4], "b/zz-cut", "image")):
-        _add_sample(shard, key, jpeg.getvalue())
+        _add_sample(shard, key, jpeg.getvalue(), b"2")
         with tarfile.open(shard) as tar:
             member = tar.getmember(f"{key}.jpg")
         with open(shard, "r+b") as f:
@@ -835,6 +835,24 @@ def test_train_and_val_sets_that_disagree_on_classes_are_refused_naming_the_set_
     with pytest.raises(DataError, match=rf"{beyond}/shard-000000\.tar:c/new has \.cls 3, beyond the 3 classes it is "
                                         rf"indexed in \({beyond / 'classes.json'} is missing"):
         sh.index_in_classes_of(beyond, train, sh.index_images(train))
+
+
+def test_a_classes_json_from_another_conversion_is_refused(tmp_path, capsys):
+    """Validation shards converted on their own (classes 'a b', 'b'), then given a copy of the training set's
+    classes.json ('a', 'a b', 'b'): their .cls numbers would name other classes than the class folders their keys
+    hold, and k-NN would score under the wrong classes. Refused in one line naming a sample and the file."""
+    src = _image_tree(tmp_path / "images" / "train")
+    out = _shards(src, tmp_path / "train")
+    val = _shards(_image_tree(tmp_path / "images" / "val", names=["b/v.jpg", "a b/w.png"]), tmp_path / "val")
+    assert sh.index_in_classes_of(val, out, sh.index_images(out)).labels == [1, 2]  # its own classes.json
+    (val / "classes.json").write_text((out / "classes.json").read_text())
+    with pytest.raises(DataError) as refused:
+        sh.index_in_classes_of(val, out, sh.index_images(out))
+    assert re.fullmatch(rf"{re.escape(str(val))}/shard-\d+\.tar:a b/w%2Epng lies in class folder 'a b' but its .cls "
+                        rf"names 'a' in {re.escape(str(val / 'classes.json'))}: that classes.json is not the one of "
+                        rf"the conversion that wrote {re.escape(str(val))}; put that conversion's classes.json there",
+                        str(refused.value)), str(refused.value)
+    assert len(sh.index_images(out)) == len(NAMES)  # a set keyed otherwise, or right, is not touched
 
 
 def test_validation_shards_without_classes_json_are_refused_for_named_training_classes(tmp_path):

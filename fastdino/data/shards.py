@@ -516,6 +516,30 @@ class ShardMembers:
 
 # -- the index -----------------------------------------------------------------------------------------------
 
+CLASS_FOLDER_SAMPLES = 1000
+"""How many keys, evenly spread, `_check_class_folders` compares: a classes.json from another conversion mislabels
+most samples, and the check runs at every start (a cached start of a million samples stays well under a second)."""
+
+
+def _check_class_folders(scan: _ShardScan, spec: str, classes_file: str) -> None:
+    """Refuse a classes.json from another conversion. `fastdino shards` keys each image by its path, class folder
+    first (`red/000%2Ejpg`), and numbers its classes in its own classes.json: when every key looked at starts with
+    one of the set's class names, a sample whose .cls names another class (a copy of the training set's
+    classes.json over separately converted validation shards) would score images under the wrong class. Keys of
+    other writers (no class folder in them) are not checked. Raises DataError naming a sample and the file."""
+    picked = np.unique(np.linspace(0, len(scan.keys) - 1, min(len(scan.keys), CLASS_FOLDER_SAMPLES)).astype(int))
+    folders = [decode_key(scan.keys[j]).split("/", 1)[0] if "/" in scan.keys[j] else None for j in picked]
+    known = set(scan.classes_json or ())
+    if not all(f in known for f in folders):
+        return
+    name = scan.arrays["name"]
+    for j, folder in zip(picked.tolist(), folders, strict=True):
+        if scan.names[name[j]] != folder:
+            raise DataError(f"{scan.shards[scan.arrays['shard'][j]]}:{scan.keys[j]} lies in class folder {folder!r} "
+                            f"but its .cls names {scan.names[name[j]]!r} in {classes_file}: that classes.json is not "
+                            f"the one of the conversion that wrote {spec}; put that conversion's classes.json there")
+
+
 def _labels(
     scan: _ShardScan, spec: str, classes: Sequence[str] | None, classes_file: str,
 ) -> tuple[list[int], list[str]]:
@@ -531,6 +555,8 @@ def _labels(
             unknown = sorted({scan.names[i] for i in np.unique(name[labels < 0]).tolist()})
             raise UnknownClassesError(f"shard set {spec} has classes {unknown} that are not in the given classes",
                                       unknown)
+        if scan.classes_json is not None:
+            _check_class_folders(scan, spec, classes_file)
         return labels.tolist(), classes
     if numbered.all():
         if classes is not None and list(classes) != [str(c) for c in range(len(classes))]:
