@@ -95,7 +95,10 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
         (["export", str(no_weights), "--format", "hub"], "has no weights"),
         (["export", str(pickled), "--format", "hub"], "pickled Python object"),
         (["knn", "--checkpoint", str(no_weights), "--train", str(tmp_path), "--val", str(tmp_path)], "has no weights"),
-        (["export", str(tmp_path / "last.pt"), "--out", str(tmp_path / "nowhere" / "x.pth")], "does not exist"),
+        (["export", str(tmp_path / "last.pt"), "--out", str(tmp_path / "nowhere" / "x.pth")],
+         f"its folder {tmp_path / 'nowhere'} does not exist (an export makes no folders above its own: mkdir -p "),
+        (["export", str(tmp_path / "last.pt"), "--format", "hf", "--out", str(full / "keep.txt")],
+         f"--out {full / 'keep.txt'} is a file: the hf format writes a folder"),
     ]
     for argv, words in cases:
         assert main(argv) == 2, argv

@@ -114,7 +114,8 @@ def _check_out(src: Path, out: Path, fmt: str) -> None:
     if out.resolve() == src.resolve():
         raise UserError(f"export would overwrite its source {src}; pass another --out")
     if not out.parent.is_dir():
-        raise UserError(f"--out {out}: its folder {out.parent} does not exist")
+        raise UserError(f"--out {out}: its folder {out.parent} does not exist (an export makes no folders above "
+                        f"its own: mkdir -p {out.parent})")
     suffix = out.suffix.lower()
     if fmt in FOLDER_FORMATS and suffix in FILE_SUFFIXES and not out.is_dir():
         raise UserError(f"--out {out} names a {suffix} file: the {fmt} format writes a folder "
@@ -123,7 +124,9 @@ def _check_out(src: Path, out: Path, fmt: str) -> None:
         raise UserError(f"--out {out}: the {fmt} format writes a torch.save file, not {suffix[1:]} (readers go by "
                         "the name): name it .pth, or use --format timm or hf for safetensors weights")
     if fmt in FOLDER_FORMATS:
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out} is a file: the {fmt} format writes a folder; name a new one")
+        if out.exists() and any(out.iterdir()):
             raise UserError(f"--out {out} exists and is not an empty folder: the {fmt} format writes a folder; "
                             "name a new one")
     elif out.is_dir():
