@@ -98,17 +98,21 @@ def timm_folder_arch(config: dict, state: dict[str, torch.Tensor]) -> str | None
     return f"{TIMM_PREFIX}{name}"
 
 
+def _timm_from_folder(folder: Path):
+    """timm's model from the folder (`timm.create_model("local-dir:DIR", pretrained=True)`) in eval mode; None when
+    timm is not installed."""
+    try:
+        import timm
+    except ImportError:
+        return None
+    return timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+
+
 def timm_class_token(folder: Path, x: torch.Tensor, *, use_library: bool = True) -> torch.Tensor:
     """The class token (B, D) of the timm folder on x (B, 3, S, S): built by timm when installed (and
     use_library), else by the tensor restatement of timm's ViT read from config.json."""
-    if use_library:
-        try:
-            import timm
-        except ImportError:
-            timm = None
-        if timm is not None:
-            model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
-            return model(x)
+    if use_library and (model := _timm_from_folder(folder)) is not None:
+        return model(x)
     from safetensors.torch import load_file
 
     config = json.loads((folder / "config.json").read_text())
@@ -120,13 +124,8 @@ def timm_convnet_features(folder: Path, arch: str, x: torch.Tensor, *, use_libra
     """The pooled features (B, D) of a convnet timm folder on x (B, 3, H, W), any H, W: built by timm from the
     folder when installed (and use_library), else fastdino's backbone `arch` (torchvision's ResNet; timm/<name>
     needs timm anyway) loaded strictly from the folder's tensors as timm names them."""
-    if use_library:
-        try:
-            import timm
-        except ImportError:
-            timm = None
-        if timm is not None:
-            return timm.create_model(f"local-dir:{folder}", pretrained=True).eval()(x)
+    if use_library and (model := _timm_from_folder(folder)) is not None:
+        return model(x)
     from safetensors.torch import load_file
 
     model, _ = build_any_backbone(arch)
